@@ -1,0 +1,369 @@
+//! The vllm-mqttd wire protocol (v1): topics, request fields, reply shapes
+//! and error codes, in one place shared by the daemon and its clients so the
+//! two cannot drift.
+//!
+//! The authoritative text is `PROTOCOL.md`; this module is its executable
+//! form. Strings that old devices compare byte for byte (the text replies of
+//! the Python `vLLMDeploy.py` daemon) live here and nowhere else.
+
+use serde::{Deserialize, Serialize};
+
+/// Suffix of the request topic: devices publish to `{project}/user_input`.
+pub const REQUEST_SUFFIX: &str = "user_input";
+/// Segment under which every reply topic of a project lives.
+pub const REPLY_SEGMENT: &str = "assistant_response";
+/// Longest reply topic a client may choose, in bytes.
+pub const MAX_REPLY_TOPIC_BYTES: usize = 256;
+/// Longest session id, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 128;
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// User property carrying the error code on MQTT v5 error replies.
+pub const ERROR_USER_PROPERTY: &str = "error";
+/// Content type of JSON replies on MQTT v5.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// `{project}/user_input`
+pub fn request_topic(project: &str) -> String {
+    format!("{project}/{REQUEST_SUFFIX}")
+}
+
+/// `{project}/assistant_response/` — every reply topic of `project` starts with it.
+pub fn reply_prefix(project: &str) -> String {
+    format!("{project}/{REPLY_SEGMENT}/")
+}
+
+/// `{project}/assistant_response/{session_id}`: the default reply topic.
+pub fn default_reply_topic(project: &str, session_id: &str) -> String {
+    format!("{project}/{REPLY_SEGMENT}/{session_id}")
+}
+
+/// Why a client-chosen reply topic was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyTopicError {
+    /// It does not start with `{project}/assistant_response/`.
+    OutsideNamespace,
+    /// It contains `+`, `#` or NUL.
+    Wildcard,
+    /// It is longer than [`MAX_REPLY_TOPIC_BYTES`].
+    TooLong,
+}
+
+impl std::fmt::Display for ReplyTopicError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::OutsideNamespace => "reply topic must start with {project}/assistant_response/",
+            Self::Wildcard => "reply topic must not contain '+', '#' or NUL",
+            Self::TooLong => "reply topic is longer than 256 bytes",
+        })
+    }
+}
+
+/// Checks a client-chosen reply topic (v5 Response Topic or `replyTopic`).
+///
+/// Accepted only under `{project}/assistant_response/`, with no wildcard or
+/// NUL and at most 256 bytes, so a device can never make the daemon publish
+/// into another namespace (topic injection).
+pub fn validate_reply_topic(project: &str, topic: &str) -> Result<(), ReplyTopicError> {
+    if topic.len() > MAX_REPLY_TOPIC_BYTES {
+        return Err(ReplyTopicError::TooLong);
+    }
+    if topic.contains(['+', '#', '\0']) {
+        return Err(ReplyTopicError::Wildcard);
+    }
+    let prefix_ok = topic
+        .strip_prefix(project)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.strip_prefix(REPLY_SEGMENT))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|rest| !rest.is_empty());
+    if !prefix_ok {
+        return Err(ReplyTopicError::OutsideNamespace);
+    }
+    Ok(())
+}
+
+/// A session id is 1..=128 bytes of `[A-Za-z0-9_.:@-]`.
+///
+/// The alphabet keeps session ids safe to embed in a topic level (no `/`,
+/// `+`, `#`, NUL or control characters).
+pub fn is_valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_SESSION_ID_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+}
+
+/// Reply format a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyFormat {
+    /// The assistant's text, or one of the original daemon's error strings.
+    #[default]
+    Text,
+    /// One [`Reply`] JSON object.
+    Json,
+}
+
+/// Error codes of failed replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Validation failed: the payload or a field is malformed.
+    BadRequest,
+    /// The session's sliding-window limit is used up.
+    RateLimited,
+    /// The session already has a request queued or running.
+    SessionBusy,
+    /// The queue is full.
+    Overloaded,
+    /// The request's deadline passed.
+    Timeout,
+    /// The backend cannot be reached (circuit open or retries exhausted).
+    BackendUnavailable,
+    /// The backend refused the request (e.g. context too long).
+    BackendError,
+    /// The daemon is shutting down and did not take the request.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// Every code, for tables and metrics.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::RateLimited,
+        ErrorCode::SessionBusy,
+        ErrorCode::Overloaded,
+        ErrorCode::Timeout,
+        ErrorCode::BackendUnavailable,
+        ErrorCode::BackendError,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The wire name, e.g. `rate_limited`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::RateLimited => "rate_limited",
+            Self::SessionBusy => "session_busy",
+            Self::Overloaded => "overloaded",
+            Self::Timeout => "timeout",
+            Self::BackendUnavailable => "backend_unavailable",
+            Self::BackendError => "backend_error",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn from_wire(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// The fixed human message of codes whose text the original daemon
+    /// defined; other codes carry a per-request reason.
+    pub fn fixed_message(self) -> Option<&'static str> {
+        match self {
+            Self::RateLimited => Some("Rate limit exceeded. Please slow down your requests."),
+            Self::SessionBusy => {
+                Some("Please wait, your previous message is still being processed...")
+            }
+            Self::Overloaded => Some("Server is overloaded. Please try again in a moment."),
+            _ => None,
+        }
+    }
+
+    /// Whether a client may retry this error later with a chance of success.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited
+                | Self::SessionBusy
+                | Self::Overloaded
+                | Self::BackendUnavailable
+                | Self::ShuttingDown
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The text-format reply for an error: byte-exact strings of the original
+/// daemon for the three codes it had, `Error: <reason>` for the rest.
+pub fn error_text(code: ErrorCode, message: &str) -> String {
+    match code {
+        // The original sent these two bare, without the "Error: " prefix it
+        // put on everything else; old clients match on these exact bytes.
+        ErrorCode::SessionBusy | ErrorCode::Overloaded => message.to_owned(),
+        _ => format!("Error: {message}"),
+    }
+}
+
+/// Token counts of a successful reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// The error part of a failed JSON reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyError {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// A JSON-format reply (`format: "json"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReplyError>,
+}
+
+/// The request payload as a client writes it. The daemon parses requests
+/// field by field (to name the offending field in `bad_request` replies and
+/// to accept plain text); clients serialise this.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestPayload {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ReplyFormat>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_text_replies_are_byte_exact() {
+        let t = |c: ErrorCode| error_text(c, c.fixed_message().unwrap());
+        assert_eq!(
+            t(ErrorCode::RateLimited),
+            "Error: Rate limit exceeded. Please slow down your requests."
+        );
+        assert_eq!(
+            t(ErrorCode::SessionBusy),
+            "Please wait, your previous message is still being processed..."
+        );
+        assert_eq!(
+            t(ErrorCode::Overloaded),
+            "Server is overloaded. Please try again in a moment."
+        );
+        assert_eq!(
+            error_text(ErrorCode::Timeout, "deadline passed"),
+            "Error: deadline passed"
+        );
+    }
+
+    #[test]
+    fn reply_topic_rules() {
+        assert!(validate_reply_topic("maze", "maze/assistant_response/s1/c/r").is_ok());
+        assert!(validate_reply_topic("maze", "maze/assistant_response/s1").is_ok());
+        assert_eq!(
+            validate_reply_topic("maze", "maze/assistant_response/"),
+            Err(ReplyTopicError::OutsideNamespace)
+        );
+        assert_eq!(
+            validate_reply_topic("maze", "mazes/assistant_response/x"),
+            Err(ReplyTopicError::OutsideNamespace)
+        );
+        assert_eq!(
+            validate_reply_topic("maze", "general/assistant_response/x"),
+            Err(ReplyTopicError::OutsideNamespace)
+        );
+        assert_eq!(
+            validate_reply_topic("maze", "$SYS/broker"),
+            Err(ReplyTopicError::OutsideNamespace)
+        );
+        assert_eq!(
+            validate_reply_topic("maze", "maze/assistant_response/+"),
+            Err(ReplyTopicError::Wildcard)
+        );
+        assert_eq!(
+            validate_reply_topic("maze", "maze/assistant_response/a\0"),
+            Err(ReplyTopicError::Wildcard)
+        );
+        let long = format!("maze/assistant_response/{}", "x".repeat(300));
+        assert_eq!(
+            validate_reply_topic("maze", &long),
+            Err(ReplyTopicError::TooLong)
+        );
+    }
+
+    #[test]
+    fn session_id_alphabet() {
+        assert!(is_valid_session_id("robot-1_a.b:c@d"));
+        for bad in ["", "a/b", "a+b", "a#", "a\0", "a b", "é", &"x".repeat(129)] {
+            assert!(!is_valid_session_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_reply_shape() {
+        let r = Reply {
+            request_id: Some("r2".into()),
+            session_id: "s1".into(),
+            client_id: None,
+            ok: false,
+            text: None,
+            finish_reason: None,
+            usage: None,
+            latency_ms: None,
+            error: Some(ReplyError {
+                code: ErrorCode::RateLimited,
+                message: "Rate limit exceeded. Please slow down your requests.".into(),
+                retry_after_ms: Some(4200),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"requestId":"r2","sessionId":"s1","ok":false,"error":{"code":"rate_limited","message":"Rate limit exceeded. Please slow down your requests.","retryAfterMs":4200}}"#
+        );
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_wire(c.as_str()), Some(c));
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
+}

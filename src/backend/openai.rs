@@ -1,0 +1,100 @@
+//! Wire types of vLLM's OpenAI-compatible API (the subset we use).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize)]
+pub struct ChatRequest<'a> {
+    pub model: &'a str,
+    pub messages: Vec<ChatMessage<'a>>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: u32,
+    pub stream: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatResponse {
+    #[serde(default)]
+    pub choices: Vec<Choice>,
+    #[serde(default)]
+    pub usage: Option<UsageWire>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Choice {
+    pub message: ResponseMessage,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseMessage {
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UsageWire {
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub completion_tokens: u32,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ModelList {
+    #[serde(default)]
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ModelCard {
+    pub id: String,
+}
+
+/// vLLM's error body. Recent versions nest it (`{"error":{...}}`, as
+/// OpenAI does); older ones put the fields at the top level with
+/// `"object":"error"`. Both are accepted.
+#[derive(Debug, Deserialize)]
+pub struct ErrorBody {
+    #[serde(default)]
+    pub error: Option<ErrorDetail>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ErrorDetail {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub code: Option<serde_json::Value>,
+}
+
+impl ErrorBody {
+    /// The message, and whether the error is a context-length refusal.
+    pub fn summary(&self) -> (String, bool) {
+        let (msg, kind, code) = match &self.error {
+            Some(d) => (d.message.as_deref(), d.kind.as_deref(), d.code.as_ref()),
+            None => (self.message.as_deref(), self.kind.as_deref(), None),
+        };
+        let msg = msg.unwrap_or("").to_owned();
+        // OpenAI says code "context_length_exceeded"; vLLM has no dedicated
+        // code and says so in the message. This is the one place that reads
+        // a message, and it only classifies a 400 (never decides a retry).
+        let context = code.and_then(|c| c.as_str()) == Some("context_length_exceeded")
+            || msg.contains("maximum context length")
+            || (kind == Some("BadRequestError") && msg.contains("context length"));
+        (msg, context)
+    }
+}

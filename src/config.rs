@@ -1,0 +1,619 @@
+//! Configuration: serde structs with one doc comment and one default per
+//! field, loaded with the precedence CLI > env > file > defaults and
+//! validated before anything binds a port or opens a connection.
+//!
+//! The annotated default file is `config/vllm-mqttd.toml`, embedded with
+//! `include_str!` so `vllm-mqttd generate-config` prints exactly what ships
+//! (a test checks that it parses to [`Config::default`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vllm_chat::protocol::{is_valid_session_id, ReplyFormat};
+
+use crate::error::ConfigError;
+
+/// The annotated default configuration, as shipped.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/vllm-mqttd.toml");
+
+/// Everything the daemon needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Names this daemon in its status/stats topics and its MQTT client id.
+    /// Empty means the host name.
+    pub instance_id: String,
+    /// Projects to serve: one `{project}/user_input` subscription each.
+    pub projects: Vec<String>,
+    /// Settings used by every project that has no `[project.NAME]` section,
+    /// and the base that such a section's missing fields fall back to.
+    pub project_defaults: ProjectConfig,
+    /// Per-project overrides, keyed by project name.
+    pub project: BTreeMap<String, ProjectOverride>,
+    pub mqtt: MqttConfig,
+    pub embedded_broker: EmbeddedBrokerConfig,
+    pub backend: BackendConfig,
+    pub admission: AdmissionConfig,
+    pub workers: WorkersConfig,
+    pub sessions: SessionsConfig,
+    pub stats: StatsConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            instance_id: String::new(),
+            projects: vec!["general".to_owned()],
+            project_defaults: ProjectConfig::default(),
+            project: BTreeMap::new(),
+            mqtt: MqttConfig::default(),
+            embedded_broker: EmbeddedBrokerConfig::default(),
+            backend: BackendConfig::default(),
+            admission: AdmissionConfig::default(),
+            workers: WorkersConfig::default(),
+            sessions: SessionsConfig::default(),
+            stats: StatsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// What a project's requests get unless they say otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// System prompt put first in every conversation.
+    pub system_prompt: String,
+    /// Whether a request's `systemPrompt` may replace it for its session.
+    pub allow_system_prompt: bool,
+    /// Sampling temperature when the request gives none.
+    pub temperature: f64,
+    /// Nucleus sampling when the request gives none.
+    pub top_p: f64,
+    /// Completion length when the request gives none.
+    pub max_tokens: u32,
+    /// Largest `maxTokens` a request may ask for.
+    pub max_tokens_limit: u32,
+    /// Reply format when the request gives none.
+    pub format: ReplyFormat,
+}
+
+impl Default for ProjectConfig {
+    fn default() -> Self {
+        Self {
+            system_prompt: "You are a helpful assistant.".to_owned(),
+            allow_system_prompt: true,
+            temperature: 0.7,
+            top_p: 0.9,
+            max_tokens: 512,
+            max_tokens_limit: 4096,
+            format: ReplyFormat::Text,
+        }
+    }
+}
+
+/// A `[project.NAME]` section: any field left out comes from
+/// `[project_defaults]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectOverride {
+    pub system_prompt: Option<String>,
+    pub allow_system_prompt: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub max_tokens_limit: Option<u32>,
+    pub format: Option<ReplyFormat>,
+}
+
+impl ProjectOverride {
+    fn apply(&self, base: &ProjectConfig) -> ProjectConfig {
+        ProjectConfig {
+            system_prompt: self
+                .system_prompt
+                .clone()
+                .unwrap_or_else(|| base.system_prompt.clone()),
+            allow_system_prompt: self.allow_system_prompt.unwrap_or(base.allow_system_prompt),
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            max_tokens: self.max_tokens.unwrap_or(base.max_tokens),
+            max_tokens_limit: self.max_tokens_limit.unwrap_or(base.max_tokens_limit),
+            format: self.format.unwrap_or(base.format),
+        }
+    }
+}
+
+/// Connection to the MQTT broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port (1883 plain, 8883 TLS by convention).
+    pub port: u16,
+    /// MQTT client id; empty means `vllm-mqttd-{instance_id}`. Keep it stable
+    /// across restarts: the broker keeps the persistent session under it.
+    pub client_id: String,
+    /// User name, if the broker requires one.
+    pub username: Option<String>,
+    /// File holding the password (first line). The password may also come
+    /// from `VLLM_MQTTD_MQTT_PASSWORD`; never from the command line.
+    pub password_file: Option<PathBuf>,
+    /// Connect with TLS.
+    pub tls: bool,
+    /// PEM CA bundle to trust for TLS instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// MQTT keep-alive.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long the broker keeps our session (subscriptions and unacked
+    /// requests) while we are disconnected.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// QoS of replies: 0 as the original daemon, or 1.
+    pub reply_qos: u8,
+    /// Largest MQTT packet we accept. Told to the broker (v5 Maximum Packet
+    /// Size) so it drops larger messages instead of killing our connection.
+    pub max_packet_bytes: u32,
+    /// First reconnect delay after the broker goes away.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 1883,
+            client_id: String::new(),
+            username: None,
+            password_file: None,
+            tls: false,
+            ca: None,
+            keep_alive: Duration::from_secs(30),
+            session_expiry: Duration::from_secs(24 * 3600),
+            reply_qos: 0,
+            max_packet_bytes: 1024 * 1024,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The in-process broker (rumqttd) for a single box with no Mosquitto.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Start it (and connect to it instead of `mqtt.host`).
+    pub enabled: bool,
+    /// MQTT 3.1.1 listener, for devices.
+    pub listen: SocketAddr,
+    /// MQTT 5 listener: the daemon connects here; v5 devices may too.
+    /// rumqttd serves one protocol version per listener.
+    pub listen_v5: SocketAddr,
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen_v5: SocketAddr::from(([127, 0, 0, 1], 1884)),
+        }
+    }
+}
+
+/// The vLLM server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Base URL of the OpenAI-compatible API, ending in `/v1`.
+    pub url: String,
+    /// Model name; empty means discover it from `GET {url}/models`.
+    pub model: String,
+    /// Deadline of a request from arrival to reply (the v5 message expiry
+    /// wins if sooner). The HTTP call is cancelled when it passes.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// TCP connect timeout to the backend.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an idle keep-alive connection is kept. Below vLLM's 5 s so
+    /// we never reuse a connection the server is closing.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8000/v1".to_owned(),
+            model: String::new(),
+            request_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(4),
+        }
+    }
+}
+
+/// What a request meets before it is queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Queue capacity; a full queue answers `overloaded` at once.
+    pub max_queue_size: usize,
+    /// Admitted requests per session in any `rate_window`.
+    pub rate_limit: u32,
+    /// Length of the sliding window.
+    #[serde(with = "humantime_serde")]
+    pub rate_window: Duration,
+    /// Largest request payload; larger is `bad_request`.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_queue_size: 1000,
+            rate_limit: 10,
+            rate_window: Duration::from_secs(60),
+            max_payload_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The worker pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Tasks calling the backend concurrently.
+    pub num_workers: usize,
+    /// On SIGTERM, how long workers may keep draining the queue.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            num_workers: 8,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Per-session state: history, limits, memory bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Sessions kept; the least recently used is evicted beyond it.
+    pub max_sessions: usize,
+    /// A session idle this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    /// How often idle sessions are swept.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Messages (user and assistant) of history kept per session.
+    pub history_messages: usize,
+    /// Approximate token budget of system prompt + history + message
+    /// (tokens estimated as bytes / 4); older turns are dropped to fit.
+    pub history_token_budget: usize,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 10_000,
+            idle_ttl: Duration::from_secs(3600),
+            sweep_interval: Duration::from_secs(60),
+            history_messages: 20,
+            history_token_budget: 3000,
+        }
+    }
+}
+
+/// The periodic stats line and topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatsConfig {
+    /// Interval of the stats log line and `vllm-mqttd/{instance}/stats`.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+}
+
+impl Config {
+    /// Reads a TOML file. Unknown fields are errors, so a typo is reported
+    /// with its name instead of being silently ignored.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string(),
+        })
+    }
+
+    /// The instance id, defaulting to the host name.
+    pub fn instance(&self) -> String {
+        if self.instance_id.is_empty() {
+            let host = gethostname::gethostname().to_string_lossy().into_owned();
+            let clean: String = host
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                .collect();
+            if clean.is_empty() {
+                "localhost".to_owned()
+            } else {
+                clean
+            }
+        } else {
+            self.instance_id.clone()
+        }
+    }
+
+    /// The MQTT client id, stable across restarts.
+    pub fn client_id(&self) -> String {
+        if self.mqtt.client_id.is_empty() {
+            format!("vllm-mqttd-{}", self.instance())
+        } else {
+            self.mqtt.client_id.clone()
+        }
+    }
+
+    /// Effective settings of `project`.
+    pub fn project_settings(&self, project: &str) -> ProjectConfig {
+        match self.project.get(project) {
+            Some(o) => o.apply(&self.project_defaults),
+            None => self.project_defaults.clone(),
+        }
+    }
+
+    /// Checks every field that can be wrong, naming it in the error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                field: field.to_owned(),
+                reason,
+            })
+        };
+        if !self.instance_id.is_empty() && !is_valid_session_id(&self.instance_id) {
+            return bad(
+                "instance_id",
+                "must be 1..128 characters of [A-Za-z0-9_.:@-]".into(),
+            );
+        }
+        if self.projects.is_empty() {
+            return bad("projects", "at least one project must be enabled".into());
+        }
+        for p in &self.projects {
+            if p.is_empty()
+                || p.len() > 64
+                || p.contains(['/', '+', '#', '\0'])
+                || p.starts_with('$')
+                || p.chars().any(char::is_control)
+            {
+                return bad(
+                    "projects",
+                    format!("{p:?} is not a valid project name (no '/', '+', '#', '$' prefix, control characters; 1..64 bytes)"),
+                );
+            }
+            if p == "vllm-mqttd" {
+                return bad(
+                    "projects",
+                    "\"vllm-mqttd\" is the daemon's own namespace".into(),
+                );
+            }
+        }
+        for name in self.project.keys() {
+            if !self.projects.contains(name) {
+                return bad(
+                    &format!("project.{name}"),
+                    format!(
+                        "section for a project that is not in `projects` ({:?})",
+                        self.projects
+                    ),
+                );
+            }
+        }
+        for p in &self.projects {
+            let s = self.project_settings(p);
+            let f = |x: &str| format!("project.{p}.{x}");
+            if !(0.0..=2.0).contains(&s.temperature) {
+                return bad(&f("temperature"), "must be in [0, 2]".into());
+            }
+            if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+                return bad(&f("top_p"), "must be in (0, 1]".into());
+            }
+            if s.max_tokens_limit == 0 {
+                return bad(&f("max_tokens_limit"), "must be at least 1".into());
+            }
+            if s.max_tokens == 0 || s.max_tokens > s.max_tokens_limit {
+                return bad(&f("max_tokens"), "must be in [1, max_tokens_limit]".into());
+            }
+        }
+        if self.mqtt.host.is_empty() && !self.embedded_broker.enabled {
+            return bad("mqtt.host", "must not be empty".into());
+        }
+        if self.mqtt.port == 0 {
+            return bad("mqtt.port", "must not be 0".into());
+        }
+        if self.mqtt.reply_qos > 1 {
+            return bad("mqtt.reply_qos", "must be 0 or 1".into());
+        }
+        if self.mqtt.keep_alive < Duration::from_secs(5) {
+            return bad("mqtt.keep_alive", "must be at least 5s".into());
+        }
+        if self.mqtt.reconnect_min.is_zero() || self.mqtt.reconnect_min > self.mqtt.reconnect_max {
+            return bad(
+                "mqtt.reconnect_min",
+                "must be above 0 and at most mqtt.reconnect_max".into(),
+            );
+        }
+        if (self.mqtt.max_packet_bytes as usize) < self.admission.max_payload_bytes + 1024 {
+            return bad(
+                "mqtt.max_packet_bytes",
+                "must exceed admission.max_payload_bytes by at least 1 KiB, so an oversized payload can still be answered bad_request".into(),
+            );
+        }
+        if self.mqtt.ca.is_some() && !self.mqtt.tls {
+            return bad("mqtt.ca", "is set but mqtt.tls is off".into());
+        }
+        match reqwest::Url::parse(&self.backend.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => {
+                return bad(
+                    "backend.url",
+                    format!(
+                        "{:?} is not an http(s) URL like http://127.0.0.1:8000/v1",
+                        self.backend.url
+                    ),
+                )
+            }
+        }
+        if self.backend.request_timeout.is_zero() {
+            return bad("backend.request_timeout", "must be above 0".into());
+        }
+        if self.backend.pool_idle_timeout >= Duration::from_secs(5) {
+            return bad(
+                "backend.pool_idle_timeout",
+                "must be below vLLM's 5s keep-alive".into(),
+            );
+        }
+        if self.admission.max_queue_size == 0 {
+            return bad("admission.max_queue_size", "must be at least 1".into());
+        }
+        if self.admission.rate_limit == 0 {
+            return bad("admission.rate_limit", "must be at least 1".into());
+        }
+        if self.admission.rate_window.is_zero() {
+            return bad("admission.rate_window", "must be above 0".into());
+        }
+        if self.admission.max_payload_bytes == 0 {
+            return bad("admission.max_payload_bytes", "must be at least 1".into());
+        }
+        if self.workers.num_workers == 0 || self.workers.num_workers > 4096 {
+            return bad("workers.num_workers", "must be in [1, 4096]".into());
+        }
+        if self.sessions.max_sessions == 0 {
+            return bad("sessions.max_sessions", "must be at least 1".into());
+        }
+        if self.sessions.idle_ttl.is_zero() || self.sessions.sweep_interval.is_zero() {
+            return bad(
+                "sessions.idle_ttl",
+                "idle_ttl and sweep_interval must be above 0".into(),
+            );
+        }
+        if self.sessions.history_messages == 0 {
+            return bad("sessions.history_messages", "must be at least 1".into());
+        }
+        if self.stats.interval < Duration::from_secs(1) {
+            return bad("stats.interval", "must be at least 1s".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_the_default() {
+        let parsed = Config::from_toml(DEFAULT_CONFIG_TOML).expect("shipped config parses");
+        assert_eq!(parsed, Config::default());
+        parsed.validate().expect("shipped config is valid");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::from_toml("[admission]\nmax_queue = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_queue"), "{err}");
+    }
+
+    #[test]
+    fn invalid_field_is_named() {
+        let mut c = Config::default();
+        c.admission.max_queue_size = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admission.max_queue_size"));
+        let mut c = Config::default();
+        c.projects = vec!["a/b".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("projects"));
+        let mut c = Config::default();
+        c.project.insert(
+            "general".into(),
+            ProjectOverride {
+                temperature: Some(3.0),
+                ..Default::default()
+            },
+        );
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("project.general.temperature"));
+    }
+
+    #[test]
+    fn project_override_falls_back_to_defaults() {
+        let c = Config::from_toml(
+            "projects = [\"maze\", \"general\"]\n[project.maze]\nsystem_prompt = \"Maze bot.\"\nformat = \"json\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let maze = c.project_settings("maze");
+        assert_eq!(maze.system_prompt, "Maze bot.");
+        assert_eq!(maze.format, ReplyFormat::Json);
+        assert_eq!(maze.max_tokens, ProjectConfig::default().max_tokens);
+        assert_eq!(c.project_settings("general"), ProjectConfig::default());
+    }
+}

@@ -1,0 +1,43 @@
+//! vllm-mqttd: serves LLM chat from a vLLM server to devices over MQTT.
+//!
+//! Devices publish to `{project}/user_input`; the daemon admits each
+//! request (validation, duplicate drop, one request per session, a
+//! per-session sliding window, a bounded queue), workers call vLLM's
+//! OpenAI-compatible API with the session's history, and the reply goes
+//! back on `{project}/assistant_response/{sessionId}` (or the request's
+//! reply topic). The wire contract is `PROTOCOL.md`; its types live in the
+//! `vllm-chat` crate, shared with the clients.
+//!
+//! The pipeline, one module per stage:
+//!
+//! ```text
+//! mqtt::ingress -> admission -> queue -> worker -> backend -> mqtt::egress
+//! ```
+//!
+//! - [`mqtt::ingress`]: polls the MQTT event loop, decodes, hands off;
+//! - [`admission`]: the protocol's admission rules, over a [`session`] store;
+//! - [`queue`]: the bounded queue;
+//! - [`worker`]: calls the [`backend`] with the prompt built by [`history`];
+//! - [`mqtt::egress`]: publishes replies, then acknowledges requests;
+//! - [`telemetry`]: typed events feeding logs and the periodic stats;
+//! - [`app`]: wiring and shutdown; [`config`] and [`cli`]: settings.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod admission;
+pub mod app;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod history;
+pub mod mqtt;
+pub mod queue;
+pub mod request;
+pub mod session;
+pub mod telemetry;
+pub mod worker;
+
+pub use app::App;
+pub use config::Config;

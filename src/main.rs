@@ -1,0 +1,79 @@
+//! The `vllm-mqttd` binary: parse, configure, log, run until a signal.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use vllm_mqttd::cli::{Cli, Command, RunArgs};
+use vllm_mqttd::config::DEFAULT_CONFIG_TOML;
+use vllm_mqttd::error::EXIT_USAGE;
+use vllm_mqttd::{telemetry, App};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::GenerateConfig) => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            ExitCode::SUCCESS
+        }
+        Some(Command::CheckConfig(args)) => match args.resolve() {
+            Ok(c) => {
+                println!("{}", toml::to_string_pretty(&c).unwrap_or_default());
+                eprintln!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_USAGE, &e),
+        },
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+fn fail(code: i32, e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("vllm-mqttd: {e}");
+    ExitCode::from(code as u8)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
+    telemetry::init(config.log.format, args.verbose);
+    let app = match App::new(config) {
+        Ok(a) => a,
+        Err(e) => return fail(e.exit_code(), &e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(vllm_mqttd::error::EXIT_UNAVAILABLE, &e),
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal(shutdown.clone()));
+        app.run(shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "vllm-mqttd stopped");
+            fail(e.exit_code(), &e)
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::error!("cannot install the SIGTERM handler");
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,217 @@
+//! The egress stage: turns [`Outbound`] replies into MQTT publishes, then
+//! acknowledges the request they answer.
+//!
+//! One task owns publishing, so a reply always goes out before its
+//! request's PUBACK (both go through rumqttc's request channel in order):
+//! if the daemon dies in between, the broker redelivers the request and the
+//! device may get a duplicate reply, never none (at-least-once).
+//!
+//! Stages hand replies over with [`Egress::send`] (awaits room: workers and
+//! admission may wait) or [`Egress::try_send`] (ingress, which must never
+//! wait). The channel is bounded; if it is full for `try_send`, the request
+//! is left unacknowledged and the broker delivers it again on reconnect.
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vllm_chat::protocol::{
+    error_text, ReplyError, ReplyFormat, ERROR_USER_PROPERTY, JSON_CONTENT_TYPE,
+};
+
+use crate::request::{AckToken, Outbound, ReplyBody, ReplyTo};
+use crate::telemetry::{Event, Stats};
+use std::sync::Arc;
+
+/// Handle for handing replies to egress; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Egress {
+    tx: mpsc::Sender<Outbound>,
+    stats: Arc<Stats>,
+}
+
+impl Egress {
+    /// A handle and the receiving end for [`run`].
+    pub fn channel(capacity: usize, stats: Arc<Stats>) -> (Egress, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Egress { tx, stats }, rx)
+    }
+
+    /// Hands over a reply, waiting for room.
+    pub async fn send(&self, out: Outbound) {
+        if self.tx.send(out).await.is_err() {
+            self.stats.emit(Event::EgressDropped);
+        }
+    }
+
+    /// Hands over a reply without waiting; on a full channel the reply is
+    /// dropped and its request left unacknowledged (redelivered later).
+    pub fn try_send(&self, out: Outbound) {
+        if self.tx.try_send(out).is_err() {
+            self.stats.emit(Event::EgressDropped);
+        }
+    }
+
+    /// Replies in the channel now.
+    pub fn backlog(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Encodes a reply: payload and MQTT v5 properties.
+pub fn encode(to: &ReplyTo, body: &ReplyBody) -> (Bytes, PublishProperties) {
+    let mut props = PublishProperties {
+        correlation_data: to.correlation.clone(),
+        ..Default::default()
+    };
+    if let ReplyBody::Failure(f) = body {
+        props
+            .user_properties
+            .push((ERROR_USER_PROPERTY.to_owned(), f.code.as_str().to_owned()));
+    }
+    let payload = match to.format {
+        ReplyFormat::Text => match body {
+            ReplyBody::Answer { answer, .. } => Bytes::from(answer.text.clone()),
+            ReplyBody::Failure(f) => Bytes::from(error_text(f.code, &f.message)),
+        },
+        ReplyFormat::Json => {
+            props.content_type = Some(JSON_CONTENT_TYPE.to_owned());
+            props.payload_format_indicator = Some(1);
+            let mut reply = vllm_chat::protocol::Reply {
+                request_id: to.request_id.clone(),
+                session_id: to.session_id.clone(),
+                client_id: to.client_id.clone(),
+                ok: false,
+                text: None,
+                finish_reason: None,
+                usage: None,
+                latency_ms: None,
+                error: None,
+            };
+            match body {
+                ReplyBody::Answer { answer, latency } => {
+                    reply.ok = true;
+                    reply.text = Some(answer.text.clone());
+                    reply.finish_reason = answer.finish_reason.clone();
+                    reply.usage = answer.usage;
+                    reply.latency_ms = Some(latency.as_millis() as u64);
+                }
+                ReplyBody::Failure(f) => {
+                    reply.error = Some(ReplyError {
+                        code: f.code,
+                        message: f.message.clone(),
+                        retry_after_ms: f.retry_after.map(|d| d.as_millis().max(1) as u64),
+                    });
+                }
+            }
+            // Serialising plain strings and numbers cannot fail.
+            Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
+        }
+    };
+    (payload, props)
+}
+
+fn ack_packet(ack: AckToken) -> Publish {
+    let mut p = Publish::new("", QoS::AtLeastOnce, Bytes::new(), None);
+    p.pkid = ack.pkid;
+    p
+}
+
+/// Publishes replies and acks until `close` is cancelled and the channel is
+/// drained.
+pub async fn run(
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Outbound>,
+    reply_qos: QoS,
+    close: CancellationToken,
+) {
+    loop {
+        let out = tokio::select! {
+            out = rx.recv() => out,
+            _ = close.cancelled() => {
+                // Take nothing new; publish what is already in the channel.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(out) = out else { break };
+        if let Some((to, body)) = &out.reply {
+            let (payload, props) = encode(to, body);
+            if let Err(e) = client
+                .publish_with_properties(to.topic.clone(), reply_qos, false, payload, props)
+                .await
+            {
+                // The event loop is gone: nothing more can be sent.
+                tracing::error!(error = %e, "cannot publish reply; stopping egress");
+                break;
+            }
+        }
+        if let Some(ack) = out.ack {
+            if let Err(e) = client.ack(&ack_packet(ack)).await {
+                tracing::error!(error = %e, "cannot acknowledge request; stopping egress");
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{Answer, Failure};
+    use std::time::Duration;
+    use vllm_chat::protocol::ErrorCode;
+
+    fn to(format: ReplyFormat) -> ReplyTo {
+        ReplyTo {
+            topic: "p/assistant_response/s".into(),
+            format,
+            correlation: Some(Bytes::from_static(b"c1")),
+            session_id: "s".into(),
+            request_id: Some("r".into()),
+            client_id: None,
+        }
+    }
+
+    #[test]
+    fn text_and_json_encodings() {
+        let busy = ReplyBody::Failure(Failure::fixed(ErrorCode::SessionBusy));
+        let (p, props) = encode(&to(ReplyFormat::Text), &busy);
+        assert_eq!(
+            &p[..],
+            b"Please wait, your previous message is still being processed..."
+        );
+        assert_eq!(props.correlation_data.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(
+            props.user_properties,
+            vec![("error".into(), "session_busy".into())]
+        );
+        assert_eq!(props.content_type, None);
+
+        let ok = ReplyBody::Answer {
+            answer: Answer {
+                text: "hi".into(),
+                finish_reason: Some("stop".into()),
+                usage: None,
+            },
+            latency: Duration::from_millis(12),
+        };
+        let (p, props) = encode(&to(ReplyFormat::Json), &ok);
+        assert_eq!(
+            std::str::from_utf8(&p).unwrap(),
+            r#"{"requestId":"r","sessionId":"s","ok":true,"text":"hi","finishReason":"stop","latencyMs":12}"#
+        );
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        assert!(props.user_properties.is_empty());
+
+        let limited = ReplyBody::Failure(
+            Failure::fixed(ErrorCode::RateLimited).retry_after(Duration::from_millis(4200)),
+        );
+        let (p, _) = encode(&to(ReplyFormat::Json), &limited);
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["error"]["retryAfterMs"], 4200);
+        assert_eq!(v["error"]["code"], "rate_limited");
+    }
+}

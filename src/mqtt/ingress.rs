@@ -1,0 +1,311 @@
+//! The ingress stage: the task that polls rumqttc's event loop.
+//!
+//! It only polls, decodes and hands off. Every outgoing packet (replies,
+//! acks, status) travels through the event loop this task polls, so if it
+//! ever awaited another stage that is itself waiting on a publish, the
+//! daemon would deadlock once rumqttc's request channel filled. So nothing
+//! here awaits anything but `poll()`: requests go to admission with
+//! `try_send`, immediate replies to egress with `try_send`.
+//!
+//! Decoding includes validation (rule 1 of admission, a pure function):
+//! a request that fails it is answered `bad_request` from here, and one
+//! that finds the admission channel full is answered `overloaded`, so a
+//! device always hears back at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
+use rumqttc::Outgoing;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use vllm_chat::protocol::{request_topic, ErrorCode};
+
+use crate::admission::validate::{self, Limits};
+use crate::config::ProjectConfig;
+use crate::error::AppError;
+use crate::mqtt::egress::Egress;
+use crate::mqtt::next_backoff;
+use crate::mqtt::status::StatusMessages;
+use crate::request::{AckToken, Failure, Inbound, Outbound, ReplyBody, Request};
+use crate::telemetry::{Event as Ev, Stats};
+
+/// A served project: its settings, by request topic.
+#[derive(Debug)]
+pub struct Project {
+    pub name: Arc<str>,
+    pub settings: ProjectConfig,
+}
+
+/// Everything the poll loop needs.
+pub struct Ingress {
+    pub client: AsyncClient,
+    pub eventloop: EventLoop,
+    /// `{project}/user_input` -> project.
+    pub projects: HashMap<String, Arc<Project>>,
+    pub limits: Limits,
+    pub admission: mpsc::Sender<Request>,
+    pub egress: Egress,
+    pub stats: Arc<Stats>,
+    pub status: StatusMessages,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Ingress {
+    /// Builds the topic table for `projects`.
+    pub fn project_table(
+        projects: impl IntoIterator<Item = Project>,
+    ) -> HashMap<String, Arc<Project>> {
+        projects
+            .into_iter()
+            .map(|p| (request_topic(&p.name), Arc::new(p)))
+            .collect()
+    }
+
+    /// Polls until the client disconnects (after `abort`, or after the app
+    /// sent DISCONNECT). `accept` cancelled means shutting down: stop taking
+    /// requests (QoS 1 ones stay unacknowledged for redelivery, QoS 0 ones
+    /// are answered `shutting_down`) but keep polling so replies go out.
+    pub async fn run(
+        self,
+        accept: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<(), AppError> {
+        let Ingress {
+            client,
+            mut eventloop,
+            projects,
+            limits,
+            admission,
+            egress,
+            stats,
+            status,
+            reconnect_min,
+            reconnect_max,
+        } = self;
+        let mut admission = Some(admission);
+        let mut backoff = reconnect_min;
+        let mut failing = false;
+        let filters: Vec<Filter> = projects
+            .keys()
+            .map(|t| Filter::new(t.clone(), QoS::AtLeastOnce))
+            .collect();
+        let handoff = Handoff {
+            projects: &projects,
+            limits: &limits,
+            egress: &egress,
+            stats: &stats,
+        };
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = abort.cancelled() => return Ok(()),
+                _ = accept.cancelled(), if admission.is_some() => {
+                    // Dropping the sender lets admission drain and close the queue.
+                    admission = None;
+                    continue;
+                }
+                ev = eventloop.poll() => ev,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = reconnect_min;
+                    failing = false;
+                    stats.emit(Ev::MqttConnected {
+                        session_present: ack.session_present,
+                    });
+                    // Subscribing again is idempotent, and needed whenever
+                    // the broker lost our session.
+                    if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                        tracing::error!(error = %e, "cannot queue SUBSCRIBE");
+                    }
+                    if let Err(e) = client.try_publish(
+                        status.topic.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        status.online.clone(),
+                    ) {
+                        tracing::warn!(error = %e, "cannot queue the online status");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
+                    for code in &ack.return_codes {
+                        match code {
+                            R::Success(_) => {}
+                            other => tracing::error!(
+                                reason = ?other,
+                                "the broker refused a subscription: requests on it will not arrive"
+                            ),
+                        }
+                    }
+                    tracing::info!(topics = ?projects.keys().collect::<Vec<_>>(), "subscribed");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    handoff.publish(p, admission.as_ref());
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(fatal) = fatal(&e) {
+                        return Err(fatal);
+                    }
+                    let error = e.to_string();
+                    if failing {
+                        tracing::debug!(%error, "MQTT reconnect failed");
+                    } else {
+                        stats.emit(Ev::MqttDisconnected { error: &error });
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = abort.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = next_backoff(backoff, reconnect_min, reconnect_max);
+                }
+            }
+        }
+    }
+}
+
+/// Errors that retrying would only hide: the broker refused our
+/// credentials, or TLS could not verify it.
+fn fatal(e: &ConnectionError) -> Option<AppError> {
+    match e {
+        ConnectionError::ConnectionRefused(
+            code @ (ConnectReturnCode::BadUserNamePassword
+            | ConnectReturnCode::NotAuthorized
+            | ConnectReturnCode::Banned
+            | ConnectReturnCode::BadAuthenticationMethod
+            | ConnectReturnCode::ClientIdentifierNotValid),
+        ) => Some(AppError::BrokerRefused(format!("{code:?}"))),
+        ConnectionError::Tls(t) => Some(AppError::BrokerRefused(format!("TLS: {t}"))),
+        _ => None,
+    }
+}
+
+/// The decode-and-hand-off half of the poll loop.
+struct Handoff<'a> {
+    projects: &'a HashMap<String, Arc<Project>>,
+    limits: &'a Limits,
+    egress: &'a Egress,
+    stats: &'a Stats,
+}
+
+impl Handoff<'_> {
+    fn publish(&self, p: Publish, admission: Option<&mpsc::Sender<Request>>) {
+        let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken { pkid: p.pkid });
+        let topic = String::from_utf8_lossy(&p.topic);
+        let Some(project) = self.projects.get(topic.as_ref()) else {
+            // A subscription left in our persistent session by an earlier
+            // configuration: acknowledge so it does not sit in flight.
+            self.stats.emit(Ev::Ignored { topic: &topic });
+            if ack.is_some() {
+                self.egress.try_send(Outbound { reply: None, ack });
+            }
+            return;
+        };
+        let Some(admission) = admission else {
+            if ack.is_none() {
+                // QoS 0 is not redelivered: say why it was not served.
+                self.reject_decoded(project, p, ErrorCode::ShuttingDown, None);
+            }
+            // QoS 1: left unacknowledged; the broker delivers it again to
+            // the next instance.
+            return;
+        };
+        let props = p.properties.unwrap_or_default();
+        let inbound = Inbound {
+            project: project.name.clone(),
+            payload: p.payload,
+            response_topic: props.response_topic,
+            correlation: props.correlation_data,
+            expiry: props
+                .message_expiry_interval
+                .map(|s| Duration::from_secs(u64::from(s))),
+            ack,
+            dup: p.dup,
+            received_at: Instant::now(),
+        };
+        let request = match validate::parse(&inbound, &project.settings, self.limits) {
+            Ok(r) => r,
+            Err(invalid) => {
+                match invalid.reply {
+                    Some(to) => {
+                        self.stats.emit(Ev::Rejected {
+                            code: invalid.failure.code,
+                            reason: &invalid.failure.message,
+                        });
+                        self.egress.try_send(Outbound {
+                            reply: Some((to, ReplyBody::Failure(invalid.failure))),
+                            ack,
+                        });
+                    }
+                    None => {
+                        self.stats.emit(Ev::Unanswerable {
+                            reason: &invalid.failure.message,
+                        });
+                        if ack.is_some() {
+                            self.egress.try_send(Outbound { reply: None, ack });
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        if let Err(e) = admission.try_send(request) {
+            let (code, request) = match e {
+                mpsc::error::TrySendError::Full(r) => (ErrorCode::Overloaded, r),
+                mpsc::error::TrySendError::Closed(r) => (ErrorCode::ShuttingDown, r),
+            };
+            self.reject(request, code);
+        }
+    }
+
+    fn reject(&self, request: Request, code: ErrorCode) {
+        let failure = match code.fixed_message() {
+            Some(_) => Failure::fixed(code),
+            None => Failure::new(code, "the daemon is shutting down; try again shortly"),
+        };
+        self.stats.emit(Ev::Rejected {
+            code,
+            reason: &failure.message,
+        });
+        self.egress.try_send(Outbound {
+            reply: Some((request.reply, ReplyBody::Failure(failure))),
+            ack: request.ack,
+        });
+    }
+
+    /// Decodes only to find where to answer, then rejects with `code`.
+    fn reject_decoded(
+        &self,
+        project: &Project,
+        p: Publish,
+        code: ErrorCode,
+        ack: Option<AckToken>,
+    ) {
+        let props = p.properties.unwrap_or_default();
+        let inbound = Inbound {
+            project: project.name.clone(),
+            payload: p.payload,
+            response_topic: props.response_topic,
+            correlation: props.correlation_data,
+            expiry: None,
+            ack,
+            dup: p.dup,
+            received_at: Instant::now(),
+        };
+        match validate::parse(&inbound, &project.settings, self.limits) {
+            Ok(r) => self.reject(r, code),
+            Err(_) => self.stats.emit(Ev::Unanswerable {
+                reason: "bad request while shutting down",
+            }),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! MQTT: connection options, the ingress poll loop, the egress publisher,
+//! the status messages and the embedded broker.
+//!
+//! We speak MQTT 5 to the broker (so request properties such as Response
+//! Topic, Correlation Data and Message Expiry are visible); devices may use
+//! 3.1.1 or 5, the broker translates.
+
+pub mod broker;
+pub mod egress;
+pub mod ingress;
+pub mod status;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::LastWill;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use rumqttc::{TlsConfiguration, Transport};
+
+use crate::config::Config;
+use crate::error::{AppError, ConfigError};
+
+/// Environment variable that may hold the broker password.
+pub const PASSWORD_ENV: &str = "VLLM_MQTTD_MQTT_PASSWORD";
+
+/// A secret string: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The broker password: the environment variable, else the first line of
+/// `mqtt.password_file`.
+pub fn load_password(cfg: &Config) -> Result<Option<Secret>, ConfigError> {
+    if let Ok(p) = std::env::var(PASSWORD_ENV) {
+        if !p.is_empty() {
+            return Ok(Some(Secret(p)));
+        }
+    }
+    match &cfg.mqtt.password_file {
+        None => Ok(None),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            if line.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "mqtt.password_file".into(),
+                    reason: format!("{} is empty", path.display()),
+                });
+            }
+            Ok(Some(Secret(line.to_owned())))
+        }
+    }
+}
+
+fn read_ca(path: &Path) -> Result<Vec<u8>, AppError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| AppError::Tls(format!("cannot read CA file {}: {e}", path.display())))?;
+    let mut reader = std::io::BufReader::new(&pem[..]);
+    let certs: Vec<_> = rustls_pemfile::certs(&mut reader)
+        .collect::<Result<_, _>>()
+        .map_err(|e| AppError::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(AppError::Tls(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(pem)
+}
+
+/// System CA bundle, for TLS without `mqtt.ca`.
+const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// The receive maximum we announce: how many QoS 1 requests the broker may
+/// have outstanding with us. We hold each ack until the request is
+/// answered, so this must cover the queue and the workers, or requests
+/// would wait in the broker instead of getting an immediate `overloaded`.
+pub fn receive_maximum(cfg: &Config) -> u16 {
+    let want = cfg.admission.max_queue_size * 2 + cfg.workers.num_workers + 256;
+    want.min(u16::MAX as usize) as u16
+}
+
+/// Connection options for the daemon's client.
+pub fn options(
+    cfg: &Config,
+    host: &str,
+    port: u16,
+    password: Option<&Secret>,
+    status: &status::StatusMessages,
+) -> Result<MqttOptions, AppError> {
+    let mut o = MqttOptions::new(cfg.client_id(), host, port);
+    o.set_keep_alive(cfg.mqtt.keep_alive)
+        // A persistent session: subscriptions and unacknowledged requests
+        // survive our restarts and the broker's (with its persistence on).
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(
+            cfg.mqtt.session_expiry.as_secs().min(u32::MAX as u64) as u32
+        ))
+        // Acknowledge a request only once its reply is published.
+        .set_manual_acks(true)
+        .set_max_packet_size(Some(cfg.mqtt.max_packet_bytes))
+        .set_receive_maximum(Some(receive_maximum(cfg)))
+        .set_connection_timeout(10)
+        .set_last_will(LastWill::new(
+            status.topic.clone(),
+            status.offline.clone(),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    match (&cfg.mqtt.username, password) {
+        (Some(u), Some(p)) => {
+            o.set_credentials(u.clone(), p.expose().to_owned());
+        }
+        (Some(u), None) => {
+            o.set_credentials(u.clone(), String::new());
+        }
+        (None, Some(_)) => {
+            return Err(AppError::Config(ConfigError::Invalid {
+                field: "mqtt.username".into(),
+                reason: "a password is set but no user name".into(),
+            }))
+        }
+        (None, None) => {}
+    }
+    if cfg.mqtt.tls {
+        let ca = match &cfg.mqtt.ca {
+            Some(path) => read_ca(path)?,
+            None => {
+                let found = SYSTEM_CA_BUNDLES
+                    .iter()
+                    .map(Path::new)
+                    .find(|p| p.exists())
+                    .ok_or_else(|| {
+                        AppError::Tls("no system CA bundle found; set mqtt.ca".into())
+                    })?;
+                read_ca(found)?
+            }
+        };
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth: None,
+        }));
+    }
+    Ok(o)
+}
+
+/// Exponential reconnect delay: doubles from `min` up to `max`. Pure, so
+/// the poll loop only sleeps on what it returns.
+pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
+    (current.max(min) * 2).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_is_not_printed() {
+        let s = Secret("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn backoff_doubles_to_cap() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(4));
+        let mut d = min;
+        let mut seen = vec![];
+        for _ in 0..5 {
+            seen.push(d.as_millis());
+            d = next_backoff(d, min, max);
+        }
+        assert_eq!(seen, vec![500, 1000, 2000, 4000, 4000]);
+    }
+
+    #[test]
+    fn receive_maximum_covers_queue() {
+        let c = Config::default();
+        assert!(receive_maximum(&c) as usize > c.admission.max_queue_size + c.workers.num_workers);
+    }
+}

@@ -1,0 +1,138 @@
+//! Domain types the pipeline stages exchange. No rumqttc or reqwest type
+//! crosses a stage boundary: ingress turns MQTT packets into [`Inbound`],
+//! egress turns [`Outbound`] back into MQTT packets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use vllm_chat::protocol::{ErrorCode, ReplyFormat, Usage};
+
+/// What acknowledging a QoS 1 request takes: its packet id. Requests are
+/// acknowledged only after their final reply is published, so a crash
+/// before that makes the broker deliver them again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    pub(crate) pkid: u16,
+}
+
+/// A message as it arrived on `{project}/user_input`, not yet validated.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The project whose `user_input` topic it came on.
+    pub project: Arc<str>,
+    pub payload: Bytes,
+    /// MQTT v5 Response Topic.
+    pub response_topic: Option<String>,
+    /// MQTT v5 Correlation Data, echoed on every reply.
+    pub correlation: Option<Bytes>,
+    /// MQTT v5 Message Expiry Interval as received (seconds left).
+    pub expiry: Option<Duration>,
+    /// `None` for QoS 0 requests.
+    pub ack: Option<AckToken>,
+    /// The broker flagged this as a redelivery.
+    pub dup: bool,
+    pub received_at: Instant,
+}
+
+/// Where and how to answer a request.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    pub topic: String,
+    pub format: ReplyFormat,
+    pub correlation: Option<Bytes>,
+    pub session_id: String,
+    pub request_id: Option<String>,
+    pub client_id: Option<String>,
+}
+
+/// Identifies a conversation: history and limits are per (project, session).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub project: Arc<str>,
+    pub session: Box<str>,
+}
+
+impl std::fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.project, self.session)
+    }
+}
+
+/// Sampling settings after applying the project's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: u32,
+}
+
+/// A validated request.
+#[derive(Debug)]
+pub struct Request {
+    pub key: SessionKey,
+    pub message: String,
+    pub sampling: Sampling,
+    /// Replace the session's system prompt (already checked as allowed).
+    pub system_prompt: Option<String>,
+    pub reset: bool,
+    pub reply: ReplyTo,
+    pub ack: Option<AckToken>,
+    pub received_at: Instant,
+    /// Reply `timeout` if not answered by then.
+    pub deadline: Instant,
+}
+
+/// A successful completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// A final error for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    /// One line, human readable.
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A failure with the protocol's fixed text for `code`.
+    pub fn fixed(code: ErrorCode) -> Self {
+        Self::new(code, code.fixed_message().unwrap_or(code.as_str()))
+    }
+
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+}
+
+/// The body of one reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyBody {
+    Answer { answer: Answer, latency: Duration },
+    Failure(Failure),
+}
+
+/// What egress publishes: a reply (if any) and then the request's ack.
+#[derive(Debug)]
+pub struct Outbound {
+    /// `None` acknowledges without replying (a duplicate delivery of an
+    /// answered request).
+    pub reply: Option<(ReplyTo, ReplyBody)>,
+    pub ack: Option<AckToken>,
+}

@@ -1,0 +1,352 @@
+//! Per-session state behind one small interface: duplicate detection,
+//! exclusivity, the sliding window, the system prompt override and the
+//! history.
+//!
+//! [`SessionStore`] is async because the next implementation is shared
+//! (Redis, for several daemon instances behind one broker); [`MemoryStore`]
+//! is the single-instance one. Admission calls [`SessionStore::admit`],
+//! which applies rules 2-4 of the protocol atomically, and workers call
+//! [`SessionStore::finish`] once the reply is handed to egress.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lru::LruCache;
+use tokio::time::Instant;
+
+use crate::admission::window::SlidingWindow;
+use crate::history::{push_exchange, Turn};
+use crate::request::SessionKey;
+
+/// Request ids remembered per session to drop redeliveries of answered
+/// requests. QoS 1 redelivery happens on reconnect, for requests not yet
+/// acknowledged: a few per session are plenty.
+const ANSWERED_IDS: usize = 8;
+
+/// Outcome of rules 2-4 for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Counted in the window; the session is now busy until `finish`.
+    Admitted,
+    /// `(session, requestId)` was already seen: `answered` if its reply has
+    /// gone out, otherwise it is still queued or running.
+    Duplicate { answered: bool },
+    /// The session has a request queued or running.
+    Busy,
+    /// Window full; a retry can succeed after this long.
+    RateLimited { retry_after: Duration },
+}
+
+/// What a worker needs to build a prompt.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The session's own system prompt, if it set one.
+    pub system_prompt: Option<String>,
+    pub history: Vec<Turn>,
+}
+
+/// Limits the store enforces.
+#[derive(Debug, Clone)]
+pub struct StoreLimits {
+    pub rate_limit: u32,
+    pub rate_window: Duration,
+    pub max_sessions: usize,
+    pub idle_ttl: Duration,
+    pub history_messages: usize,
+}
+
+/// Per-session state. Time is the caller's `now`, so the in-memory store is
+/// testable with a paused clock; a shared store may use its own clock.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Rules 2 (duplicate), 3 (exclusivity) and 4 (sliding window), in that
+    /// order and atomically.
+    async fn admit(&self, key: &SessionKey, request_id: Option<&str>, now: Instant) -> Admit;
+    /// Undoes an `Admitted` whose request was then refused (queue full):
+    /// frees the session and gives the window slot back.
+    async fn cancel(&self, key: &SessionKey);
+    /// The request's reply has been handed to egress: free the session and
+    /// remember `request_id` as answered.
+    async fn finish(&self, key: &SessionKey, request_id: Option<&str>);
+    /// System prompt override and history, for building a prompt.
+    async fn context(&self, key: &SessionKey) -> Context;
+    /// Clears the history and the system prompt override.
+    async fn reset(&self, key: &SessionKey);
+    /// Sets the session's system prompt override.
+    async fn set_system_prompt(&self, key: &SessionKey, prompt: String);
+    /// Appends an answered exchange to the history.
+    async fn record(&self, key: &SessionKey, user: String, assistant: String);
+    /// Forgets sessions idle for the TTL; returns how many.
+    async fn sweep(&self, now: Instant) -> usize;
+    /// Sessions held.
+    fn len(&self) -> usize;
+    /// Requests admitted and not finished.
+    fn busy(&self) -> usize;
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    window: SlidingWindow,
+    history: VecDeque<Turn>,
+    system_prompt: Option<String>,
+    answered: VecDeque<Box<str>>,
+    last_seen: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Least recently used sessions are evicted beyond `max_sessions`.
+    sessions: LruCache<SessionKey, Session>,
+    /// Sessions with a request admitted and not finished, with its id. Kept
+    /// apart from the LRU so that eviction can never break exclusivity; its
+    /// size is bounded by the queue plus the workers.
+    busy: HashMap<SessionKey, Option<Box<str>>>,
+}
+
+/// The in-memory store: one process, bounded by `max_sessions` and the idle
+/// TTL.
+#[derive(Debug)]
+pub struct MemoryStore {
+    limits: StoreLimits,
+    /// A std mutex: every critical section is a few map operations with no
+    /// `.await` inside, so an async mutex would only add overhead.
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new(limits: StoreLimits) -> Self {
+        let cap = NonZeroUsize::new(limits.max_sessions.max(1)).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            limits,
+            inner: Mutex::new(Inner {
+                sessions: LruCache::new(cap),
+                busy: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters more than losing the daemon: keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn admit(&self, key: &SessionKey, request_id: Option<&str>, now: Instant) -> Admit {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        if let Some(id) = request_id {
+            if let Some(Some(running)) = inner.busy.get(key) {
+                if &**running == id {
+                    return Admit::Duplicate { answered: false };
+                }
+            }
+            if let Some(s) = inner.sessions.peek(key) {
+                if s.answered.iter().any(|a| &**a == id) {
+                    return Admit::Duplicate { answered: true };
+                }
+            }
+        }
+        if inner.busy.contains_key(key) {
+            return Admit::Busy;
+        }
+        let session = inner
+            .sessions
+            .get_or_insert_mut(key.clone(), Session::default);
+        session.last_seen = Some(now);
+        match session
+            .window
+            .try_acquire(now, self.limits.rate_limit, self.limits.rate_window)
+        {
+            Ok(()) => {
+                inner.busy.insert(key.clone(), request_id.map(Into::into));
+                Admit::Admitted
+            }
+            Err(retry_after) => Admit::RateLimited { retry_after },
+        }
+    }
+
+    async fn cancel(&self, key: &SessionKey) {
+        let mut g = self.lock();
+        g.busy.remove(key);
+        if let Some(s) = g.sessions.peek_mut(key) {
+            s.window.undo_last();
+        }
+    }
+
+    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) {
+        let mut g = self.lock();
+        g.busy.remove(key);
+        if let (Some(id), Some(s)) = (request_id, g.sessions.peek_mut(key)) {
+            if s.answered.len() == ANSWERED_IDS {
+                s.answered.pop_front();
+            }
+            s.answered.push_back(id.into());
+        }
+    }
+
+    async fn context(&self, key: &SessionKey) -> Context {
+        let mut g = self.lock();
+        match g.sessions.get(key) {
+            Some(s) => Context {
+                system_prompt: s.system_prompt.clone(),
+                history: s.history.iter().cloned().collect(),
+            },
+            None => Context::default(),
+        }
+    }
+
+    async fn reset(&self, key: &SessionKey) {
+        if let Some(s) = self.lock().sessions.peek_mut(key) {
+            s.history.clear();
+            s.system_prompt = None;
+        }
+    }
+
+    async fn set_system_prompt(&self, key: &SessionKey, prompt: String) {
+        let mut g = self.lock();
+        let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
+        s.system_prompt = Some(prompt);
+    }
+
+    async fn record(&self, key: &SessionKey, user: String, assistant: String) {
+        let max = self.limits.history_messages;
+        let mut g = self.lock();
+        let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
+        push_exchange(&mut s.history, user, assistant, max);
+    }
+
+    async fn sweep(&self, now: Instant) -> usize {
+        let ttl = self.limits.idle_ttl;
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut removed = 0;
+        // The LRU order is the last-use order: stop at the first fresh one.
+        while let Some((key, s)) = inner.sessions.peek_lru() {
+            let idle = s
+                .last_seen
+                .is_none_or(|t| now.saturating_duration_since(t) >= ttl);
+            if !idle || inner.busy.contains_key(key) {
+                break;
+            }
+            inner.sessions.pop_lru();
+            removed += 1;
+        }
+        removed
+    }
+
+    fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    fn busy(&self) -> usize {
+        self.lock().busy.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max_sessions: usize) -> MemoryStore {
+        MemoryStore::new(StoreLimits {
+            rate_limit: 2,
+            rate_window: Duration::from_secs(60),
+            max_sessions,
+            idle_ttl: Duration::from_secs(3600),
+            history_messages: 4,
+        })
+    }
+
+    fn key(s: &str) -> SessionKey {
+        SessionKey {
+            project: "p".into(),
+            session: s.into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rules_in_order() {
+        let st = store(10);
+        let k = key("s");
+        let now = Instant::now();
+        assert_eq!(st.admit(&k, Some("r1"), now).await, Admit::Admitted);
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await,
+            Admit::Duplicate { answered: false }
+        );
+        assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Busy);
+        st.finish(&k, Some("r1")).await;
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await,
+            Admit::Duplicate { answered: true }
+        );
+        assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Admitted);
+        st.finish(&k, Some("r2")).await;
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            st.admit(&k, Some("r3"), later).await,
+            Admit::RateLimited {
+                retry_after: Duration::from_secs(50)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_frees_session_and_window() {
+        let st = store(10);
+        let k = key("s");
+        let now = Instant::now();
+        assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
+        st.cancel(&k).await;
+        assert_eq!(st.busy(), 0);
+        assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
+        st.finish(&k, None).await;
+        assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
+        st.finish(&k, None).await;
+        assert!(matches!(
+            st.admit(&k, None, now).await,
+            Admit::RateLimited { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lru_bound_never_breaks_exclusivity() {
+        let st = store(2);
+        let now = Instant::now();
+        assert_eq!(st.admit(&key("a"), None, now).await, Admit::Admitted);
+        assert_eq!(st.admit(&key("b"), None, now).await, Admit::Admitted);
+        assert_eq!(st.admit(&key("c"), None, now).await, Admit::Admitted);
+        assert_eq!(st.len(), 2);
+        // "a" was evicted from the LRU but is still busy.
+        assert_eq!(st.admit(&key("a"), None, now).await, Admit::Busy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_reset_and_sweep() {
+        let st = store(10);
+        let k = key("s");
+        let t0 = Instant::now();
+        st.admit(&k, None, t0).await;
+        st.record(&k, "u1".into(), "a1".into()).await;
+        st.record(&k, "u2".into(), "a2".into()).await;
+        st.record(&k, "u3".into(), "a3".into()).await;
+        st.set_system_prompt(&k, "pirate".into()).await;
+        let c = st.context(&k).await;
+        assert_eq!(c.history.len(), 4);
+        assert_eq!(c.history[0].content, "u2");
+        assert_eq!(c.system_prompt.as_deref(), Some("pirate"));
+        st.reset(&k).await;
+        let c = st.context(&k).await;
+        assert!(c.history.is_empty() && c.system_prompt.is_none());
+        st.finish(&k, None).await;
+        assert_eq!(st.sweep(t0 + Duration::from_secs(3599)).await, 0);
+        assert_eq!(st.sweep(t0 + Duration::from_secs(3600)).await, 1);
+        assert_eq!(st.len(), 0);
+    }
+}

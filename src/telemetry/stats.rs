@@ -1,0 +1,355 @@
+//! Typed events and the counters they feed.
+//!
+//! Like Vector's `internal_events`, every notable thing that happens to a
+//! request is an [`Event`], and [`Stats::emit`] is the one place that both
+//! logs it and counts it, so the stats line, the stats topic (and later the
+//! Prometheus exporter) can never disagree with the logs.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use vllm_chat::protocol::ErrorCode;
+
+/// Something that happened, to log and count.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A request was answered by the model.
+    Answered { latency: Duration },
+    /// An admitted request ended with an error reply.
+    Failed {
+        code: ErrorCode,
+        latency: Duration,
+        reason: &'a str,
+    },
+    /// Admission refused a request with an immediate reply.
+    Rejected { code: ErrorCode, reason: &'a str },
+    /// A bad request with no topic to answer on: counted and dropped.
+    Unanswerable { reason: &'a str },
+    /// A redelivery of a request already answered or in flight.
+    Duplicate,
+    /// A message on a topic we do not serve.
+    Ignored { topic: &'a str },
+    /// Egress could not take a reply (its channel was full or closed); the
+    /// request stays unacknowledged and the broker will redeliver it.
+    EgressDropped,
+    /// Connected (or reconnected) to the broker.
+    MqttConnected { session_present: bool },
+    /// The broker connection failed or dropped.
+    MqttDisconnected { error: &'a str },
+}
+
+/// Counters since start, plus a latency histogram since the last report.
+#[derive(Debug)]
+pub struct Stats {
+    processed: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    rejected: [AtomicU64; ErrorCode::ALL.len()],
+    unanswerable: AtomicU64,
+    duplicates: AtomicU64,
+    ignored: AtomicU64,
+    egress_dropped: AtomicU64,
+    mqtt_connects: AtomicU64,
+    /// End-to-end latency (ms) of replies since the last report. A std
+    /// mutex: recording is a few nanoseconds with no `.await` held.
+    latency: Mutex<Histogram<u64>>,
+}
+
+fn idx(code: ErrorCode) -> usize {
+    ErrorCode::ALL
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or_default()
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self {
+            processed: AtomicU64::new(0),
+            errors: Default::default(),
+            rejected: Default::default(),
+            unanswerable: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            ignored: AtomicU64::new(0),
+            egress_dropped: AtomicU64::new(0),
+            mqtt_connects: AtomicU64::new(0),
+            // 1 ms .. 1 h at 3 significant digits; these bounds are valid,
+            // so construction cannot fail.
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+
+    fn record_latency(&self, d: Duration) {
+        let ms = (d.as_millis() as u64).clamp(1, 3_600_000);
+        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        // Clamped into the bounds, so this cannot fail.
+        let _ = h.record(ms);
+    }
+
+    /// Logs and counts one event.
+    pub fn emit(&self, event: Event<'_>) {
+        match event {
+            Event::Answered { latency } => {
+                self.processed.fetch_add(1, Relaxed);
+                self.record_latency(latency);
+                tracing::debug!(latency_ms = latency.as_millis() as u64, "answered");
+            }
+            Event::Failed {
+                code,
+                latency,
+                reason,
+            } => {
+                self.errors[idx(code)].fetch_add(1, Relaxed);
+                self.record_latency(latency);
+                tracing::info!(code = code.as_str(), reason, "request failed");
+            }
+            Event::Rejected { code, reason } => {
+                self.rejected[idx(code)].fetch_add(1, Relaxed);
+                tracing::debug!(code = code.as_str(), reason, "request rejected");
+            }
+            Event::Unanswerable { reason } => {
+                self.unanswerable.fetch_add(1, Relaxed);
+                self.rejected[idx(ErrorCode::BadRequest)].fetch_add(1, Relaxed);
+                tracing::debug!(reason, "bad request with no reply topic dropped");
+            }
+            Event::Duplicate => {
+                self.duplicates.fetch_add(1, Relaxed);
+                tracing::debug!("duplicate delivery dropped");
+            }
+            Event::Ignored { topic } => {
+                self.ignored.fetch_add(1, Relaxed);
+                tracing::debug!(topic, "message on an unserved topic ignored");
+            }
+            Event::EgressDropped => {
+                self.egress_dropped.fetch_add(1, Relaxed);
+                tracing::error!("egress is full: reply dropped, request left for redelivery");
+            }
+            Event::MqttConnected { session_present } => {
+                let n = self.mqtt_connects.fetch_add(1, Relaxed);
+                tracing::info!(
+                    session_present,
+                    reconnect = n > 0,
+                    "connected to the MQTT broker"
+                );
+            }
+            Event::MqttDisconnected { error } => {
+                tracing::warn!(error, "MQTT connection lost; reconnecting");
+            }
+        }
+    }
+
+    /// Counters now, and the latency since the last snapshot (which resets).
+    pub fn snapshot(&self, gauges: Gauges) -> Snapshot {
+        let lat = {
+            let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+            let l = Latency {
+                count: h.len(),
+                mean: h.mean().round() as u64,
+                p50: h.value_at_quantile(0.50),
+                p95: h.value_at_quantile(0.95),
+                p99: h.value_at_quantile(0.99),
+                max: h.max(),
+            };
+            h.reset();
+            l
+        };
+        let by_code = |arr: &[AtomicU64; 8]| {
+            ErrorCode::ALL
+                .iter()
+                .zip(arr)
+                .map(|(c, n)| (c.as_str(), n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        };
+        let errors: std::collections::BTreeMap<&'static str, u64> = by_code(&self.errors);
+        let rejected: std::collections::BTreeMap<&'static str, u64> = by_code(&self.rejected);
+        Snapshot {
+            processed: self.processed.load(Relaxed),
+            errors_total: errors.values().sum(),
+            errors,
+            rejected_total: rejected.values().sum(),
+            rejected,
+            unanswerable: self.unanswerable.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            ignored: self.ignored.load(Relaxed),
+            egress_dropped: self.egress_dropped.load(Relaxed),
+            mqtt_reconnects: self.mqtt_connects.load(Relaxed).saturating_sub(1),
+            queue: QueueStats {
+                length: gauges.queue_len,
+                capacity: gauges.queue_capacity,
+            },
+            in_flight: gauges.in_flight,
+            sessions: gauges.sessions,
+            latency_ms: lat,
+        }
+    }
+}
+
+/// Point-in-time values read from the pipeline for a snapshot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub queue_len: usize,
+    pub queue_capacity: usize,
+    pub in_flight: usize,
+    pub sessions: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    pub length: usize,
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean: u64,
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// The stats report: the log line and the JSON on the stats topic.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub processed: u64,
+    pub errors_total: u64,
+    pub errors: std::collections::BTreeMap<&'static str, u64>,
+    pub rejected_total: u64,
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
+    pub unanswerable: u64,
+    pub duplicates: u64,
+    pub ignored: u64,
+    pub egress_dropped: u64,
+    pub mqtt_reconnects: u64,
+    pub queue: QueueStats,
+    pub in_flight: usize,
+    pub sessions: usize,
+    pub latency_ms: Latency,
+}
+
+impl Snapshot {
+    /// Queue fill above which the stats line is a warning.
+    pub const QUEUE_WARN_PERCENT: usize = 70;
+
+    /// Percent of the queue in use, rounded down.
+    pub fn queue_percent(&self) -> usize {
+        (self.queue.length * 100)
+            .checked_div(self.queue.capacity)
+            .unwrap_or(0)
+    }
+
+    /// The overload warning, when the queue is over 70 % full.
+    pub fn queue_warning(&self) -> Option<String> {
+        (self.queue.length * 100 > self.queue.capacity * Self::QUEUE_WARN_PERCENT).then(|| {
+            format!(
+                "queue is {}/{} ({}% full) - server may be overloaded",
+                self.queue.length,
+                self.queue.capacity,
+                self.queue_percent()
+            )
+        })
+    }
+
+    /// Writes the report to the log: one line, a warning when overloaded.
+    pub fn log(&self) {
+        let rejected = format!("{:?}", self.rejected);
+        let errors = format!("{:?}", self.errors);
+        let queue = format!("{}/{}", self.queue.length, self.queue.capacity);
+        macro_rules! line {
+            ($lvl:ident, $msg:expr) => {
+                tracing::$lvl!(
+                    processed = self.processed,
+                    errors = self.errors_total,
+                    errors_by_code = %errors,
+                    rejected = self.rejected_total,
+                    rejected_by_reason = %rejected,
+                    duplicates = self.duplicates,
+                    queue = %queue,
+                    in_flight = self.in_flight,
+                    sessions = self.sessions,
+                    latency_count = self.latency_ms.count,
+                    latency_mean_ms = self.latency_ms.mean,
+                    latency_p50_ms = self.latency_ms.p50,
+                    latency_p95_ms = self.latency_ms.p95,
+                    latency_p99_ms = self.latency_ms.p99,
+                    mqtt_reconnects = self.mqtt_reconnects,
+                    "{}",
+                    $msg
+                )
+            };
+        }
+        match self.queue_warning() {
+            Some(w) => line!(warn, w),
+            None => line!(info, "stats"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(len: usize, cap: usize) -> Snapshot {
+        Stats::new().snapshot(Gauges {
+            queue_len: len,
+            queue_capacity: cap,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn warning_over_70_percent() {
+        assert_eq!(snap(700, 1000).queue_warning(), None);
+        assert_eq!(
+            snap(750, 1000).queue_warning().as_deref(),
+            Some("queue is 750/1000 (75% full) - server may be overloaded")
+        );
+        assert!(snap(3, 4).queue_warning().is_some());
+        assert!(snap(0, 0).queue_warning().is_none());
+    }
+
+    #[test]
+    fn events_feed_counters_and_latency() {
+        let s = Stats::new();
+        s.emit(Event::Answered {
+            latency: Duration::from_millis(10),
+        });
+        s.emit(Event::Answered {
+            latency: Duration::from_millis(30),
+        });
+        s.emit(Event::Rejected {
+            code: ErrorCode::SessionBusy,
+            reason: "busy",
+        });
+        s.emit(Event::Failed {
+            code: ErrorCode::Timeout,
+            latency: Duration::from_millis(50),
+            reason: "deadline",
+        });
+        s.emit(Event::Duplicate);
+        let snap = s.snapshot(Gauges::default());
+        assert_eq!(snap.processed, 2);
+        assert_eq!(snap.errors.get("timeout"), Some(&1));
+        assert_eq!(snap.rejected.get("session_busy"), Some(&1));
+        assert_eq!(snap.duplicates, 1);
+        assert_eq!(snap.latency_ms.count, 3);
+        assert_eq!(snap.latency_ms.p50, 30);
+        // The histogram resets after a snapshot; counters do not.
+        let again = s.snapshot(Gauges::default());
+        assert_eq!(again.latency_ms.count, 0);
+        assert_eq!(again.processed, 2);
+    }
+}

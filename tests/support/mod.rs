@@ -1,0 +1,7 @@
+//! Shared harness for the integration tests: a fake vLLM server, a private
+//! Mosquitto broker and MQTT test clients. Each test binary uses a subset.
+#![allow(dead_code)]
+
+pub mod broker;
+pub mod fake_vllm;
+pub mod mqtt_client;
