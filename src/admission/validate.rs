@@ -113,6 +113,10 @@ pub fn parse(
 
     let Some(map) = map else {
         // Plain text: the whole payload is the message.
+        if text.trim().is_empty() {
+            // No session to answer on: only a v5 Response Topic can carry it.
+            return Err(Box::new(bad(early_reply(project.format), "message is empty")));
+        }
         let session_id = generated_session_id();
         let reply = ReplyTo {
             topic: v5_topic
@@ -124,9 +128,6 @@ pub fn parse(
             request_id: None,
             client_id: None,
         };
-        if text.trim().is_empty() {
-            return Err(Box::new(bad(Some(reply), "message is empty")));
-        }
         return Ok(finish(
             inbound,
             project,

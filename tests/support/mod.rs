@@ -5,3 +5,4 @@
 pub mod broker;
 pub mod fake_vllm;
 pub mod mqtt_client;
+pub mod daemon;
