@@ -12,7 +12,19 @@ use vllm_mqttd::error::EXIT_USAGE;
 use vllm_mqttd::{telemetry, App};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help and --version print and succeed; a bad flag is a usage
+        // error (64), like a bad config file.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
     match cli.command {
         Some(Command::GenerateConfig) => {
             print!("{DEFAULT_CONFIG_TOML}");

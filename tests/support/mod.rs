@@ -6,3 +6,4 @@ pub mod broker;
 pub mod fake_vllm;
 pub mod mqtt_client;
 pub mod daemon;
+pub mod process;

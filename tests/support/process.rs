@@ -1,0 +1,111 @@
+//! Runs the real `vllm-mqttd` binary and reads its log as it comes.
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// The daemon binary built for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vllm-mqttd");
+
+pub struct DaemonProcess {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// Everything logged so far (stderr).
+    pub log: Arc<Mutex<String>>,
+}
+
+impl DaemonProcess {
+    /// Starts the binary with `args` and extra environment variables.
+    pub fn spawn(args: &[String], envs: &[(&str, &str)]) -> DaemonProcess {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn vllm-mqttd");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+                drop(l);
+                let _ = tx.send(line);
+            }
+        });
+        DaemonProcess { child, lines, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log so far.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(l)) if l.contains(needle) => return l,
+                Ok(Some(_)) => continue,
+                _ => panic!(
+                    "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                    self.log.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub async fn kill9(&mut self) {
+        self.child.kill().await.expect("kill -9");
+    }
+
+    /// SIGTERM: a graceful stop.
+    pub fn sigterm(&self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "daemon did not exit within {timeout:?}; log:\n{}",
+                    self.log.lock().unwrap()
+                )
+            })
+            .expect("wait")
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// Runs the binary to completion (for config subcommands).
+pub fn run_to_end(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vllm-mqttd")
+}
