@@ -37,7 +37,7 @@ use crate::mqtt::{self, Secret};
 use crate::queue;
 use crate::session::{MemoryStore, SessionStore, StoreLimits};
 use crate::telemetry::{Gauges, Stats};
-use crate::worker::{self, Shared};
+use crate::worker::{self, ModelState, Shared};
 
 /// Capacity of rumqttc's request channel (publishes and acks waiting for
 /// the event loop).
@@ -111,9 +111,12 @@ impl App {
             cfg.admission.max_queue_size + cfg.workers.num_workers + 1024,
             stats.clone(),
         );
-        let initial_model =
-            (!cfg.backend.model.is_empty()).then(|| Arc::from(cfg.backend.model.as_str()));
-        let (model_tx, model_rx) = watch::channel(initial_model.clone());
+        let configured = !cfg.backend.model.is_empty();
+        let (model_tx, model_rx) = watch::channel(if configured {
+            ModelState::Ready(Arc::from(cfg.backend.model.as_str()))
+        } else {
+            ModelState::Discovering
+        });
         let model_tx = Arc::new(model_tx);
 
         let projects: Vec<Project> = cfg
@@ -188,12 +191,13 @@ impl App {
             client.clone(),
             egress_rx,
             reply_qos,
+            !cfg.embedded_broker.enabled,
             egress_close.clone(),
         ));
         drop(egress);
 
         let tasks = TaskTracker::new();
-        if initial_model.is_none() {
+        if !configured {
             tasks.spawn(discover_model(
                 backend,
                 model_tx.clone(),
@@ -220,7 +224,7 @@ impl App {
                         queue_len: shared.queue.len(),
                         queue_capacity: capacity,
                         in_flight: shared.running.load(Ordering::Relaxed),
-                        sessions: store.len(),
+                        sessions: store.sessions(),
                     });
                     snap.log();
                     let mut json = serde_json::to_value(&snap).unwrap_or_default();
@@ -331,7 +335,7 @@ impl App {
 /// MQTT: requests meanwhile wait for it within their deadlines.
 async fn discover_model(
     backend: Backend,
-    model: Arc<watch::Sender<Option<Arc<str>>>>,
+    model: Arc<watch::Sender<ModelState>>,
     stop: CancellationToken,
 ) {
     let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
@@ -341,14 +345,18 @@ async fn discover_model(
         match backend.discover_model().await {
             Ok(name) => {
                 tracing::info!(model = %name, "model discovered");
-                model.send_replace(Some(Arc::from(name)));
+                model.send_replace(ModelState::Ready(Arc::from(name)));
                 return;
             }
-            Err(e) if !warned => {
-                tracing::warn!(error = %e, "cannot discover the model yet; retrying");
-                warned = true;
+            Err(e) => {
+                if warned {
+                    tracing::debug!(error = %e, "model discovery failed");
+                } else {
+                    tracing::warn!(error = %e, "cannot discover the model yet; retrying");
+                    warned = true;
+                }
+                model.send_replace(ModelState::Unreachable(e.to_string()));
             }
-            Err(e) => tracing::debug!(error = %e, "model discovery failed"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -585,8 +585,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("admission.max_queue_size"));
-        let mut c = Config::default();
-        c.projects = vec!["a/b".into()];
+        let c = Config {
+            projects: vec!["a/b".into()],
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("projects"));
         let mut c = Config::default();
         c.project.insert(

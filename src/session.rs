@@ -82,7 +82,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Forgets sessions idle for the TTL; returns how many.
     async fn sweep(&self, now: Instant) -> usize;
     /// Sessions held.
-    fn len(&self) -> usize;
+    fn sessions(&self) -> usize;
     /// Requests admitted and not finished.
     fn busy(&self) -> usize;
 }
@@ -240,7 +240,7 @@ impl SessionStore for MemoryStore {
         removed
     }
 
-    fn len(&self) -> usize {
+    fn sessions(&self) -> usize {
         self.lock().sessions.len()
     }
 
@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(st.admit(&key("a"), None, now).await, Admit::Admitted);
         assert_eq!(st.admit(&key("b"), None, now).await, Admit::Admitted);
         assert_eq!(st.admit(&key("c"), None, now).await, Admit::Admitted);
-        assert_eq!(st.len(), 2);
+        assert_eq!(st.sessions(), 2);
         // "a" was evicted from the LRU but is still busy.
         assert_eq!(st.admit(&key("a"), None, now).await, Admit::Busy);
     }
@@ -347,6 +347,6 @@ mod tests {
         st.finish(&k, None).await;
         assert_eq!(st.sweep(t0 + Duration::from_secs(3599)).await, 0);
         assert_eq!(st.sweep(t0 + Duration::from_secs(3600)).await, 1);
-        assert_eq!(st.len(), 0);
+        assert_eq!(st.sessions(), 0);
     }
 }

@@ -25,8 +25,18 @@ use crate::request::{Answer, Failure, Outbound, ReplyBody, Request};
 use crate::session::SessionStore;
 use crate::telemetry::{Event, Stats};
 
-/// The model name, once known (from config or discovered).
-pub type ModelRx = watch::Receiver<Option<Arc<str>>>;
+/// Where the model name stands: configured, discovered, or not yet known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelState {
+    /// The first discovery attempt is under way: requests wait for it.
+    Discovering,
+    /// Discovery failed (backend down); it is being retried. Requests are
+    /// answered `backend_unavailable` at once rather than left hanging.
+    Unreachable(String),
+    Ready(Arc<str>),
+}
+
+pub type ModelRx = watch::Receiver<ModelState>;
 
 /// What every worker shares.
 pub struct Shared {
@@ -113,14 +123,30 @@ async fn process(shared: &Shared, req: &Request) -> ReplyBody {
 }
 
 async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
-    // The model may still be being discovered: wait (within the deadline).
+    // The model may still be being discovered: wait (within the deadline)
+    // for the first attempt, but do not hang on a backend that is down.
     let model = {
         let mut rx = shared.model.clone();
-        let m = rx
-            .wait_for(Option::is_some)
+        let state = rx
+            .wait_for(|m| *m != ModelState::Discovering)
             .await
-            .map_err(|_| Failure::new(ErrorCode::BackendUnavailable, "no model is configured"))?;
-        m.clone().unwrap_or_else(|| Arc::from(""))
+            .map(|m| m.clone())
+            .unwrap_or_else(|_| ModelState::Unreachable("model discovery stopped".into()));
+        match state {
+            ModelState::Ready(m) => m,
+            ModelState::Unreachable(why) => {
+                return Err(Failure::new(
+                    ErrorCode::BackendUnavailable,
+                    format!("the model is not known yet: {why}"),
+                ))
+            }
+            ModelState::Discovering => {
+                return Err(Failure::new(
+                    ErrorCode::BackendUnavailable,
+                    "the model is not known yet",
+                ))
+            }
+        }
     };
     let store = &shared.store;
     if req.reset {

@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::json;
 use support::broker::{Mosquitto, MosquittoOptions};
 use support::daemon::{device, unique, WAIT};
@@ -93,7 +91,12 @@ async fn sigterm_drains_then_exits_zero() {
     let instance = unique("term");
     let (mut watch, topic) = status_watcher(&broker, &instance).await;
     let mut d = DaemonProcess::spawn(
-        &args(&broker, &fake.base_url(), &instance, &["--num-workers", "1"]),
+        &args(
+            &broker,
+            &fake.base_url(),
+            &instance,
+            &["--num-workers", "1"],
+        ),
         &[],
     );
     wait_state(&mut watch, &topic, "online").await;
@@ -142,7 +145,10 @@ async fn stats_line_warns_when_queue_is_over_70_percent() {
     );
     wait_state(&mut watch, &topic, "online").await;
     let line = d.wait_log("processed=0", WAIT).await;
-    assert!(line.contains("INFO") && line.contains("queue=0/4"), "{line}");
+    assert!(
+        line.contains("INFO") && line.contains("queue=0/4"),
+        "{line}"
+    );
     let dev = device(broker.host(), broker.port(), "maze").await;
     for i in 0..4 {
         dev.publish(
@@ -199,7 +205,11 @@ async fn generate_config_prints_a_valid_annotated_default() {
     let file = dir.path().join("c.toml");
     std::fs::write(&file, &text).unwrap();
     let out = run_to_end(&["check-config", "--config", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Flags override the file in what check-config reports.
     let out = run_to_end(&[
         "check-config",
@@ -215,9 +225,19 @@ async fn generate_config_prints_a_valid_annotated_default() {
 async fn env_overrides_file_and_flags_override_env() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
-    std::fs::write(&file, "[workers]\nnum_workers = 2\n[admission]\nrate_limit = 5\n").unwrap();
+    std::fs::write(
+        &file,
+        "[workers]\nnum_workers = 2\n[admission]\nrate_limit = 5\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(support::process::BIN)
-        .args(["check-config", "--config", file.to_str().unwrap(), "--rate-limit", "7"])
+        .args([
+            "check-config",
+            "--config",
+            file.to_str().unwrap(),
+            "--rate-limit",
+            "7",
+        ])
         .env("VLLM_MQTTD_NUM_WORKERS", "4")
         .env("VLLM_MQTTD_RATE_LIMIT", "6")
         .output()
@@ -247,13 +267,21 @@ async fn credentials_from_env_work_are_never_logged_and_bad_ones_exit_77() {
     d.wait_log("connected to the MQTT broker", WAIT).await;
     d.sigterm();
     assert!(d.wait_exit(WAIT).await.success());
-    assert!(!d.log_text().contains(password), "password leaked into the log");
+    assert!(
+        !d.log_text().contains(password),
+        "password leaked into the log"
+    );
 
     // A password file works too; a wrong password is fatal, not a retry loop.
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "wrong\n").unwrap();
-    let mut a = args(&broker, &fake.base_url(), &unique("auth"), &["--mqtt-username", "daemon"]);
+    let mut a = args(
+        &broker,
+        &fake.base_url(),
+        &unique("auth"),
+        &["--mqtt-username", "daemon"],
+    );
     a.extend(["--mqtt-password-file".to_string(), pw.display().to_string()]);
     let mut d = DaemonProcess::spawn(&a, &[]);
     let status = d.wait_exit(WAIT).await;

@@ -72,7 +72,12 @@ impl World {
         let s = unique("sentinel").replace('-', "_");
         self.send(json!({"sessionId": s, "message": "ping"})).await;
         let m = self.dev.expect(WAIT).await;
-        assert_eq!(m.topic, format!("maze/assistant_response/{s}"), "got {:?}", m.text());
+        assert_eq!(
+            m.topic,
+            format!("maze/assistant_response/{s}"),
+            "got {:?}",
+            m.text()
+        );
         assert_eq!(m.text(), "echo: ping");
     }
 }
@@ -100,10 +105,12 @@ async fn text_reply_on_the_default_topic_with_the_prompt_sent() {
 #[tokio::test]
 async fn json_reply_carries_ids_usage_and_content_type() {
     let mut w = world(echo().await, |_| {}).await;
-    w.send(json!({"sessionId": "s1", "requestId": "r1", "clientId": "c1",
+    w.send(
+        json!({"sessionId": "s1", "requestId": "r1", "clientId": "c1",
                   "message": "hi there", "format": "json", "temperature": 0.1,
-                  "topP": 0.5, "maxTokens": 7}))
-        .await;
+                  "topP": 0.5, "maxTokens": 7}),
+    )
+    .await;
     let m = w.dev.expect_on("maze/assistant_response/s1", WAIT).await;
     assert_eq!(m.content_type.as_deref(), Some("application/json"));
     let v = m.json();
@@ -143,7 +150,13 @@ async fn history_across_turns_and_reset() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| format!("{}:{}", m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .map(|m| {
+                format!(
+                    "{}:{}",
+                    m["role"].as_str().unwrap(),
+                    m["content"].as_str().unwrap()
+                )
+            })
             .collect()
     };
     assert_eq!(
@@ -155,8 +168,14 @@ async fn history_across_turns_and_reset() {
             "user:two"
         ]
     );
-    assert_eq!(contents(2), vec!["system:You are a helpful assistant.", "user:other"]);
-    assert_eq!(contents(3), vec!["system:You are a helpful assistant.", "user:three"]);
+    assert_eq!(
+        contents(2),
+        vec!["system:You are a helpful assistant.", "user:other"]
+    );
+    assert_eq!(
+        contents(3),
+        vec!["system:You are a helpful assistant.", "user:three"]
+    );
     w.daemon.stop().await.unwrap();
 }
 
@@ -181,7 +200,10 @@ async fn project_prompt_and_session_override() {
     w.send(json!({"sessionId": "s1", "message": "again"})).await;
     w.reply("s1").await;
     let reqs = w.fake.requests();
-    assert_eq!(reqs[0]["messages"][0]["content"], "You guide a robot through a maze.");
+    assert_eq!(
+        reqs[0]["messages"][0]["content"],
+        "You guide a robot through a maze."
+    );
     assert_eq!(reqs[1]["messages"][0]["content"], "You are a pirate.");
     assert_eq!(reqs[2]["messages"][0]["content"], "You are a pirate.");
     w.daemon.stop().await.unwrap();
@@ -247,7 +269,10 @@ async fn reply_topic_resolution_and_refusal() {
         assert_eq!(m.topic, "maze/assistant_response/s9", "for {bad}");
         let v = m.json();
         assert_eq!(v["error"]["code"], "bad_request", "for {bad}");
-        assert!(v["error"]["message"].as_str().unwrap().contains("replyTopic"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("replyTopic"));
         assert_eq!(m.user_property("error"), Some("bad_request"));
     }
     w.daemon.stop().await.unwrap();
@@ -345,31 +370,110 @@ async fn full_queue_answers_overloaded_at_once() {
 async fn bad_input_classes() {
     let mut w = world(echo().await, |c| c.admission.max_payload_bytes = 4096).await;
     let answered: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("empty message", br#"{"sessionId":"b1","message":""}"#.to_vec(), "`message` is empty"),
-        ("whitespace message", br#"{"sessionId":"b1","message":"  \n\t"}"#.to_vec(), "`message` is empty"),
-        ("missing message", br#"{"sessionId":"b1"}"#.to_vec(), "`message` is required"),
-        ("message not a string", br#"{"sessionId":"b1","message":42}"#.to_vec(), "`message` must be a string"),
-        ("temperature string", br#"{"sessionId":"b1","message":"x","temperature":"hot"}"#.to_vec(), "temperature"),
-        ("temperature negative", br#"{"sessionId":"b1","message":"x","temperature":-1}"#.to_vec(), "temperature"),
-        ("temperature huge", br#"{"sessionId":"b1","message":"x","temperature":1e300}"#.to_vec(), "temperature"),
-        ("topP zero", br#"{"sessionId":"b1","message":"x","topP":0}"#.to_vec(), "topP"),
-        ("maxTokens fraction", br#"{"sessionId":"b1","message":"x","maxTokens":2.5}"#.to_vec(), "maxTokens"),
-        ("maxTokens over limit", br#"{"sessionId":"b1","message":"x","maxTokens":100000}"#.to_vec(), "maxTokens"),
-        ("maxTokens negative", br#"{"sessionId":"b1","message":"x","maxTokens":-3}"#.to_vec(), "maxTokens"),
-        ("format unknown", br#"{"sessionId":"b1","message":"x","format":"xml"}"#.to_vec(), "format"),
-        ("reset not bool", br#"{"sessionId":"b1","message":"x","reset":"yes"}"#.to_vec(), "reset"),
-        ("requestId empty", br#"{"sessionId":"b1","message":"x","requestId":""}"#.to_vec(), "requestId"),
-        ("requestId too long", format!(r#"{{"sessionId":"b1","message":"x","requestId":"{}"}}"#, "r".repeat(200)).into_bytes(), "requestId"),
-        ("clientId number", br#"{"sessionId":"b1","message":"x","clientId":7}"#.to_vec(), "clientId"),
-        ("systemPrompt number", br#"{"sessionId":"b1","message":"x","systemPrompt":1}"#.to_vec(), "systemPrompt"),
-        ("replyTopic number", br#"{"sessionId":"b1","message":"x","replyTopic":5}"#.to_vec(), "replyTopic"),
+        (
+            "empty message",
+            br#"{"sessionId":"b1","message":""}"#.to_vec(),
+            "`message` is empty",
+        ),
+        (
+            "whitespace message",
+            br#"{"sessionId":"b1","message":"  \n\t"}"#.to_vec(),
+            "`message` is empty",
+        ),
+        (
+            "missing message",
+            br#"{"sessionId":"b1"}"#.to_vec(),
+            "`message` is required",
+        ),
+        (
+            "message not a string",
+            br#"{"sessionId":"b1","message":42}"#.to_vec(),
+            "`message` must be a string",
+        ),
+        (
+            "temperature string",
+            br#"{"sessionId":"b1","message":"x","temperature":"hot"}"#.to_vec(),
+            "temperature",
+        ),
+        (
+            "temperature negative",
+            br#"{"sessionId":"b1","message":"x","temperature":-1}"#.to_vec(),
+            "temperature",
+        ),
+        (
+            "temperature huge",
+            br#"{"sessionId":"b1","message":"x","temperature":1e300}"#.to_vec(),
+            "temperature",
+        ),
+        (
+            "topP zero",
+            br#"{"sessionId":"b1","message":"x","topP":0}"#.to_vec(),
+            "topP",
+        ),
+        (
+            "maxTokens fraction",
+            br#"{"sessionId":"b1","message":"x","maxTokens":2.5}"#.to_vec(),
+            "maxTokens",
+        ),
+        (
+            "maxTokens over limit",
+            br#"{"sessionId":"b1","message":"x","maxTokens":100000}"#.to_vec(),
+            "maxTokens",
+        ),
+        (
+            "maxTokens negative",
+            br#"{"sessionId":"b1","message":"x","maxTokens":-3}"#.to_vec(),
+            "maxTokens",
+        ),
+        (
+            "format unknown",
+            br#"{"sessionId":"b1","message":"x","format":"xml"}"#.to_vec(),
+            "format",
+        ),
+        (
+            "reset not bool",
+            br#"{"sessionId":"b1","message":"x","reset":"yes"}"#.to_vec(),
+            "reset",
+        ),
+        (
+            "requestId empty",
+            br#"{"sessionId":"b1","message":"x","requestId":""}"#.to_vec(),
+            "requestId",
+        ),
+        (
+            "requestId too long",
+            format!(
+                r#"{{"sessionId":"b1","message":"x","requestId":"{}"}}"#,
+                "r".repeat(200)
+            )
+            .into_bytes(),
+            "requestId",
+        ),
+        (
+            "clientId number",
+            br#"{"sessionId":"b1","message":"x","clientId":7}"#.to_vec(),
+            "clientId",
+        ),
+        (
+            "systemPrompt number",
+            br#"{"sessionId":"b1","message":"x","systemPrompt":1}"#.to_vec(),
+            "systemPrompt",
+        ),
+        (
+            "replyTopic number",
+            br#"{"sessionId":"b1","message":"x","replyTopic":5}"#.to_vec(),
+            "replyTopic",
+        ),
     ];
     for (name, payload, expect) in answered {
         w.dev.publish("maze/user_input", payload, 1).await;
         let m = w.dev.expect(WAIT).await;
         assert_eq!(m.topic, "maze/assistant_response/b1", "{name}");
         let text = m.text();
-        assert!(text.starts_with("Error: ") && text.contains(expect), "{name}: {text}");
+        assert!(
+            text.starts_with("Error: ") && text.contains(expect),
+            "{name}: {text}"
+        );
         assert_eq!(m.user_property("error"), Some("bad_request"), "{name}");
     }
     // Unknown fields are ignored.
@@ -380,16 +484,43 @@ async fn bad_input_classes() {
     // No topic can be resolved: counted and dropped, nothing published.
     let dropped: Vec<(&str, Vec<u8>)> = vec![
         ("invalid utf-8", vec![0xff, 0xfe, 0x00]),
-        ("truncated json", br#"{"sessionId":"b3","message":"x""#.to_vec()),
+        (
+            "truncated json",
+            br#"{"sessionId":"b3","message":"x""#.to_vec(),
+        ),
         ("deeply nested", "[".repeat(3000).into_bytes()),
-        ("over the size limit", format!(r#"{{"sessionId":"b3","message":"{}"}}"#, "x".repeat(5000)).into_bytes()),
-        ("session id with slash", br#"{"sessionId":"a/b","message":"x"}"#.to_vec()),
-        ("session id with plus", br#"{"sessionId":"a+b","message":"x"}"#.to_vec()),
-        ("session id with hash", br#"{"sessionId":"a#","message":"x"}"#.to_vec()),
-        ("session id with NUL", b"{\"sessionId\":\"a\\u0000b\",\"message\":\"x\"}".to_vec()),
-        ("session id with control", b"{\"sessionId\":\"a\\nb\",\"message\":\"x\"}".to_vec()),
-        ("session id 10 KB", format!(r#"{{"sessionId":"{}","message":"x"}}"#, "s".repeat(3000)).into_bytes()),
-        ("session id number", br#"{"sessionId":12,"message":"x"}"#.to_vec()),
+        (
+            "over the size limit",
+            format!(r#"{{"sessionId":"b3","message":"{}"}}"#, "x".repeat(5000)).into_bytes(),
+        ),
+        (
+            "session id with slash",
+            br#"{"sessionId":"a/b","message":"x"}"#.to_vec(),
+        ),
+        (
+            "session id with plus",
+            br#"{"sessionId":"a+b","message":"x"}"#.to_vec(),
+        ),
+        (
+            "session id with hash",
+            br#"{"sessionId":"a#","message":"x"}"#.to_vec(),
+        ),
+        (
+            "session id with NUL",
+            b"{\"sessionId\":\"a\\u0000b\",\"message\":\"x\"}".to_vec(),
+        ),
+        (
+            "session id with control",
+            b"{\"sessionId\":\"a\\nb\",\"message\":\"x\"}".to_vec(),
+        ),
+        (
+            "session id 10 KB",
+            format!(r#"{{"sessionId":"{}","message":"x"}}"#, "s".repeat(3000)).into_bytes(),
+        ),
+        (
+            "session id number",
+            br#"{"sessionId":12,"message":"x"}"#.to_vec(),
+        ),
         ("empty payload", Vec::new()),
     ];
     for (name, payload) in dropped {
@@ -398,7 +529,8 @@ async fn bad_input_classes() {
         let _ = name;
     }
     // The daemon is still healthy and the drops were not fatal.
-    w.send(json!({"sessionId": "b4", "message": "still here"})).await;
+    w.send(json!({"sessionId": "b4", "message": "still here"}))
+        .await;
     assert_eq!(w.reply("b4").await, "echo: still here");
     w.daemon.stop().await.unwrap();
 }
@@ -414,7 +546,11 @@ async fn oversized_payload_with_v5_response_topic_gets_bad_request() {
         .publish_with("maze/user_input", vec![b'x'; 2000], 1, props)
         .await;
     let m = w.dev.expect_on("maze/assistant_response/big", WAIT).await;
-    assert!(m.text().contains("over the 1024-byte limit"), "{}", m.text());
+    assert!(
+        m.text().contains("over the 1024-byte limit"),
+        "{}",
+        m.text()
+    );
     w.daemon.stop().await.unwrap();
 }
 
@@ -507,7 +643,10 @@ async fn backend_errors_become_replies() {
         .await;
     let v = w.json_reply("maze/assistant_response/x1").await;
     assert_eq!(v["error"]["code"], "backend_error");
-    assert!(v["error"]["message"].as_str().unwrap().contains("bad sampling"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bad sampling"));
 
     w.fake
         .push(Scripted::StatusRetryAfter(503, "restarting".into(), 7));
@@ -541,24 +680,62 @@ async fn unreachable_backend_is_backend_unavailable() {
         1,
     )
     .await;
-    let v = dev.expect_on("maze/assistant_response/u1", WAIT).await.json();
+    let v = dev
+        .expect_on("maze/assistant_response/u1", WAIT)
+        .await
+        .json();
     assert_eq!(v["error"]["code"], "backend_unavailable");
     assert!(v["error"]["message"].as_str().unwrap().contains("connect"));
     daemon.stop().await.unwrap();
 }
 
 #[tokio::test]
-async fn model_is_discovered_without_blocking_mqtt() {
-    let fake = FakeVllm::builder().model("qwen3-4b").start_unavailable().run().await;
+async fn model_is_discovered_from_the_backend() {
+    let fake = FakeVllm::builder().model("qwen3-4b").run().await;
     let mut w = world(fake, |c| c.backend.model = String::new()).await;
-    // MQTT is served while the backend is down: validation still answers.
-    w.send(json!({"sessionId": "m1", "message": ""})).await;
-    assert!(w.reply("m1").await.starts_with("Error: "));
     w.send(json!({"sessionId": "m1", "message": "hi"})).await;
-    w.fake.set_available(true);
     assert_eq!(w.reply("m1").await, "echo: hi");
     assert_eq!(w.fake.requests()[0]["model"], "qwen3-4b");
-    assert!(w.fake.model_calls() >= 1);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn backend_down_at_start_answers_at_once_then_recovers() {
+    let fake = FakeVllm::builder()
+        .model("qwen3-4b")
+        .start_unavailable()
+        .run()
+        .await;
+    let mut w = world(fake, |c| c.backend.model = String::new()).await;
+    // MQTT is served while the backend is down, and nothing hangs.
+    w.send(json!({"sessionId": "m1", "message": "", "format": "json"}))
+        .await;
+    let v = w.json_reply("maze/assistant_response/m1").await;
+    assert_eq!(v["error"]["code"], "bad_request");
+    w.send(json!({"sessionId": "m1", "message": "hi", "format": "json"}))
+        .await;
+    let v = w.json_reply("maze/assistant_response/m1").await;
+    assert_eq!(v["error"]["code"], "backend_unavailable");
+    assert!(v["error"]["message"].as_str().unwrap().contains("model"));
+    assert_eq!(w.fake.chat_calls(), 0);
+
+    // Discovery keeps trying; once it succeeds, requests are served.
+    w.fake.set_available(true);
+    assert!(w.fake.wait_for_models_served(1, WAIT).await);
+    // The daemon records the model right after that answer; a device that
+    // retries (as devices should on backend_unavailable) gets through.
+    let mut answered = None;
+    for i in 0..5 {
+        w.send(json!({"sessionId": format!("m{i}"), "message": "hi", "format": "json"}))
+            .await;
+        let v = w.json_reply(&format!("maze/assistant_response/m{i}")).await;
+        if v["ok"] == true {
+            answered = Some(v);
+            break;
+        }
+    }
+    assert_eq!(answered.expect("served after recovery")["text"], "echo: hi");
+    assert_eq!(w.fake.requests()[0]["model"], "qwen3-4b");
     w.daemon.stop().await.unwrap();
 }
 
@@ -610,7 +787,8 @@ async fn stats_topic_reports_queue_and_counts() {
 #[tokio::test]
 async fn status_is_retained_online_then_offline_on_shutdown() {
     let w = world(echo().await, |_| {}).await;
-    let mut watcher = TestClient::connect(w.broker.host(), w.broker.port(), &unique("status")).await;
+    let mut watcher =
+        TestClient::connect(w.broker.host(), w.broker.port(), &unique("status")).await;
     let topic = format!("vllm-mqttd/{}/status", w.daemon.instance);
     watcher.subscribe(&topic).await;
     let m = watcher.expect_on(&topic, WAIT).await;
@@ -626,12 +804,15 @@ async fn status_is_retained_online_then_offline_on_shutdown() {
     // A late subscriber sees the retained offline.
     let mut late = TestClient::connect(w.broker.host(), w.broker.port(), &unique("late")).await;
     late.subscribe(&topic).await;
-    assert_eq!(late.expect_on(&topic, WAIT).await.json()["state"], "offline");
+    assert_eq!(
+        late.expect_on(&topic, WAIT).await.json()["state"],
+        "offline"
+    );
 }
 
 #[tokio::test]
 async fn graceful_shutdown_drains_the_queue() {
-    let mut w = world(gated().await, |c| c.workers.num_workers = 1).await;
+    let w = world(gated().await, |c| c.workers.num_workers = 1).await;
     for s in ["g1", "g2", "g3"] {
         w.send(json!({"sessionId": s, "message": s})).await;
     }
@@ -720,10 +901,15 @@ async fn broker_restart_is_survived() {
     let fake = echo().await;
     let c = config(broker.host(), broker.port(), &fake.base_url());
     let daemon = Daemon::start(c).await;
-    let mut dev = TestClient::connect_persistent(broker.host(), broker.port(), &unique("dev")).await;
+    let mut dev =
+        TestClient::connect_persistent(broker.host(), broker.port(), &unique("dev")).await;
     dev.subscribe("maze/assistant_response/#").await;
-    dev.publish("maze/user_input", json!({"sessionId": "r1", "message": "before"}).to_string(), 1)
-        .await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "r1", "message": "before"}).to_string(),
+        1,
+    )
+    .await;
     assert_eq!(dev.expect(WAIT).await.text(), "echo: before");
 
     broker.restart().await;
@@ -738,8 +924,12 @@ async fn broker_restart_is_survived() {
             break;
         }
     }
-    dev.publish("maze/user_input", json!({"sessionId": "r1", "message": "after"}).to_string(), 1)
-        .await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "r1", "message": "after"}).to_string(),
+        1,
+    )
+    .await;
     assert_eq!(dev.expect(WAIT).await.text(), "echo: after");
     daemon.stop().await.unwrap();
 }

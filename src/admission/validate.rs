@@ -115,7 +115,10 @@ pub fn parse(
         // Plain text: the whole payload is the message.
         if text.trim().is_empty() {
             // No session to answer on: only a v5 Response Topic can carry it.
-            return Err(Box::new(bad(early_reply(project.format), "message is empty")));
+            return Err(Box::new(bad(
+                early_reply(project.format),
+                "message is empty",
+            )));
         }
         let session_id = generated_session_id();
         let reply = ReplyTo {

@@ -120,11 +120,15 @@ fn ack_packet(ack: AckToken) -> Publish {
 }
 
 /// Publishes replies and acks until `close` is cancelled and the channel is
-/// drained.
+/// drained. With `properties` false, replies carry no MQTT v5 properties
+/// (correlation data, content type, error user property): rumqttd 0.20
+/// panics forwarding a v5 publish with properties to a 3.1.1 subscriber,
+/// so the embedded broker gets plain publishes.
 pub async fn run(
     client: AsyncClient,
     mut rx: mpsc::Receiver<Outbound>,
     reply_qos: QoS,
+    properties: bool,
     close: CancellationToken,
 ) {
     loop {
@@ -139,10 +143,16 @@ pub async fn run(
         let Some(out) = out else { break };
         if let Some((to, body)) = &out.reply {
             let (payload, props) = encode(to, body);
-            if let Err(e) = client
-                .publish_with_properties(to.topic.clone(), reply_qos, false, payload, props)
-                .await
-            {
+            let sent = if properties && props != PublishProperties::default() {
+                client
+                    .publish_with_properties(to.topic.clone(), reply_qos, false, payload, props)
+                    .await
+            } else {
+                client
+                    .publish(to.topic.clone(), reply_qos, false, payload)
+                    .await
+            };
+            if let Err(e) = sent {
                 // The event loop is gone: nothing more can be sent.
                 tracing::error!(error = %e, "cannot publish reply; stopping egress");
                 break;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use vllm_mqttd::error::AppError;
 use vllm_mqttd::{App, Config};
 
-use super::mqtt_client::TestClient;
+use super::mqtt_client::{ConnectOptions, TestClient};
 
 /// Upper bound for anything a test waits for; never a sleep.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -28,8 +28,10 @@ pub fn unique(prefix: &str) -> String {
 /// A configuration for `broker` at host:port and the backend at `backend_url`,
 /// with a unique instance id and projects `maze` and `general`.
 pub fn config(host: &str, port: u16, backend_url: &str) -> Config {
-    let mut c = Config::default();
-    c.instance_id = unique("test");
+    let mut c = Config {
+        instance_id: unique("test"),
+        ..Default::default()
+    };
     c.mqtt.host = host.to_owned();
     c.mqtt.port = port;
     c.mqtt.reconnect_min = Duration::from_millis(50);
@@ -60,13 +62,26 @@ impl Daemon {
             (config.mqtt.host.clone(), config.mqtt.port)
         };
         let instance = config.instance_id.clone();
-        let mut watcher = TestClient::connect(&host, port, &unique("watch")).await;
-        watcher
-            .subscribe(&format!("vllm-mqttd/{instance}/status"))
-            .await;
         let shutdown = CancellationToken::new();
         let app = App::new(config).expect("valid test config");
         let handle = tokio::spawn(app.run(shutdown.clone()));
+        // The status is retained, so watching after the start misses
+        // nothing; the embedded broker may take a moment to listen.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut watcher = loop {
+            match TestClient::connect_with(&host, port, ConnectOptions::new(&unique("watch"))).await
+            {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot watch the daemon's status: {e}"),
+            }
+        };
+        watcher
+            .subscribe(&format!("vllm-mqttd/{instance}/status"))
+            .await;
         loop {
             let m = watcher.expect(WAIT).await;
             if m.json()["state"] == "online" {
@@ -94,6 +109,7 @@ impl Daemon {
 /// A device: an MQTT 5 client subscribed to every reply of `project`.
 pub async fn device(host: &str, port: u16, project: &str) -> TestClient {
     let c = TestClient::connect(host, port, &unique("device")).await;
-    c.subscribe(&format!("{project}/assistant_response/#")).await;
+    c.subscribe(&format!("{project}/assistant_response/#"))
+        .await;
     c
 }

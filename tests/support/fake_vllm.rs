@@ -83,6 +83,8 @@ struct Inner {
     requests: Mutex<Vec<Value>>,
     calls: watch::Sender<usize>,
     disconnects: watch::Sender<usize>,
+    /// Successful `GET /v1/models` answers.
+    models_served: watch::Sender<usize>,
     model_calls: AtomicUsize,
     running: AtomicUsize,
     waiting: AtomicUsize,
@@ -175,6 +177,11 @@ impl FakeVllm {
         wait_counter(&self.inner.calls, n, timeout).await
     }
 
+    /// Wait until `/v1/models` has answered successfully `n` times.
+    pub async fn wait_for_models_served(&self, n: usize, timeout: Duration) -> bool {
+        wait_counter(&self.inner.models_served, n, timeout).await
+    }
+
     /// Wait until `disconnected() >= n`; false on timeout.
     pub async fn wait_for_disconnects(&self, n: usize, timeout: Duration) -> bool {
         wait_counter(&self.inner.disconnects, n, timeout).await
@@ -264,6 +271,7 @@ impl FakeVllmBuilder {
             requests: Mutex::new(Vec::new()),
             calls: watch::Sender::new(0),
             disconnects: watch::Sender::new(0),
+            models_served: watch::Sender::new(0),
             model_calls: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -367,6 +375,7 @@ async fn models(State(inner): State<Arc<Inner>>) -> Response {
     if !inner.available.load(Ordering::SeqCst) || !inner.models_up.load(Ordering::SeqCst) {
         return error_response(503, "The server is not ready.", None);
     }
+    inner.models_served.send_modify(|n| *n += 1);
     let m = &inner.model;
     axum::Json(json!({
         "object": "list",

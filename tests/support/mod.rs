@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod daemon;
 pub mod fake_vllm;
 pub mod mqtt_client;
-pub mod daemon;
 pub mod process;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need
+# (Mosquitto from apt, paho-mqtt from PyPI for the original-client test),
+# then checks formatting and lints, and runs every test in the workspace.
+# This is the README's test command; .ci/run calls exactly it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "==> installing mosquitto (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+fi
+if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
+  echo "==> installing paho-mqtt (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=1.6,<3' \
+    || python3 -m pip install --quiet --break-system-packages 'paho-mqtt>=1.6,<3'
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --locked "$@"
