@@ -282,8 +282,16 @@ impl App {
             "shutting down: draining the queue"
         );
         accept.cancel();
-        let _ = admission.await;
-        if tokio::time::timeout(cfg.workers.shutdown_grace, workers.wait())
+        let grace_end = Instant::now() + cfg.workers.shutdown_grace;
+        let mut admission = admission;
+        if tokio::time::timeout_at(grace_end, &mut admission)
+            .await
+            .is_err()
+        {
+            // Stuck handing a rejection to egress: dropping it closes the queue.
+            admission.abort();
+        }
+        if tokio::time::timeout_at(grace_end, workers.wait())
             .await
             .is_err()
         {

@@ -87,13 +87,16 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
         }
         let key = req.key;
         let request_id = req.reply.request_id.clone();
-        shared
-            .egress
-            .send(Outbound {
-                reply: Some((req.reply, body)),
-                ack: req.ack,
-            })
-            .await;
+        let handed = Outbound {
+            reply: Some((req.reply, body)),
+            ack: req.ack,
+        };
+        tokio::select! {
+            biased;
+            // Egress is stuck (broker unreachable) and the grace is over.
+            _ = abandon.cancelled() => return,
+            _ = shared.egress.send(handed) => {}
+        }
         shared.store.finish(&key, request_id.as_deref()).await;
     }
 }

@@ -53,11 +53,6 @@ impl Egress {
             self.stats.emit(Event::EgressDropped);
         }
     }
-
-    /// Replies in the channel now.
-    pub fn backlog(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
 }
 
 /// Encodes a reply: payload and MQTT v5 properties.
