@@ -10,9 +10,12 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber: `RUST_LOG` if set, else info, with
 /// `-v` raising our own crate to debug and `-vv` to trace.
+///
+/// The embedded broker (rumqttd) logs every ordinary client disconnect at
+/// ERROR level, so it is silent unless `-v` is given.
 pub fn init(format: LogFormat, verbose: u8) {
     let default = match verbose {
-        0 => "info,rumqttd=warn",
+        0 => "info,rumqttd=off",
         1 => "info,vllm_mqttd=debug,rumqttd=warn",
         _ => "debug,vllm_mqttd=trace",
     };
