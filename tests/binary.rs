@@ -110,6 +110,17 @@ async fn sigterm_drains_then_exits_zero() {
         .await;
     }
     assert!(fake.wait_for_calls(1, WAIT).await);
+    // A busy reply for t1 proves t2 was admitted before it.
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "t1", "message": "probe"}).to_string(),
+        1,
+    )
+    .await;
+    assert_eq!(
+        dev.expect(WAIT).await.text(),
+        "Please wait, your previous message is still being processed..."
+    );
     d.sigterm();
     d.wait_log("draining", WAIT).await;
     fake.release(2);

@@ -566,11 +566,12 @@ async fn message_expiry_is_the_deadline_in_flight_and_queued() {
             "maze/user_input",
             json!({"sessionId": "e1", "message": "slow", "format": "json"}).to_string(),
             1,
-            expiring(1),
+            expiring(2),
         )
         .await;
     assert!(w.fake.wait_for_calls(1, WAIT).await);
-    // Queued behind it, with the same short life.
+    // Queued behind it with a shorter life: it expires in the queue, a
+    // second before the worker is freed.
     w.dev
         .publish_with(
             "maze/user_input",
@@ -812,11 +813,14 @@ async fn status_is_retained_online_then_offline_on_shutdown() {
 
 #[tokio::test]
 async fn graceful_shutdown_drains_the_queue() {
-    let w = world(gated().await, |c| c.workers.num_workers = 1).await;
+    let mut w = world(gated().await, |c| c.workers.num_workers = 1).await;
     for s in ["g1", "g2", "g3"] {
         w.send(json!({"sessionId": s, "message": s})).await;
     }
     assert!(w.fake.wait_for_calls(1, WAIT).await);
+    // A busy reply for g1 proves g2 and g3 were admitted before it.
+    w.send(json!({"sessionId": "g1", "message": "probe"})).await;
+    assert_eq!(w.reply("g1").await, BUSY);
     let World {
         broker: _broker,
         fake,
