@@ -27,7 +27,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::validate::Limits;
 use crate::admission::Admission;
-use crate::backend::Backend;
+use crate::backend::breaker::{Breaker, SharedBreaker};
+use crate::backend::budget::Budget;
+use crate::backend::{health, Backend};
 use crate::config::Config;
 use crate::error::AppError;
 use crate::mqtt::egress::{self, Egress};
@@ -132,6 +134,11 @@ impl App {
             .map(|p| (p.name.clone(), p.settings.clone()))
             .collect();
 
+        let breaker = SharedBreaker::new(Breaker::new(
+            cfg.backend.breaker_threshold,
+            cfg.backend.breaker_cooldown,
+        ));
+
         // Tokens, one per shutdown step.
         let accept = CancellationToken::new();
         let abort_ingress = CancellationToken::new();
@@ -152,6 +159,7 @@ impl App {
                 egress: egress.clone(),
                 stats: stats.clone(),
                 status: status.clone(),
+                circuit: breaker.clone(),
                 reconnect_min: cfg.mqtt.reconnect_min,
                 reconnect_max: cfg.mqtt.reconnect_max,
             }
@@ -170,6 +178,14 @@ impl App {
             queue: queue_rx.clone(),
             store: store.clone(),
             backend: backend.clone(),
+            retry: cfg.retry_policy().map_err(|e| {
+                AppError::Config(crate::error::ConfigError::Invalid {
+                    field: "backend.retry_base".into(),
+                    reason: e.to_string(),
+                })
+            })?,
+            breaker: breaker.clone(),
+            budget: Arc::new(Budget::new(cfg.backend.rpm, cfg.backend_max_concurrent())),
             egress: egress.clone(),
             stats: stats.clone(),
             model: model_rx,
@@ -199,7 +215,7 @@ impl App {
         let tasks = TaskTracker::new();
         if !configured {
             tasks.spawn(discover_model(
-                backend,
+                backend.clone(),
                 model_tx.clone(),
                 background.clone(),
             ));
@@ -225,6 +241,7 @@ impl App {
                         queue_capacity: capacity,
                         in_flight: shared.running.load(Ordering::Relaxed),
                         sessions: store.sessions(),
+                        circuit: shared.breaker.circuit(),
                     });
                     snap.log();
                     let mut json = serde_json::to_value(&snap).unwrap_or_default();
@@ -253,6 +270,31 @@ impl App {
                     if n > 0 {
                         tracing::debug!(sessions = n, "idle sessions forgotten");
                     }
+                }
+            });
+        }
+        tasks.spawn(health::run(
+            backend.clone(),
+            breaker.clone(),
+            background.clone(),
+        ));
+        {
+            // The status topic follows the circuit: republish on each change.
+            let (client, status, stop) = (client.clone(), status.clone(), background.clone());
+            let mut circuit = breaker.subscribe();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        changed = circuit.changed() => if changed.is_err() { return },
+                    }
+                    let now = *circuit.borrow_and_update();
+                    let _ = client.try_publish(
+                        status.topic.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        status.online(now),
+                    );
                 }
             });
         }

@@ -100,6 +100,27 @@ pub struct RunArgs {
     /// How long to drain the queue on shutdown, e.g. 30s.
     #[arg(long, env = "VLLM_MQTTD_SHUTDOWN_GRACE", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Retries of a retryable backend failure.
+    #[arg(long, env = "VLLM_MQTTD_MAX_RETRIES")]
+    pub max_retries: Option<usize>,
+    /// First retry delay, e.g. 500ms.
+    #[arg(long, env = "VLLM_MQTTD_RETRY_BASE", value_parser = parse_duration)]
+    pub retry_base: Option<Duration>,
+    /// Longest retry delay, e.g. 10s.
+    #[arg(long, env = "VLLM_MQTTD_RETRY_MAX_DELAY", value_parser = parse_duration)]
+    pub retry_max_delay: Option<Duration>,
+    /// Consecutive backend failures that open the circuit.
+    #[arg(long, env = "VLLM_MQTTD_BREAKER_THRESHOLD")]
+    pub breaker_threshold: Option<u32>,
+    /// How long the open circuit fails fast, e.g. 60s.
+    #[arg(long, env = "VLLM_MQTTD_BREAKER_COOLDOWN", value_parser = parse_duration)]
+    pub breaker_cooldown: Option<Duration>,
+    /// Backend calls per minute at most (0: unlimited).
+    #[arg(long, env = "VLLM_MQTTD_BACKEND_RPM")]
+    pub backend_rpm: Option<u32>,
+    /// Backend calls at once at most (default: the worker count).
+    #[arg(long, env = "VLLM_MQTTD_BACKEND_MAX_CONCURRENT")]
+    pub backend_max_concurrent: Option<usize>,
     /// Instance id (default: host name).
     #[arg(long, env = "VLLM_MQTTD_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -174,6 +195,13 @@ impl RunArgs {
         set(&mut c.stats.interval, &self.stats_interval);
         set(&mut c.backend.request_timeout, &self.request_timeout);
         set(&mut c.workers.shutdown_grace, &self.shutdown_grace);
+        set(&mut c.backend.max_retries, &self.max_retries);
+        set(&mut c.backend.retry_base, &self.retry_base);
+        set(&mut c.backend.retry_max_delay, &self.retry_max_delay);
+        set(&mut c.backend.breaker_threshold, &self.breaker_threshold);
+        set(&mut c.backend.breaker_cooldown, &self.breaker_cooldown);
+        set(&mut c.backend.rpm, &self.backend_rpm);
+        set(&mut c.backend.max_concurrent, &self.backend_max_concurrent);
         set(&mut c.instance_id, &self.instance_id);
         set(&mut c.admission.max_payload_bytes, &self.max_payload_bytes);
         set(&mut c.sessions.max_sessions, &self.max_sessions);

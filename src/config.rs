@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vllm_chat::protocol::{is_valid_session_id, ReplyFormat};
 
+use crate::backend::retry::{Jitter, RetryPolicy};
 use crate::error::ConfigError;
 
 /// The annotated default configuration, as shipped.
@@ -229,6 +230,27 @@ pub struct BackendConfig {
     /// we never reuse a connection the server is closing.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// Retries of a failed call, for failures that can succeed on retry
+    /// (connection refused or reset, timeouts, 408/429/500/502/503/504).
+    pub max_retries: usize,
+    /// First retry delay; doubles per retry.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// `full` (uniform in [0, d]) or `bounded` (d ± 25 %) or `none`.
+    pub retry_jitter: Jitter,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open circuit fails fast before one probe (± 20 %).
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Backend calls per minute at most (token bucket, bursts up to this
+    /// many); 0 is unlimited.
+    pub rpm: u32,
+    /// Backend calls at once at most; 0 means `workers.num_workers`.
+    pub max_concurrent: usize,
 }
 
 impl Default for BackendConfig {
@@ -239,6 +261,14 @@ impl Default for BackendConfig {
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(4),
+            max_retries: 3,
+            retry_base: Duration::from_millis(500),
+            retry_max_delay: Duration::from_secs(10),
+            retry_jitter: Jitter::Full,
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(60),
+            rpm: 0,
+            max_concurrent: 0,
         }
     }
 }
@@ -406,6 +436,25 @@ impl Config {
         }
     }
 
+    /// The backend retry policy.
+    pub fn retry_policy(&self) -> Result<RetryPolicy, crate::backend::retry::InvalidRetry> {
+        let b = &self.backend;
+        RetryPolicy::new(
+            b.retry_base,
+            b.retry_max_delay,
+            b.max_retries,
+            b.retry_jitter,
+        )
+    }
+
+    /// Concurrent backend calls allowed.
+    pub fn backend_max_concurrent(&self) -> usize {
+        match self.backend.max_concurrent {
+            0 => self.workers.num_workers,
+            n => n,
+        }
+    }
+
     /// Effective settings of `project`.
     pub fn project_settings(&self, project: &str) -> ProjectConfig {
         match self.project.get(project) {
@@ -524,6 +573,15 @@ impl Config {
                 "backend.pool_idle_timeout",
                 "must be below vLLM's 5s keep-alive".into(),
             );
+        }
+        if let Err(e) = self.retry_policy() {
+            return bad("backend.retry_base", e.to_string());
+        }
+        if self.backend.breaker_threshold == 0 {
+            return bad("backend.breaker_threshold", "must be at least 1".into());
+        }
+        if self.backend.breaker_cooldown.is_zero() {
+            return bad("backend.breaker_cooldown", "must be above 0".into());
         }
         if self.admission.max_queue_size == 0 {
             return bad("admission.max_queue_size", "must be at least 1".into());

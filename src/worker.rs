@@ -10,12 +10,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::ErrorCode;
 
+use crate::backend::breaker::{Outcome, SharedBreaker};
+use crate::backend::budget::Budget;
+use crate::backend::retry::RetryPolicy;
 use crate::backend::{Backend, BackendError};
 use crate::config::ProjectConfig;
 use crate::history::{build_prompt, shrink};
@@ -43,6 +47,9 @@ pub struct Shared {
     pub queue: QueueRx,
     pub store: Arc<dyn SessionStore>,
     pub backend: Backend,
+    pub retry: RetryPolicy,
+    pub breaker: Arc<SharedBreaker>,
+    pub budget: Arc<Budget>,
     pub egress: Egress,
     pub stats: Arc<Stats>,
     pub model: ModelRx,
@@ -171,22 +178,98 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
         &req.message,
         shared.history_token_budget,
     );
+    let answer = call_backend(shared, req, &model, &mut prompt).await?;
+    store
+        .record(&req.key, req.message.clone(), answer.text.clone())
+        .await;
+    Ok(answer)
+}
+
+/// The backend call with its protections, composed in one place. The order
+/// matters:
+///
+/// 1. the circuit breaker first, so an open circuit fails fast (with the
+///    time to its next probe) without waiting for budget or touching vLLM;
+/// 2. then the budget (token bucket, concurrency cap), held only for the
+///    attempt itself, so a request sleeping between retries does not keep
+///    others from the GPU;
+/// 3. the attempt; its outcome goes back to the breaker;
+/// 4. then the retry decision: only retryable failures, after a jittered
+///    exponential delay that honours `Retry-After` and never ends past the
+///    deadline (the whole loop also runs under the deadline: `process`).
+///
+/// Two failures skip the delay: a context-length refusal (the prompt
+/// shrinks and is sent once more) and a reset before any byte (a stale
+/// pooled connection: retried at once, once, and not held against the
+/// backend).
+async fn call_backend(
+    shared: &Shared,
+    req: &Request,
+    model: &str,
+    prompt: &mut Vec<crate::history::Turn>,
+) -> Result<Answer, Failure> {
+    let mut schedule = shared.retry.schedule();
     let mut shrunk = false;
+    let mut reset_retried = false;
     loop {
-        match shared.backend.chat(&model, &prompt, req.sampling).await {
+        let permit = match shared.breaker.acquire() {
+            Ok(p) => p,
+            Err(retry_after) => {
+                shared.stats.emit(Event::CircuitRejected);
+                return Err(Failure::new(
+                    ErrorCode::BackendUnavailable,
+                    "the backend is failing; requests are paused until it recovers",
+                )
+                .retry_after(retry_after));
+            }
+        };
+        let slot = shared.budget.acquire().await;
+        let result = shared.backend.chat(model, prompt, req.sampling).await;
+        drop(slot);
+        let err = match result {
             Ok(answer) => {
-                store
-                    .record(&req.key, req.message.clone(), answer.text.clone())
-                    .await;
+                permit.record(Outcome::Healthy);
                 return Ok(answer);
             }
+            Err(e) => e,
+        };
+        match &err {
             // Our estimate of the prompt's size was short: drop the older
             // half of the history and try once more.
-            Err(BackendError::ContextLength(_)) if !shrunk && shrink(&mut prompt) => {
+            BackendError::ContextLength(_) if !shrunk && shrink(prompt) => {
+                permit.record(Outcome::Healthy);
                 tracing::debug!(session = %req.key, "context too long; retrying with less history");
                 shrunk = true;
+                continue;
             }
-            Err(e) => return Err(e.to_failure()),
+            BackendError::Reset(_) if !reset_retried => {
+                permit.record(Outcome::Neutral);
+                shared.stats.emit(Event::Retry {
+                    reason: &err.to_string(),
+                    delay: Duration::ZERO,
+                });
+                reset_retried = true;
+                continue;
+            }
+            _ => permit.record(err.outcome()),
         }
+        if !err.is_retryable() {
+            return Err(err.to_failure());
+        }
+        let delay = schedule.next(
+            err.retry_after(),
+            Instant::now(),
+            req.deadline,
+            &mut rand::rng(),
+        );
+        let Some(delay) = delay else {
+            // Retries used up, or the next would end past the deadline.
+            return Err(err.to_failure());
+        };
+        shared.stats.emit(Event::Retry {
+            reason: &err.to_string(),
+            delay,
+        });
+        tokio::time::sleep(delay).await;
     }
 }

@@ -638,7 +638,8 @@ async fn context_length_refusal_trims_history_and_retries_once() {
 
 #[tokio::test]
 async fn backend_errors_become_replies() {
-    let mut w = world(echo().await, |_| {}).await;
+    // Without retries (their policy is tested in tests/resilience.rs).
+    let mut w = world(echo().await, |c| c.backend.max_retries = 0).await;
     w.fake.push(Scripted::Status(400, "bad sampling".into()));
     w.send(json!({"sessionId": "x1", "message": "m", "format": "json"}))
         .await;

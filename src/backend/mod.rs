@@ -1,4 +1,6 @@
-//! The backend stage: vLLM's OpenAI-compatible HTTP API over reqwest.
+//! The backend stage: vLLM's OpenAI-compatible HTTP API over reqwest, and
+//! the policies that protect it ([`retry`], [`breaker`], [`budget`],
+//! [`health`]); the worker composes them.
 //!
 //! One `reqwest::Client` (one connection pool) for the whole daemon, with an
 //! idle timeout below vLLM's 5 s keep-alive so a pooled connection is never
@@ -6,8 +8,17 @@
 //! the worker races them against the request's deadline and drops the
 //! future when it passes, which closes the connection, and vLLM aborts a
 //! generation whose client went away.
+//!
+//! Completions are streamed (SSE): a failure vLLM reports after it has sent
+//! its 200 arrives as an in-band error event, which is classified like an
+//! HTTP status.
 
+pub mod breaker;
+pub mod budget;
+pub mod health;
 pub mod openai;
+pub mod retry;
+pub mod sse;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,19 +30,28 @@ use crate::config::BackendConfig;
 use crate::error::AppError;
 use crate::history::Turn;
 use crate::request::{Answer, Failure, Sampling};
-use openai::{ChatMessage, ChatRequest, ChatResponse, ErrorBody, ModelList};
+use openai::{
+    ChatMessage, ChatRequest, ErrorBody, ErrorDetail, ModelList, StreamChunk, StreamOptions,
+};
+use sse::SseParser;
 
 /// Why a backend call failed, typed so callers decide from the kind, not
 /// from message text.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// No connection could be made (refused, unreachable, DNS).
+    /// No connection could be made (refused, unreachable, DNS, connect
+    /// timeout): nothing reached the backend.
     #[error("cannot connect to the backend: {0}")]
     Connect(String),
+    /// The connection failed before any response byte (typically a pooled
+    /// connection the server had closed).
+    #[error("the connection to the backend was reset: {0}")]
+    Reset(String),
     /// The request timed out at the transport level.
     #[error("the backend timed out")]
     Timeout,
-    /// The backend answered with an error status.
+    /// The backend answered with an error status, or reported one in-band
+    /// in the event stream.
     #[error("the backend answered {status}: {message}")]
     Status {
         status: u16,
@@ -41,40 +61,70 @@ pub enum BackendError {
     /// The prompt does not fit the model's context (HTTP 400).
     #[error("the conversation is too long for the model: {0}")]
     ContextLength(String),
-    /// The connection broke or the body could not be read or decoded.
+    /// The response broke off or could not be decoded.
     #[error("bad response from the backend: {0}")]
     Protocol(String),
 }
 
+/// Statuses worth retrying: the request may succeed later as it is.
+const RETRYABLE_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
+
 impl BackendError {
     fn from_reqwest(e: reqwest::Error) -> Self {
-        if e.is_timeout() {
-            BackendError::Timeout
-        } else if e.is_connect() {
+        if e.is_connect() {
             BackendError::Connect(root_cause(&e))
+        } else if e.is_timeout() {
+            BackendError::Timeout
+        } else if e.is_request() {
+            BackendError::Reset(root_cause(&e))
         } else {
             BackendError::Protocol(root_cause(&e))
         }
     }
 
-    /// The reply this error ends a request with.
+    /// Can the same request succeed if sent again?
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BackendError::Connect(_) | BackendError::Reset(_) | BackendError::Timeout => true,
+            BackendError::Status { status, .. } => RETRYABLE_STATUS.contains(status),
+            BackendError::ContextLength(_) | BackendError::Protocol(_) => false,
+        }
+    }
+
+    /// The server's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BackendError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// What this says about the backend's health, for the breaker. A
+    /// refusal (4xx) proves the backend is up; a reset before any byte
+    /// says nothing (a stale pooled connection).
+    pub fn outcome(&self) -> breaker::Outcome {
+        use breaker::Outcome;
+        match self {
+            BackendError::Reset(_) => Outcome::Neutral,
+            BackendError::Connect(_) | BackendError::Timeout | BackendError::Protocol(_) => {
+                Outcome::Failed
+            }
+            BackendError::Status { .. } if self.is_retryable() => Outcome::Failed,
+            BackendError::Status { .. } | BackendError::ContextLength(_) => Outcome::Healthy,
+        }
+    }
+
+    /// The reply this error ends a request with: `backend_unavailable` when
+    /// it is the backend's condition (retries did not help), else
+    /// `backend_error` (the backend refused this request).
     pub fn to_failure(&self) -> Failure {
-        let code = match self {
-            BackendError::Connect(_) | BackendError::Timeout => ErrorCode::BackendUnavailable,
-            BackendError::Status { status, .. } => match *status {
-                429 | 502 | 503 | 504 => ErrorCode::BackendUnavailable,
-                _ => ErrorCode::BackendError,
-            },
-            BackendError::ContextLength(_) | BackendError::Protocol(_) => ErrorCode::BackendError,
+        let code = if self.is_retryable() {
+            ErrorCode::BackendUnavailable
+        } else {
+            ErrorCode::BackendError
         };
         let mut f = Failure::new(code, one_line(&self.to_string()));
-        if let BackendError::Status {
-            retry_after: Some(d),
-            ..
-        } = self
-        {
-            f.retry_after = Some(*d);
-        }
+        f.retry_after = self.retry_after();
         f
     }
 }
@@ -104,6 +154,7 @@ pub struct Backend {
     http: reqwest::Client,
     chat_url: Arc<Url>,
     models_url: Arc<Url>,
+    health_url: Arc<Url>,
 }
 
 impl Backend {
@@ -119,10 +170,15 @@ impl Backend {
             .user_agent(concat!("vllm-mqttd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| AppError::HttpClient(root_cause(&e)))?;
+        // vLLM serves /health at the server's root, beside /v1.
+        let mut health = parse(base.to_owned())?;
+        health.set_path("/health");
+        health.set_query(None);
         Ok(Self {
             http,
             chat_url: Arc::new(parse(format!("{base}/chat/completions"))?),
             models_url: Arc::new(parse(format!("{base}/models"))?),
+            health_url: Arc::new(health),
         })
     }
 
@@ -149,7 +205,23 @@ impl Backend {
             .ok_or_else(|| BackendError::Protocol("GET /models listed no model".into()))
     }
 
-    /// One chat completion for `prompt`.
+    /// `GET /health` at the server's origin: is it up?
+    pub async fn health(&self) -> Result<(), BackendError> {
+        let resp = self
+            .http
+            .get((*self.health_url).clone())
+            .send()
+            .await
+            .map_err(BackendError::from_reqwest)?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(status_error(status, resp).await)
+        }
+    }
+
+    /// One chat completion for `prompt`, streamed and collected.
     pub async fn chat(
         &self,
         model: &str,
@@ -168,7 +240,10 @@ impl Backend {
             temperature: sampling.temperature,
             top_p: sampling.top_p,
             max_tokens: sampling.max_tokens,
-            stream: false,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
         };
         let resp = self
             .http
@@ -181,21 +256,76 @@ impl Backend {
         if !status.is_success() {
             return Err(status_error(status, resp).await);
         }
-        let parsed: ChatResponse = resp
-            .json()
-            .await
-            .map_err(|e| BackendError::Protocol(root_cause(&e)))?;
-        let Some(choice) = parsed.choices.into_iter().next() else {
-            return Err(BackendError::Protocol("the response has no choices".into()));
-        };
-        Ok(Answer {
-            text: choice.message.content.unwrap_or_default(),
-            finish_reason: choice.finish_reason,
-            usage: parsed.usage.map(|u| Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-            }),
-        })
+        collect_stream(resp).await
+    }
+}
+
+/// Reads an SSE completion stream to its `[DONE]`.
+async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError> {
+    use futures_util::StreamExt;
+    let mut stream = resp.bytes_stream();
+    let mut parser = SseParser::default();
+    let mut text = String::new();
+    let mut finish_reason = None;
+    let mut usage = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| BackendError::Protocol(format!("stream broke: {}", root_cause(&e))))?;
+        for data in parser.push(&chunk).map_err(BackendError::Protocol)? {
+            if data.trim() == "[DONE]" {
+                return Ok(Answer {
+                    text,
+                    finish_reason,
+                    usage,
+                });
+            }
+            let event: StreamChunk = serde_json::from_str(&data)
+                .map_err(|e| BackendError::Protocol(format!("bad stream event: {e}")))?;
+            if let Some(err) = event.error() {
+                return Err(in_band_error(err));
+            }
+            for choice in event.choices {
+                if let Some(t) = choice.delta.and_then(|d| d.content) {
+                    text.push_str(&t);
+                }
+                if choice.finish_reason.is_some() {
+                    finish_reason = choice.finish_reason;
+                }
+            }
+            if let Some(u) = event.usage {
+                usage = Some(Usage {
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                });
+            }
+        }
+    }
+    Err(BackendError::Protocol(
+        "the stream ended without [DONE]".into(),
+    ))
+}
+
+/// An error event inside a 200 stream, typed by its code like a status.
+fn in_band_error(err: ErrorDetail) -> BackendError {
+    let status = err
+        .code
+        .as_ref()
+        .and_then(|c| c.as_u64())
+        .and_then(|c| u16::try_from(c).ok())
+        .unwrap_or(500);
+    let (message, context) = ErrorBody {
+        error: Some(err),
+        message: None,
+        kind: None,
+    }
+    .summary();
+    if status == 400 && context {
+        return BackendError::ContextLength(one_line(&message));
+    }
+    BackendError::Status {
+        status,
+        message: one_line(&message),
+        retry_after: None,
     }
 }
 
@@ -260,13 +390,28 @@ mod tests {
         .to_failure();
         assert_eq!(f.code, ErrorCode::BackendUnavailable);
         assert_eq!(f.retry_after, Some(Duration::from_secs(2)));
-        let f = BackendError::Status {
+        let e = BackendError::Status {
             status: 404,
             message: "no model".into(),
             retry_after: None,
+        };
+        assert!(!e.is_retryable());
+        assert_eq!(e.to_failure().code, ErrorCode::BackendError);
+        assert_eq!(e.outcome(), breaker::Outcome::Healthy);
+        for s in RETRYABLE_STATUS {
+            let e = BackendError::Status {
+                status: s,
+                message: String::new(),
+                retry_after: None,
+            };
+            assert!(e.is_retryable(), "{s}");
+            assert_eq!(e.outcome(), breaker::Outcome::Failed);
         }
-        .to_failure();
-        assert_eq!(f.code, ErrorCode::BackendError);
+        assert!(!BackendError::ContextLength("x".into()).is_retryable());
+        assert_eq!(
+            BackendError::Reset("x".into()).outcome(),
+            breaker::Outcome::Neutral
+        );
         assert_eq!(
             BackendError::Connect("refused".into()).to_failure().code,
             ErrorCode::BackendUnavailable

@@ -10,6 +10,12 @@ pub struct ChatRequest<'a> {
     pub top_p: f64,
     pub max_tokens: u32,
     pub stream: bool,
+    pub stream_options: StreamOptions,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamOptions {
+    pub include_usage: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -18,23 +24,57 @@ pub struct ChatMessage<'a> {
     pub content: &'a str,
 }
 
+/// One event of a streamed completion: content deltas, the finish reason,
+/// the usage (last, with no choices), or an in-band error.
 #[derive(Debug, Deserialize)]
-pub struct ChatResponse {
+pub struct StreamChunk {
     #[serde(default)]
-    pub choices: Vec<Choice>,
+    pub choices: Vec<StreamChoice>,
     #[serde(default)]
     pub usage: Option<UsageWire>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    #[serde(default)]
+    object: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+}
+
+impl StreamChunk {
+    /// The error this event reports, in any of vLLM's shapes:
+    /// `{"error":{...}}`, `{"error":{"error":{...}}}` or a top-level
+    /// `{"object":"error",...}`.
+    pub fn error(&self) -> Option<ErrorDetail> {
+        if let Some(e) = &self.error {
+            let inner = e.get("error").filter(|x| x.is_object()).unwrap_or(e);
+            return Some(
+                serde_json::from_value(inner.clone()).unwrap_or(ErrorDetail {
+                    message: Some(inner.to_string()),
+                    kind: None,
+                    code: None,
+                }),
+            );
+        }
+        (self.object.as_deref() == Some("error")).then(|| ErrorDetail {
+            message: self.message.clone(),
+            kind: None,
+            code: self.code.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Choice {
-    pub message: ResponseMessage,
+pub struct StreamChoice {
+    #[serde(default)]
+    pub delta: Option<Delta>,
     #[serde(default)]
     pub finish_reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ResponseMessage {
+pub struct Delta {
     #[serde(default)]
     pub content: Option<String>,
 }

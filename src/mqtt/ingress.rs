@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::{request_topic, ErrorCode};
 
 use crate::admission::validate::{self, Limits};
+use crate::backend::breaker::SharedBreaker;
 use crate::config::ProjectConfig;
 use crate::error::AppError;
 use crate::mqtt::egress::Egress;
@@ -52,6 +53,8 @@ pub struct Ingress {
     pub egress: Egress,
     pub stats: Arc<Stats>,
     pub status: StatusMessages,
+    /// The backend circuit, for the status published on (re)connect.
+    pub circuit: Arc<SharedBreaker>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
 }
@@ -85,6 +88,7 @@ impl Ingress {
             egress,
             stats,
             status,
+            circuit,
             reconnect_min,
             reconnect_max,
         } = self;
@@ -128,7 +132,7 @@ impl Ingress {
                         status.topic.clone(),
                         QoS::AtLeastOnce,
                         true,
-                        status.online.clone(),
+                        status.online(circuit.circuit()),
                     ) {
                         tracing::warn!(error = %e, "cannot queue the online status");
                     }

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::backend::breaker::Circuit;
+
 /// `vllm-mqttd/{instance}/status`
 pub fn status_topic(instance: &str) -> String {
     format!("vllm-mqttd/{instance}/status")
@@ -22,33 +24,50 @@ pub struct Status<'a> {
     pub version: &'static str,
     pub projects: &'a [String],
     pub started_at: &'a str,
+    /// The backend circuit: `closed`, `open` or `half_open`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_circuit: Option<&'static str>,
 }
 
-/// Serialised `online` and `offline` payloads, built once.
+/// Builds the status payloads.
 #[derive(Debug, Clone)]
 pub struct StatusMessages {
     pub topic: String,
-    pub online: Vec<u8>,
+    instance: String,
+    projects: Vec<String>,
+    started_at: String,
+    /// The `offline` payload (also the last will), built once.
     pub offline: Vec<u8>,
 }
 
 impl StatusMessages {
     pub fn new(instance: &str, projects: &[String], started_at: &str) -> Self {
-        let make = |state| {
-            // Serialising a struct of strings cannot fail.
-            serde_json::to_vec(&Status {
-                state,
-                instance,
-                version: env!("CARGO_PKG_VERSION"),
-                projects,
-                started_at,
-            })
-            .unwrap_or_default()
-        };
-        Self {
+        let mut s = Self {
             topic: status_topic(instance),
-            online: make("online"),
-            offline: make("offline"),
-        }
+            instance: instance.to_owned(),
+            projects: projects.to_vec(),
+            started_at: started_at.to_owned(),
+            offline: Vec::new(),
+        };
+        s.offline = s.payload("offline", None);
+        s
+    }
+
+    fn payload(&self, state: &'static str, circuit: Option<Circuit>) -> Vec<u8> {
+        // Serialising a struct of strings cannot fail.
+        serde_json::to_vec(&Status {
+            state,
+            instance: &self.instance,
+            version: env!("CARGO_PKG_VERSION"),
+            projects: &self.projects,
+            started_at: &self.started_at,
+            backend_circuit: circuit.map(Circuit::as_str),
+        })
+        .unwrap_or_default()
+    }
+
+    /// The `online` payload with the backend circuit's current state.
+    pub fn online(&self, circuit: Circuit) -> Vec<u8> {
+        self.payload("online", Some(circuit))
     }
 }

@@ -13,6 +13,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use vllm_chat::protocol::ErrorCode;
 
+use crate::backend::breaker::Circuit;
+
 /// Something that happened, to log and count.
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -35,6 +37,10 @@ pub enum Event<'a> {
     /// Egress could not take a reply (its channel was full or closed); the
     /// request stays unacknowledged and the broker will redeliver it.
     EgressDropped,
+    /// A backend call failed and will be tried again after `delay`.
+    Retry { reason: &'a str, delay: Duration },
+    /// The circuit is open: a request failed fast without a backend call.
+    CircuitRejected,
     /// Connected (or reconnected) to the broker.
     MqttConnected { session_present: bool },
     /// The broker connection failed or dropped.
@@ -52,6 +58,8 @@ pub struct Stats {
     ignored: AtomicU64,
     egress_dropped: AtomicU64,
     mqtt_connects: AtomicU64,
+    retries: AtomicU64,
+    circuit_rejected: AtomicU64,
     /// End-to-end latency (ms) of replies since the last report. A std
     /// mutex: recording is a few nanoseconds with no `.await` held.
     latency: Mutex<Histogram<u64>>,
@@ -81,6 +89,8 @@ impl Stats {
             ignored: AtomicU64::new(0),
             egress_dropped: AtomicU64::new(0),
             mqtt_connects: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            circuit_rejected: AtomicU64::new(0),
             // 1 ms .. 1 h at 3 significant digits; these bounds are valid,
             // so construction cannot fail.
             latency: Mutex::new(
@@ -133,6 +143,18 @@ impl Stats {
             Event::EgressDropped => {
                 self.egress_dropped.fetch_add(1, Relaxed);
                 tracing::error!("egress is full: reply dropped, request left for redelivery");
+            }
+            Event::Retry { reason, delay } => {
+                self.retries.fetch_add(1, Relaxed);
+                tracing::debug!(
+                    reason,
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying backend call"
+                );
+            }
+            Event::CircuitRejected => {
+                self.circuit_rejected.fetch_add(1, Relaxed);
+                tracing::debug!("circuit open: request failed fast");
             }
             Event::MqttConnected { session_present } => {
                 let n = self.mqtt_connects.fetch_add(1, Relaxed);
@@ -190,18 +212,45 @@ impl Stats {
             },
             in_flight: gauges.in_flight,
             sessions: gauges.sessions,
+            backend: BackendStats {
+                circuit: gauges.circuit,
+                retries: self.retries.load(Relaxed),
+                circuit_rejected: self.circuit_rejected.load(Relaxed),
+            },
             latency_ms: lat,
         }
     }
 }
 
 /// Point-in-time values read from the pipeline for a snapshot.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Gauges {
     pub queue_len: usize,
     pub queue_capacity: usize,
     pub in_flight: usize,
     pub sessions: usize,
+    pub circuit: Circuit,
+}
+
+impl Default for Gauges {
+    fn default() -> Self {
+        Self {
+            queue_len: 0,
+            queue_capacity: 0,
+            in_flight: 0,
+            sessions: 0,
+            circuit: Circuit::Closed,
+        }
+    }
+}
+
+/// The backend's protection, as reported.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendStats {
+    pub circuit: Circuit,
+    pub retries: u64,
+    pub circuit_rejected: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -237,6 +286,7 @@ pub struct Snapshot {
     pub queue: QueueStats,
     pub in_flight: usize,
     pub sessions: usize,
+    pub backend: BackendStats,
     pub latency_ms: Latency,
 }
 
@@ -286,6 +336,9 @@ impl Snapshot {
                     latency_p95_ms = self.latency_ms.p95,
                     latency_p99_ms = self.latency_ms.p99,
                     mqtt_reconnects = self.mqtt_reconnects,
+                    circuit = self.backend.circuit.as_str(),
+                    retries = self.backend.retries,
+                    circuit_rejected = self.backend.circuit_rejected,
                     "{}",
                     $msg
                 )

@@ -38,6 +38,9 @@ pub fn config(host: &str, port: u16, backend_url: &str) -> Config {
     c.mqtt.reconnect_max = Duration::from_millis(500);
     c.backend.url = backend_url.to_owned();
     c.backend.model = "test-model".to_owned();
+    // Fast retries keep the suite quick; the delays' shape is unit-tested.
+    c.backend.retry_base = Duration::from_millis(20);
+    c.backend.retry_max_delay = Duration::from_millis(100);
     c.projects = vec!["maze".to_owned(), "general".to_owned()];
     c.stats.interval = Duration::from_secs(3600);
     c.workers.shutdown_grace = Duration::from_secs(5);

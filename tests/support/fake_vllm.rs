@@ -68,6 +68,10 @@ pub enum Scripted {
     /// Answer with this text after a delay (`tokio::time::sleep`, so paused
     /// time works).
     Delay(Duration, String),
+    /// A 200 event stream that starts, then reports an error in-band (what
+    /// vLLM does when generation fails after the headers went out):
+    /// `data: {"error":{"object":"error","message":..,"type":..,"code":N}}`.
+    StreamError(u16, String),
 }
 
 type ReplyFn = Box<dyn Fn(&Value) -> String + Send + Sync + 'static>;
@@ -81,6 +85,10 @@ struct Inner {
     gate: Option<Semaphore>,
     reply_fn: ReplyFn,
     requests: Mutex<Vec<Value>>,
+    /// Arrival time of every chat request (tokio's clock).
+    call_times: Mutex<Vec<tokio::time::Instant>>,
+    /// Most chat requests being handled at once.
+    max_running: AtomicUsize,
     calls: watch::Sender<usize>,
     disconnects: watch::Sender<usize>,
     /// Successful `GET /v1/models` answers.
@@ -107,6 +115,7 @@ pub struct FakeVllmBuilder {
     latency: Option<Duration>,
     gated: bool,
     reply_fn: ReplyFn,
+    port: u16,
 }
 
 impl Drop for FakeVllm {
@@ -127,6 +136,7 @@ impl FakeVllm {
             latency: None,
             gated: false,
             reply_fn: Box::new(default_reply),
+            port: 0,
         }
     }
 
@@ -175,6 +185,16 @@ impl FakeVllm {
     /// Wait until `chat_calls() >= n`; false on timeout.
     pub async fn wait_for_calls(&self, n: usize, timeout: Duration) -> bool {
         wait_counter(&self.inner.calls, n, timeout).await
+    }
+
+    /// Arrival time (tokio's clock) of every chat request, in order.
+    pub fn call_times(&self) -> Vec<tokio::time::Instant> {
+        self.inner.call_times.lock().unwrap().clone()
+    }
+
+    /// Most chat requests handled at once so far.
+    pub fn max_running(&self) -> usize {
+        self.inner.max_running.load(Ordering::SeqCst)
     }
 
     /// Wait until `/v1/models` has answered successfully `n` times.
@@ -248,6 +268,13 @@ impl FakeVllmBuilder {
 
     /// Every chat request waits for a permit (initially 0) before answering;
     /// [`FakeVllm::release`] adds permits.
+    /// Listen on this port instead of an ephemeral one (to bring a backend
+    /// "back" where the daemon expects it).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
     pub fn gated(mut self) -> Self {
         self.gated = true;
         self
@@ -260,6 +287,7 @@ impl FakeVllmBuilder {
     }
 
     pub async fn run(self) -> FakeVllm {
+        let port = self.port;
         let inner = Arc::new(Inner {
             model: self.model,
             available: AtomicBool::new(!self.start_unavailable),
@@ -269,6 +297,8 @@ impl FakeVllmBuilder {
             gate: self.gated.then(|| Semaphore::new(0)),
             reply_fn: self.reply_fn,
             requests: Mutex::new(Vec::new()),
+            call_times: Mutex::new(Vec::new()),
+            max_running: AtomicUsize::new(0),
             calls: watch::Sender::new(0),
             disconnects: watch::Sender::new(0),
             models_served: watch::Sender::new(0),
@@ -284,9 +314,9 @@ impl FakeVllmBuilder {
             .route("/metrics", get(metrics))
             .with_state(inner.clone());
 
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
-            .expect("fake vllm: bind 127.0.0.1:0");
+            .expect("fake vllm: bind 127.0.0.1");
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(accept_loop(listener, router));
         FakeVllm { inner, addr, task }
@@ -335,7 +365,8 @@ struct DisconnectGuard {
 
 impl DisconnectGuard {
     fn new(inner: Arc<Inner>) -> Self {
-        inner.running.fetch_add(1, Ordering::SeqCst);
+        let now = inner.running.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.max_running.fetch_max(now, Ordering::SeqCst);
         DisconnectGuard { inner, armed: true }
     }
 
@@ -505,6 +536,11 @@ async fn chat(
         Ok(v) => v.clone(),
         Err(_) => Value::String(String::from_utf8_lossy(&body).into_owned()),
     });
+    inner
+        .call_times
+        .lock()
+        .unwrap()
+        .push(tokio::time::Instant::now());
     inner.calls.send_modify(|n| *n += 1);
 
     let resp = chat_inner(&inner, &ctl, &mut guard, parsed).await;
@@ -570,6 +606,9 @@ async fn chat_inner(
             return error_response(400, CONTEXT_LENGTH_MESSAGE, Some("messages"))
         }
         Some(Scripted::Stall) => std::future::pending::<String>().await,
+        Some(Scripted::StreamError(code, msg)) => {
+            return sse_error_response(&inner.model, code, &msg)
+        }
         Some(Scripted::Reset) => {
             // A reset is the server's doing, not a client disconnect.
             guard.disarm();
@@ -636,6 +675,32 @@ pub fn split_words(text: &str) -> Vec<String> {
         pieces.push(cur);
     }
     pieces
+}
+
+fn sse_error_response(model: &str, code: u16, msg: &str) -> Response {
+    let first = json!({
+        "id": "chatcmpl-err",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial "}, "logprobs": null, "finish_reason": null}],
+    });
+    let error = json!({"error": {"object": "error", "message": msg, "type": "InternalServerError", "param": null, "code": code}});
+    let frames: Vec<Result<Bytes, Infallible>> = vec![
+        Ok(Bytes::from(format!("data: {first}\n\n"))),
+        Ok(Bytes::from(format!("data: {error}\n\n"))),
+        Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+    ];
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    (
+        headers,
+        Body::from_stream(futures_util::stream::iter(frames)),
+    )
+        .into_response()
 }
 
 fn sse_response(id: &str, model: &str, text: &str, usage: Option<Value>) -> Response {

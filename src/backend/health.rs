@@ -1,0 +1,81 @@
+//! Health probing: notice the backend's recovery without sacrificing a
+//! user request.
+//!
+//! While the circuit is open, this task sleeps until the cool-down ends,
+//! takes the single half-open probe itself and spends it on
+//! `GET {origin}/health`: success closes the circuit, failure re-opens it.
+//! At start-up it probes until the backend first answers, logging the
+//! transition once (not per attempt).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::breaker::{Outcome, SharedBreaker};
+use super::Backend;
+
+/// Runs until `stop`.
+pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: CancellationToken) {
+    // Start-up: wait for the backend's first healthy answer.
+    let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+    let mut delay = min;
+    let mut warned = false;
+    loop {
+        match backend.health().await {
+            Ok(()) => {
+                tracing::info!("backend is healthy");
+                break;
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "backend health check failed; probing until it is up");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = crate::mqtt::next_backoff(delay, min, max);
+    }
+
+    // Then: probe whenever the circuit is open and its cool-down is over.
+    let mut state = breaker.subscribe();
+    loop {
+        let probe_at = breaker.next_probe_at();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = async {
+                match probe_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        // The cool-down is over: take the probe if no request took it.
+        let Ok(permit) = breaker.acquire() else {
+            continue;
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(10), backend.health()) => r,
+        };
+        // The breaker logs the transition (once), whichever way it goes.
+        match result {
+            Ok(Ok(())) => permit.record(Outcome::Healthy),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "health probe failed");
+                permit.record(Outcome::Failed);
+            }
+            Err(_) => permit.record(Outcome::Failed),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Backend protection end to end: selective retry, the circuit breaker with
+//! its single probe, the request budget, deadlines, connection hygiene.
+//! Delays are configured small; their shapes are unit-tested with a fake
+//! clock beside each policy.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::broker::{free_port, Mosquitto};
+use support::daemon::{config, device, unique, Daemon, WAIT};
+use support::fake_vllm::{FakeVllm, Scripted};
+use support::mqtt_client::TestClient;
+use vllm_mqttd::Config;
+
+struct World {
+    broker: Mosquitto,
+    daemon: Daemon,
+    dev: TestClient,
+}
+
+async fn world(backend_url: &str, tweak: impl FnOnce(&mut Config)) -> World {
+    let broker = Mosquitto::start().await;
+    let mut c = config(broker.host(), broker.port(), backend_url);
+    tweak(&mut c);
+    let daemon = Daemon::start(c).await;
+    let dev = device(broker.host(), broker.port(), "maze").await;
+    World {
+        broker,
+        daemon,
+        dev,
+    }
+}
+
+impl World {
+    /// Sends a JSON-format request on a fresh session; returns the reply.
+    async fn ask(&mut self, message: &str) -> Value {
+        let s = unique("s").replace('-', "_");
+        self.dev
+            .publish(
+                "maze/user_input",
+                json!({"sessionId": s, "message": message, "format": "json"}).to_string(),
+                1,
+            )
+            .await;
+        // The next message must be this reply: proves there was exactly one
+        // reply to every earlier request.
+        let m = self.dev.expect(WAIT).await;
+        assert_eq!(
+            m.topic,
+            format!("maze/assistant_response/{s}"),
+            "{}",
+            m.text()
+        );
+        m.json()
+    }
+
+    async fn status_watcher(&self) -> (TestClient, String) {
+        let w = TestClient::connect(self.broker.host(), self.broker.port(), &unique("st")).await;
+        let topic = format!("vllm-mqttd/{}/status", self.daemon.instance);
+        w.subscribe(&topic).await;
+        (w, topic)
+    }
+}
+
+async fn wait_circuit(w: &mut TestClient, topic: &str, state: &str) {
+    loop {
+        let v = w.expect_on(topic, WAIT).await.json();
+        if v["backendCircuit"] == state {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn retryable_statuses_are_retried_until_success() {
+    let fake = FakeVllm::builder()
+        .script(vec![
+            Scripted::Status(503, "overloaded".into()),
+            Scripted::Status(502, "bad gateway".into()),
+            Scripted::Status(500, "oops".into()),
+        ])
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |_| {}).await;
+    let v = w.ask("m").await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["text"], "echo: m");
+    // One reply, N+1 backend calls.
+    assert_eq!(fake.chat_calls(), 4);
+    assert_eq!(w.ask("n").await["text"], "echo: n");
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_errors_are_never_retried() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::Status(
+            400,
+            "temperature out of range".into(),
+        )])
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |_| {}).await;
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("temperature out of range"));
+    assert_eq!(fake.chat_calls(), 1);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn exhausted_retries_answer_backend_unavailable() {
+    let fake = FakeVllm::builder().run().await;
+    let mut w = world(&fake.base_url(), |c| c.backend.max_retries = 2).await;
+    fake.set_available(false); // 503 on everything
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_unavailable");
+    assert_eq!(fake.chat_calls(), 3);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn in_band_stream_errors_are_classified_by_their_code() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::StreamError(503, "engine restarting".into())])
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |_| {}).await;
+    let v = w.ask("m").await;
+    assert_eq!(v["text"], "echo: m", "retried after the in-band 503: {v}");
+    assert_eq!(fake.chat_calls(), 2);
+
+    fake.push(Scripted::StreamError(400, "bad logits processor".into()));
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("logits"));
+    assert_eq!(fake.chat_calls(), 3);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reset_before_any_byte_is_retried_at_once_and_not_held_against_the_backend() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::Reset])
+        .run()
+        .await;
+    // One counted failure would open this breaker.
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.breaker_threshold = 1;
+        c.backend.max_retries = 0;
+    })
+    .await;
+    let v = w.ask("m").await;
+    assert_eq!(v["text"], "echo: m", "{v}");
+    assert_eq!(fake.chat_calls(), 2);
+    // Still closed: the next request goes through.
+    assert_eq!(w.ask("n").await["text"], "echo: n");
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_and_bounded_by_the_deadline() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::StatusRetryAfter(503, "busy".into(), 1)])
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.request_timeout = Duration::from_secs(5)
+    })
+    .await;
+    let v = w.ask("m").await;
+    assert_eq!(v["text"], "echo: m");
+    let t = fake.call_times();
+    assert_eq!(t.len(), 2);
+    assert!(
+        t[1] - t[0] >= Duration::from_secs(1),
+        "retried after {:?}, before the server's Retry-After: 1",
+        t[1] - t[0]
+    );
+
+    // A Retry-After beyond the deadline: no retry, the time passed on.
+    fake.push(Scripted::StatusRetryAfter(503, "busy".into(), 30));
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_unavailable");
+    assert_eq!(v["error"]["retryAfterMs"], 30_000);
+    assert_eq!(fake.chat_calls(), 3);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn breaker_opens_fails_fast_and_a_health_probe_closes_it() {
+    let fake = FakeVllm::builder().run().await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.breaker_threshold = 3;
+        c.backend.breaker_cooldown = Duration::from_millis(300);
+        c.backend.max_retries = 0;
+        c.stats.interval = Duration::from_secs(1);
+    })
+    .await;
+    let (mut status, topic) = w.status_watcher().await;
+    wait_circuit(&mut status, &topic, "closed").await;
+
+    fake.set_available(false);
+    for _ in 0..3 {
+        assert_eq!(w.ask("m").await["error"]["code"], "backend_unavailable");
+    }
+    assert_eq!(fake.chat_calls(), 3);
+    wait_circuit(&mut status, &topic, "open").await;
+
+    // Open: fail fast, with the time to the next probe, no backend call.
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_unavailable");
+    let retry = v["error"]["retryAfterMs"].as_u64().unwrap();
+    assert!(retry <= 360, "retryAfterMs {retry}");
+    assert_eq!(fake.chat_calls(), 3);
+
+    // Recovery is noticed by the health probe, not by a user request.
+    fake.set_available(true);
+    wait_circuit(&mut status, &topic, "closed").await;
+    assert_eq!(fake.chat_calls(), 3);
+    assert_eq!(w.ask("back").await["text"], "echo: back");
+
+    // The stats report carries the breaker's state and counters.
+    let mut stats = TestClient::connect(w.broker.host(), w.broker.port(), &unique("stats")).await;
+    stats
+        .subscribe(&format!("vllm-mqttd/{}/stats", w.daemon.instance))
+        .await;
+    let v = stats.expect(WAIT).await.json();
+    assert_eq!(v["backend"]["circuit"], "closed");
+    assert!(v["backend"]["circuitRejected"].as_u64().unwrap() >= 1);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_connections_open_the_breaker_until_the_backend_returns() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let mut w = world(&url, |c| {
+        c.backend.breaker_threshold = 2;
+        c.backend.max_retries = 1;
+        c.backend.breaker_cooldown = Duration::from_millis(300);
+    })
+    .await;
+    let (mut status, topic) = w.status_watcher().await;
+    // Two refused attempts (one retry) open the circuit.
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_unavailable");
+    assert!(v["error"]["message"].as_str().unwrap().contains("connect"));
+    wait_circuit(&mut status, &topic, "open").await;
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_unavailable");
+    assert!(v["error"]["retryAfterMs"].as_u64().is_some());
+
+    // The backend comes up where it was; a probe closes the circuit.
+    let fake = FakeVllm::builder().port(port).run().await;
+    wait_circuit(&mut status, &topic, "closed").await;
+    assert_eq!(w.ask("hello").await["text"], "echo: hello");
+    assert_eq!(fake.chat_calls(), 1);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stalled_call_is_dropped_at_the_deadline() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::Stall])
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.request_timeout = Duration::from_millis(500)
+    })
+    .await;
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "timeout");
+    assert!(fake.wait_for_disconnects(1, WAIT).await);
+    assert_eq!(fake.chat_calls(), 1);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrency_cap_is_independent_of_the_worker_count() {
+    let fake = FakeVllm::builder().gated().run().await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.workers.num_workers = 4;
+        c.backend.max_concurrent = 1;
+    })
+    .await;
+    for s in ["c1", "c2", "c3"] {
+        w.dev
+            .publish(
+                "maze/user_input",
+                json!({"sessionId": s, "message": s}).to_string(),
+                1,
+            )
+            .await;
+    }
+    assert!(fake.wait_for_calls(1, WAIT).await);
+    fake.release(3);
+    let mut got = vec![];
+    for _ in 0..3 {
+        got.push(w.dev.expect(WAIT).await.text());
+    }
+    got.sort();
+    assert_eq!(got, vec!["echo: c1", "echo: c2", "echo: c3"]);
+    assert_eq!(fake.max_running(), 1);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rate_budget_waits_within_the_deadline() {
+    let fake = FakeVllm::builder().run().await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.rpm = 1;
+        c.backend.request_timeout = Duration::from_millis(800);
+    })
+    .await;
+    assert_eq!(w.ask("first").await["text"], "echo: first");
+    // The next token is a minute away: the request times out waiting for
+    // it, and vLLM never sees it.
+    let v = w.ask("second").await;
+    assert_eq!(v["error"]["code"], "timeout");
+    assert_eq!(fake.chat_calls(), 1);
+    w.daemon.stop().await.unwrap();
+}
