@@ -17,11 +17,13 @@ use super::Backend;
 
 /// Runs until `stop`.
 pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: CancellationToken) {
-    // Start-up: wait for the backend's first healthy answer.
+    // Start-up: wait for the backend's first healthy answer, unless the
+    // circuit opens meanwhile (then the probe loop below takes over).
+    let mut state = breaker.subscribe();
     let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
     let mut delay = min;
     let mut warned = false;
-    loop {
+    while breaker.next_probe_at().is_none() {
         match backend.health().await {
             Ok(()) => {
                 tracing::info!("backend is healthy");
@@ -36,13 +38,13 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
         }
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = state.changed() => {}
             _ = tokio::time::sleep(delay) => {}
         }
         delay = crate::mqtt::next_backoff(delay, min, max);
     }
 
     // Then: probe whenever the circuit is open and its cool-down is over.
-    let mut state = breaker.subscribe();
     loop {
         let probe_at = breaker.next_probe_at();
         tokio::select! {

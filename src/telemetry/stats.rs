@@ -121,7 +121,9 @@ impl Stats {
             } => {
                 self.errors[idx(code)].fetch_add(1, Relaxed);
                 self.record_latency(latency);
-                tracing::info!(code = code.as_str(), reason, "request failed");
+                // Per request, so debug: the stats line aggregates them, and
+                // breaker transitions are logged once each.
+                tracing::debug!(code = code.as_str(), reason, "request failed");
             }
             Event::Rejected { code, reason } => {
                 self.rejected[idx(code)].fetch_add(1, Relaxed);
