@@ -1,0 +1,1 @@
+//! vllm-sim (being written).
