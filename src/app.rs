@@ -49,10 +49,14 @@ const EGRESS_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the DISCONNECT may take.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Environment variable that may hold the backend API key.
+pub const API_KEY_ENV: &str = "VLLM_MQTTD_BACKEND_API_KEY";
+
 /// The daemon.
 pub struct App {
     config: Config,
     password: Option<Secret>,
+    api_key: Option<Secret>,
 }
 
 impl App {
@@ -60,7 +64,16 @@ impl App {
     pub fn new(config: Config) -> Result<Self, AppError> {
         config.validate()?;
         let password = mqtt::load_password(&config)?;
-        Ok(Self { config, password })
+        let api_key = crate::secret::load(
+            API_KEY_ENV,
+            config.backend.api_key_file.as_deref(),
+            "backend.api_key_file",
+        )?;
+        Ok(Self {
+            config,
+            password,
+            api_key,
+        })
     }
 
     /// Runs until `shutdown` is cancelled (then drains and returns `Ok`) or
@@ -86,7 +99,12 @@ impl App {
         };
         let options = mqtt::options(&cfg, &host, port, self.password.as_ref(), &status)?;
         let (client, eventloop) = AsyncClient::new(options, MQTT_REQUEST_CHANNEL);
-        let backend = Backend::new(&cfg.backend)?;
+        let backend = Backend::new(&cfg.backend, self.api_key.as_ref())?;
+        // Before any task starts, so a busy port fails start-up cleanly.
+        let exporter = match cfg.stats.metrics_addr {
+            Some(addr) => Some(crate::telemetry::metrics::install(addr)?),
+            None => None,
+        };
         tracing::info!(
             broker = %format!("{host}:{port}"),
             tls = cfg.mqtt.tls,
@@ -213,6 +231,41 @@ impl App {
         drop(egress);
 
         let tasks = TaskTracker::new();
+        if let Some(exporter) = exporter {
+            let stop = background.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = exporter => {}
+                }
+            });
+            // Gauges are sampled each second; counters and histograms are
+            // recorded as events happen.
+            let (stats, store, shared, stop) = (
+                stats.clone(),
+                store.clone(),
+                shared.clone(),
+                background.clone(),
+            );
+            let capacity = cfg.admission.max_queue_size;
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    stats.record_gauges(&Gauges {
+                        queue_len: shared.queue.len(),
+                        queue_capacity: capacity,
+                        in_flight: shared.running.load(Ordering::Relaxed),
+                        sessions: store.sessions(),
+                        circuit: shared.breaker.circuit(),
+                    });
+                }
+            });
+        }
         if !configured {
             tasks.spawn(discover_model(
                 backend.clone(),

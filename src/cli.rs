@@ -73,6 +73,9 @@ pub struct RunArgs {
     /// vLLM OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.
     #[arg(long, env = "VLLM_MQTTD_BACKEND_URL")]
     pub backend_url: Option<String>,
+    /// File whose first line is the backend API key (or set VLLM_MQTTD_BACKEND_API_KEY).
+    #[arg(long, env = "VLLM_MQTTD_BACKEND_API_KEY_FILE")]
+    pub backend_api_key_file: Option<PathBuf>,
     /// Model name (default: discovered from /v1/models).
     #[arg(long, env = "VLLM_MQTTD_MODEL")]
     pub model: Option<String>,
@@ -121,6 +124,9 @@ pub struct RunArgs {
     /// Backend calls at once at most (default: the worker count).
     #[arg(long, env = "VLLM_MQTTD_BACKEND_MAX_CONCURRENT")]
     pub backend_max_concurrent: Option<usize>,
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "VLLM_MQTTD_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Instance id (default: host name).
     #[arg(long, env = "VLLM_MQTTD_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -181,6 +187,9 @@ impl RunArgs {
         }
         set(&mut c.backend.url, &self.backend_url);
         set(&mut c.backend.model, &self.model);
+        if self.backend_api_key_file.is_some() {
+            c.backend.api_key_file = self.backend_api_key_file.clone();
+        }
         if let Some(p) = &self.projects {
             c.projects = p
                 .iter()
@@ -202,6 +211,9 @@ impl RunArgs {
         set(&mut c.backend.breaker_cooldown, &self.breaker_cooldown);
         set(&mut c.backend.rpm, &self.backend_rpm);
         set(&mut c.backend.max_concurrent, &self.backend_max_concurrent);
+        if self.metrics_addr.is_some() {
+            c.stats.metrics_addr = self.metrics_addr;
+        }
         set(&mut c.instance_id, &self.instance_id);
         set(&mut c.admission.max_payload_bytes, &self.max_payload_bytes);
         set(&mut c.sessions.max_sessions, &self.max_sessions);

@@ -219,6 +219,9 @@ pub struct BackendConfig {
     pub url: String,
     /// Model name; empty means discover it from `GET {url}/models`.
     pub model: String,
+    /// File whose first line is the API key, sent as a bearer token (vLLM's
+    /// `--api-key`). The key may also come from `VLLM_MQTTD_BACKEND_API_KEY`.
+    pub api_key_file: Option<PathBuf>,
     /// Deadline of a request from arrival to reply (the v5 message expiry
     /// wins if sooner). The HTTP call is cancelled when it passes.
     #[serde(with = "humantime_serde")]
@@ -258,6 +261,7 @@ impl Default for BackendConfig {
         Self {
             url: "http://127.0.0.1:8000/v1".to_owned(),
             model: String::new(),
+            api_key_file: None,
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(4),
@@ -357,12 +361,15 @@ pub struct StatsConfig {
     /// Interval of the stats log line and `vllm-mqttd/{instance}/stats`.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Serve Prometheus metrics on this address (`/metrics`); off if unset.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for StatsConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(60),
+            metrics_addr: None,
         }
     }
 }

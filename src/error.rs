@@ -41,6 +41,8 @@ pub enum AppError {
     Tls(String),
     #[error("HTTP client set-up: {0}")]
     HttpClient(String),
+    #[error("metrics exporter: {0}")]
+    Metrics(String),
 }
 
 impl AppError {
@@ -49,7 +51,9 @@ impl AppError {
         match self {
             AppError::Config(_) | AppError::Tls(_) => EXIT_USAGE,
             AppError::BrokerRefused(_) => EXIT_NOPERM,
-            AppError::EmbeddedBroker(_) | AppError::HttpClient(_) => EXIT_UNAVAILABLE,
+            AppError::EmbeddedBroker(_) | AppError::HttpClient(_) | AppError::Metrics(_) => {
+                EXIT_UNAVAILABLE
+            }
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod history;
 pub mod mqtt;
 pub mod queue;
 pub mod request;
+pub mod secret;
 pub mod session;
 pub mod telemetry;
 pub mod worker;

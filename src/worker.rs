@@ -73,6 +73,9 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
             },
         };
         shared.running.fetch_add(1, Ordering::Relaxed);
+        shared.stats.emit(Event::Dequeued {
+            wait: req.received_at.elapsed(),
+        });
         let body = tokio::select! {
             biased;
             _ = abandon.cancelled() => None,
@@ -85,8 +88,12 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
         };
         let latency = req.received_at.elapsed();
         match &body {
-            ReplyBody::Answer { .. } => shared.stats.emit(Event::Answered { latency }),
+            ReplyBody::Answer { .. } => shared.stats.emit(Event::Answered {
+                project: &req.key.project,
+                latency,
+            }),
             ReplyBody::Failure(f) => shared.stats.emit(Event::Failed {
+                project: &req.key.project,
                 code: f.code,
                 latency,
                 reason: &f.message,
@@ -224,8 +231,13 @@ async fn call_backend(
             }
         };
         let slot = shared.budget.acquire().await;
+        let started = Instant::now();
         let result = shared.backend.chat(model, prompt, req.sampling).await;
         drop(slot);
+        shared.stats.emit(Event::BackendCall {
+            elapsed: started.elapsed(),
+            ok: result.is_ok(),
+        });
         let err = match result {
             Ok(answer) => {
                 permit.record(Outcome::Healthy);

@@ -300,3 +300,69 @@ async fn credentials_from_env_work_are_never_logged_and_bad_ones_exit_77() {
     assert!(d.log_text().contains("refused"), "{}", d.log_text());
     assert!(!d.log_text().contains("wrong"));
 }
+
+#[tokio::test]
+async fn prometheus_metrics_and_the_api_key_stays_out_of_logs() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder().run().await;
+    let instance = unique("metrics");
+    let port = support::broker::free_port();
+    let key = "sk-very-secret-backend-key";
+    let mut d = DaemonProcess::spawn(
+        &args(
+            &broker,
+            &fake.base_url(),
+            &instance,
+            &["--metrics-addr", &format!("127.0.0.1:{port}"), "-vv"],
+        ),
+        &[("VLLM_MQTTD_BACKEND_API_KEY", key)],
+    );
+    d.wait_log("Prometheus metrics", WAIT).await;
+    d.wait_log("subscribed", WAIT).await;
+    let mut dev = device(broker.host(), broker.port(), "maze").await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "p1", "message": "count me"}).to_string(),
+        1,
+    )
+    .await;
+    assert_eq!(dev.expect(WAIT).await.text(), "echo: count me");
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "p1", "message": ""}).to_string(),
+        1,
+    )
+    .await;
+    dev.expect(WAIT).await;
+
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    // Gauges are sampled every second: read until they show up.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let body = loop {
+        let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if body.contains("vllm_mqttd_queue_capacity") || tokio::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for needle in [
+        r#"vllm_mqttd_requests_total{project="maze",outcome="ok"} 1"#,
+        r#"vllm_mqttd_requests_total{project="maze",outcome="bad_request"} 1"#,
+        "vllm_mqttd_request_duration_seconds_bucket",
+        "vllm_mqttd_queue_wait_seconds_bucket",
+        "vllm_mqttd_backend_call_duration_seconds_bucket",
+        "vllm_mqttd_backend_circuit_state 0",
+        "vllm_mqttd_queue_capacity 1000",
+        "vllm_mqttd_mqtt_connects_total 1",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in:\n{body}");
+    }
+    d.sigterm();
+    assert!(d.wait_exit(WAIT).await.success());
+    let log = d.log_text();
+    assert!(!log.contains(key), "API key leaked into the log");
+    assert!(
+        !log.contains("Bearer"),
+        "Authorization header leaked into the log"
+    );
+}

@@ -61,7 +61,9 @@ impl Admission {
                 }
             },
             Admit::Duplicate { answered } => {
-                self.stats.emit(Event::Duplicate);
+                self.stats.emit(Event::Duplicate {
+                    project: &req.key.project,
+                });
                 if answered {
                     // Its reply went out but our ack did not reach the
                     // broker (we reconnected): acknowledge this delivery.
@@ -88,6 +90,7 @@ impl Admission {
 
     async fn reject(&self, req: Request, failure: Failure) {
         self.stats.emit(Event::Rejected {
+            project: &req.key.project,
             code: failure.code,
             reason: &failure.message,
         });

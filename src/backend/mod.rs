@@ -30,6 +30,7 @@ use crate::config::BackendConfig;
 use crate::error::AppError;
 use crate::history::Turn;
 use crate::request::{Answer, Failure, Sampling};
+use crate::secret::Secret;
 use openai::{
     ChatMessage, ChatRequest, ErrorBody, ErrorDetail, ModelList, StreamChunk, StreamOptions,
 };
@@ -158,12 +159,24 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(cfg: &BackendConfig) -> Result<Self, AppError> {
+    /// A client for `cfg.url`; `api_key` is sent as a bearer token.
+    pub fn new(cfg: &BackendConfig, api_key: Option<&Secret>) -> Result<Self, AppError> {
         let base = cfg.url.trim_end_matches('/');
         let parse = |s: String| {
             Url::parse(&s).map_err(|e| AppError::HttpClient(format!("backend.url: {e}")))
         };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = api_key {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                .map_err(|_| {
+                    AppError::HttpClient("the backend API key is not a valid header value".into())
+                })?;
+            // Keeps it out of reqwest's and hyper's debug output.
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)

@@ -242,6 +242,7 @@ impl Handoff<'_> {
                 match invalid.reply {
                     Some(to) => {
                         self.stats.emit(Ev::Rejected {
+                            project: &project.name,
                             code: invalid.failure.code,
                             reason: &invalid.failure.message,
                         });
@@ -252,6 +253,7 @@ impl Handoff<'_> {
                     }
                     None => {
                         self.stats.emit(Ev::Unanswerable {
+                            project: &project.name,
                             reason: &invalid.failure.message,
                         });
                         if ack.is_some() {
@@ -277,6 +279,7 @@ impl Handoff<'_> {
             None => Failure::new(code, "the daemon is shutting down; try again shortly"),
         };
         self.stats.emit(Ev::Rejected {
+            project: &request.key.project,
             code,
             reason: &failure.message,
         });
@@ -308,6 +311,7 @@ impl Handoff<'_> {
         match validate::parse(&inbound, &project.settings, self.limits) {
             Ok(r) => self.reject(r, code),
             Err(_) => self.stats.emit(Ev::Unanswerable {
+                project: &project.name,
                 reason: "bad request while shutting down",
             }),
         }

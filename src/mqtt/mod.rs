@@ -20,51 +20,19 @@ use rumqttc::{TlsConfiguration, Transport};
 
 use crate::config::Config;
 use crate::error::{AppError, ConfigError};
+pub use crate::secret::Secret;
 
 /// Environment variable that may hold the broker password.
 pub const PASSWORD_ENV: &str = "VLLM_MQTTD_MQTT_PASSWORD";
 
-/// A secret string: never printed, not even by `{:?}`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
 /// The broker password: the environment variable, else the first line of
 /// `mqtt.password_file`.
 pub fn load_password(cfg: &Config) -> Result<Option<Secret>, ConfigError> {
-    if let Ok(p) = std::env::var(PASSWORD_ENV) {
-        if !p.is_empty() {
-            return Ok(Some(Secret(p)));
-        }
-    }
-    match &cfg.mqtt.password_file {
-        None => Ok(None),
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
-            if line.is_empty() {
-                return Err(ConfigError::Invalid {
-                    field: "mqtt.password_file".into(),
-                    reason: format!("{} is empty", path.display()),
-                });
-            }
-            Ok(Some(Secret(line.to_owned())))
-        }
-    }
+    crate::secret::load(
+        PASSWORD_ENV,
+        cfg.mqtt.password_file.as_deref(),
+        "mqtt.password_file",
+    )
 }
 
 fn read_ca(path: &Path) -> Result<Vec<u8>, AppError> {
@@ -174,12 +142,6 @@ pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secret_is_not_printed() {
-        let s = Secret("hunter2".into());
-        assert!(!format!("{s:?}").contains("hunter2"));
-    }
 
     #[test]
     fn backoff_doubles_to_cap() {

@@ -1,5 +1,6 @@
 //! Logging set-up and the stats that typed events feed.
 
+pub mod metrics;
 pub mod stats;
 
 pub use stats::{Event, Gauges, Snapshot, Stats};

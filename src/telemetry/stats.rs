@@ -1,9 +1,10 @@
 //! Typed events and the counters they feed.
 //!
 //! Like Vector's `internal_events`, every notable thing that happens to a
-//! request is an [`Event`], and [`Stats::emit`] is the one place that both
-//! logs it and counts it, so the stats line, the stats topic (and later the
-//! Prometheus exporter) can never disagree with the logs.
+//! request is an [`Event`], and [`Stats::emit`] is the one place that logs
+//! it, counts it for the stats line and the stats topic, and records it
+//! for Prometheus (the `metrics` macros are no-ops unless an exporter is
+//! installed), so the three can never disagree.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -19,19 +20,28 @@ use crate::backend::breaker::Circuit;
 #[derive(Debug)]
 pub enum Event<'a> {
     /// A request was answered by the model.
-    Answered { latency: Duration },
+    Answered { project: &'a str, latency: Duration },
     /// An admitted request ended with an error reply.
     Failed {
+        project: &'a str,
         code: ErrorCode,
         latency: Duration,
         reason: &'a str,
     },
     /// Admission refused a request with an immediate reply.
-    Rejected { code: ErrorCode, reason: &'a str },
+    Rejected {
+        project: &'a str,
+        code: ErrorCode,
+        reason: &'a str,
+    },
     /// A bad request with no topic to answer on: counted and dropped.
-    Unanswerable { reason: &'a str },
+    Unanswerable { project: &'a str, reason: &'a str },
     /// A redelivery of a request already answered or in flight.
-    Duplicate,
+    Duplicate { project: &'a str },
+    /// A worker took a request from the queue after `wait`.
+    Dequeued { wait: Duration },
+    /// One backend call (one attempt) took `elapsed`.
+    BackendCall { elapsed: Duration, ok: bool },
     /// A message on a topic we do not serve.
     Ignored { topic: &'a str },
     /// Egress could not take a reply (its channel was full or closed); the
@@ -46,6 +56,22 @@ pub enum Event<'a> {
     /// The broker connection failed or dropped.
     MqttDisconnected { error: &'a str },
 }
+
+/// Prometheus metric names (see [`crate::telemetry::metrics`]).
+pub const M_REQUESTS: &str = "vllm_mqttd_requests_total";
+pub const M_LATENCY: &str = "vllm_mqttd_request_duration_seconds";
+pub const M_QUEUE_WAIT: &str = "vllm_mqttd_queue_wait_seconds";
+pub const M_BACKEND: &str = "vllm_mqttd_backend_call_duration_seconds";
+pub const M_RETRIES: &str = "vllm_mqttd_backend_retries_total";
+pub const M_CIRCUIT_REJECTED: &str = "vllm_mqttd_circuit_rejected_total";
+pub const M_CIRCUIT: &str = "vllm_mqttd_backend_circuit_state";
+pub const M_QUEUE_LEN: &str = "vllm_mqttd_queue_length";
+pub const M_QUEUE_CAP: &str = "vllm_mqttd_queue_capacity";
+pub const M_IN_FLIGHT: &str = "vllm_mqttd_in_flight";
+pub const M_SESSIONS: &str = "vllm_mqttd_sessions";
+pub const M_MQTT_CONNECTS: &str = "vllm_mqttd_mqtt_connects_total";
+pub const M_EGRESS_DROPPED: &str = "vllm_mqttd_egress_dropped_total";
+pub const M_IGNORED: &str = "vllm_mqttd_ignored_total";
 
 /// Counters since start, plus a latency histogram since the last report.
 #[derive(Debug)]
@@ -106,48 +132,78 @@ impl Stats {
         let _ = h.record(ms);
     }
 
-    /// Logs and counts one event.
+    /// Logs, counts and records one event.
     pub fn emit(&self, event: Event<'_>) {
+        use metrics::{counter, histogram};
         match event {
-            Event::Answered { latency } => {
+            Event::Answered { project, latency } => {
                 self.processed.fetch_add(1, Relaxed);
                 self.record_latency(latency);
-                tracing::debug!(latency_ms = latency.as_millis() as u64, "answered");
+                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => "ok")
+                    .increment(1);
+                histogram!(M_LATENCY, "project" => project.to_owned())
+                    .record(latency.as_secs_f64());
+                tracing::debug!(project, latency_ms = latency.as_millis() as u64, "answered");
             }
             Event::Failed {
+                project,
                 code,
                 latency,
                 reason,
             } => {
                 self.errors[idx(code)].fetch_add(1, Relaxed);
                 self.record_latency(latency);
+                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => code.as_str())
+                    .increment(1);
+                histogram!(M_LATENCY, "project" => project.to_owned())
+                    .record(latency.as_secs_f64());
                 // Per request, so debug: the stats line aggregates them, and
                 // breaker transitions are logged once each.
-                tracing::debug!(code = code.as_str(), reason, "request failed");
+                tracing::debug!(project, code = code.as_str(), reason, "request failed");
             }
-            Event::Rejected { code, reason } => {
+            Event::Rejected {
+                project,
+                code,
+                reason,
+            } => {
                 self.rejected[idx(code)].fetch_add(1, Relaxed);
-                tracing::debug!(code = code.as_str(), reason, "request rejected");
+                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => code.as_str())
+                    .increment(1);
+                tracing::debug!(project, code = code.as_str(), reason, "request rejected");
             }
-            Event::Unanswerable { reason } => {
+            Event::Unanswerable { project, reason } => {
                 self.unanswerable.fetch_add(1, Relaxed);
                 self.rejected[idx(ErrorCode::BadRequest)].fetch_add(1, Relaxed);
-                tracing::debug!(reason, "bad request with no reply topic dropped");
+                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => "unanswerable")
+                    .increment(1);
+                tracing::debug!(project, reason, "bad request with no reply topic dropped");
             }
-            Event::Duplicate => {
+            Event::Duplicate { project } => {
                 self.duplicates.fetch_add(1, Relaxed);
-                tracing::debug!("duplicate delivery dropped");
+                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => "duplicate")
+                    .increment(1);
+                tracing::debug!(project, "duplicate delivery dropped");
+            }
+            Event::Dequeued { wait } => {
+                histogram!(M_QUEUE_WAIT).record(wait.as_secs_f64());
+            }
+            Event::BackendCall { elapsed, ok } => {
+                histogram!(M_BACKEND, "result" => if ok { "ok" } else { "error" })
+                    .record(elapsed.as_secs_f64());
             }
             Event::Ignored { topic } => {
                 self.ignored.fetch_add(1, Relaxed);
+                counter!(M_IGNORED).increment(1);
                 tracing::debug!(topic, "message on an unserved topic ignored");
             }
             Event::EgressDropped => {
                 self.egress_dropped.fetch_add(1, Relaxed);
+                counter!(M_EGRESS_DROPPED).increment(1);
                 tracing::error!("egress is full: reply dropped, request left for redelivery");
             }
             Event::Retry { reason, delay } => {
                 self.retries.fetch_add(1, Relaxed);
+                counter!(M_RETRIES).increment(1);
                 tracing::debug!(
                     reason,
                     delay_ms = delay.as_millis() as u64,
@@ -156,10 +212,12 @@ impl Stats {
             }
             Event::CircuitRejected => {
                 self.circuit_rejected.fetch_add(1, Relaxed);
+                counter!(M_CIRCUIT_REJECTED).increment(1);
                 tracing::debug!("circuit open: request failed fast");
             }
             Event::MqttConnected { session_present } => {
                 let n = self.mqtt_connects.fetch_add(1, Relaxed);
+                counter!(M_MQTT_CONNECTS).increment(1);
                 tracing::info!(
                     session_present,
                     reconnect = n > 0,
@@ -170,6 +228,20 @@ impl Stats {
                 tracing::warn!(error, "MQTT connection lost; reconnecting");
             }
         }
+    }
+
+    /// Sets the point-in-time gauges for Prometheus.
+    pub fn record_gauges(&self, g: &Gauges) {
+        use metrics::gauge;
+        gauge!(M_QUEUE_LEN).set(g.queue_len as f64);
+        gauge!(M_QUEUE_CAP).set(g.queue_capacity as f64);
+        gauge!(M_IN_FLIGHT).set(g.in_flight as f64);
+        gauge!(M_SESSIONS).set(g.sessions as f64);
+        gauge!(M_CIRCUIT).set(match g.circuit {
+            Circuit::Closed => 0.0,
+            Circuit::HalfOpen => 1.0,
+            Circuit::Open => 2.0,
+        });
     }
 
     /// Counters now, and the latency since the last snapshot (which resets).
@@ -380,21 +452,25 @@ mod tests {
     fn events_feed_counters_and_latency() {
         let s = Stats::new();
         s.emit(Event::Answered {
+            project: "p",
             latency: Duration::from_millis(10),
         });
         s.emit(Event::Answered {
+            project: "p",
             latency: Duration::from_millis(30),
         });
         s.emit(Event::Rejected {
+            project: "p",
             code: ErrorCode::SessionBusy,
             reason: "busy",
         });
         s.emit(Event::Failed {
+            project: "p",
             code: ErrorCode::Timeout,
             latency: Duration::from_millis(50),
             reason: "deadline",
         });
-        s.emit(Event::Duplicate);
+        s.emit(Event::Duplicate { project: "p" });
         let snap = s.snapshot(Gauges::default());
         assert_eq!(snap.processed, 2);
         assert_eq!(snap.errors.get("timeout"), Some(&1));
