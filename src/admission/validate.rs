@@ -547,3 +547,145 @@ mod tests {
         assert!(e.failure.message.contains("systemPrompt"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use vllm_chat::protocol::{reply_prefix, MAX_REPLY_TOPIC_BYTES};
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload_bytes: 4096,
+            request_timeout: Duration::from_secs(120),
+        }
+    }
+
+    fn run(payload: Vec<u8>, response_topic: Option<String>) -> Result<Request, Box<Invalid>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut i = inbound("maze", payload);
+            i.response_topic = response_topic;
+            parse(&i, &ProjectConfig::default(), &limits())
+        })
+    }
+
+    /// Every reply address the parser produces stays in the namespace.
+    fn assert_safe_topic(topic: &str) {
+        assert!(topic.starts_with(&reply_prefix("maze")), "{topic}");
+        assert!(!topic.contains(['+', '#', '\0']), "{topic}");
+        assert!(
+            topic.len() <= MAX_REPLY_TOPIC_BYTES.max("maze/assistant_response/".len() + 128),
+            "{topic}"
+        );
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::hash_map(".{0,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_replies_stay_in_namespace(
+            payload in prop::collection::vec(any::<u8>(), 0..600),
+            rt in prop::option::of(".{0,300}"),
+        ) {
+            match run(payload, rt) {
+                Ok(r) => assert_safe_topic(&r.reply.topic),
+                Err(e) => {
+                    prop_assert_eq!(e.failure.code, ErrorCode::BadRequest);
+                    if let Some(to) = e.reply {
+                        assert_safe_topic(&to.topic);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn request_objects_with_arbitrary_fields(
+            fields in prop::collection::hash_map(
+                prop_oneof![
+                    Just("message".to_owned()), Just("sessionId".to_owned()),
+                    Just("requestId".to_owned()), Just("replyTopic".to_owned()),
+                    Just("temperature".to_owned()), Just("topP".to_owned()),
+                    Just("maxTokens".to_owned()), Just("format".to_owned()),
+                    Just("reset".to_owned()), Just("systemPrompt".to_owned()),
+                    ".{0,10}",
+                ],
+                json_value(),
+                0..8,
+            ),
+        ) {
+            let obj = serde_json::Value::Object(fields.into_iter().collect());
+            match run(obj.to_string().into_bytes(), None) {
+                Ok(r) => {
+                    assert_safe_topic(&r.reply.topic);
+                    prop_assert!(!r.message.trim().is_empty());
+                    prop_assert!((0.0..=2.0).contains(&r.sampling.temperature));
+                    prop_assert!(r.sampling.top_p > 0.0 && r.sampling.top_p <= 1.0);
+                    prop_assert!(r.sampling.max_tokens >= 1);
+                    prop_assert!(is_valid_session_id(&r.key.session));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.failure.code, ErrorCode::BadRequest);
+                    prop_assert!(!e.failure.message.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn valid_requests_round_trip(
+            session in "[A-Za-z0-9_.:@-]{1,128}",
+            request in "[ -~]{1,128}",
+            message in ".*[^ \t\r\n].*",
+            temperature in 0.0f64..=2.0,
+            max_tokens in 1u32..=4096,
+        ) {
+            let obj = serde_json::json!({
+                "sessionId": session, "requestId": request, "message": message,
+                "temperature": temperature, "maxTokens": max_tokens, "format": "json",
+            });
+            let r = run(obj.to_string().into_bytes(), None).map_err(|e| TestCaseError::fail(e.failure.message))?;
+            prop_assert_eq!(&*r.key.session, session.as_str());
+            prop_assert_eq!(r.reply.request_id.as_deref(), Some(request.as_str()));
+            prop_assert_eq!(&r.message, &message);
+            prop_assert_eq!(r.sampling.max_tokens, max_tokens);
+            prop_assert_eq!(r.reply.topic, default_reply_topic("maze", &session));
+        }
+
+        #[test]
+        fn reply_topic_validation_is_exact(topic in prop_oneof![
+            ".{0,300}",
+            "maze/assistant_response/.{0,260}",
+            "maze/assistant_response/[a-z/+#]{0,12}",
+            "(maze|mazes|general|\\$SYS)/(assistant_response|user_input)/?[a-z]{0,4}",
+        ]) {
+            let ok = validate_reply_topic("maze", &topic).is_ok();
+            let expected = topic.len() <= MAX_REPLY_TOPIC_BYTES
+                && !topic.contains(['+', '#', '\0'])
+                && topic.starts_with("maze/assistant_response/")
+                && topic.len() > "maze/assistant_response/".len();
+            prop_assert_eq!(ok, expected);
+        }
+    }
+}

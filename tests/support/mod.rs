@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod checker;
 pub mod daemon;
 pub mod fake_vllm;
 pub mod mqtt_client;
