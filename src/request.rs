@@ -79,6 +79,8 @@ pub struct Request {
     pub reset: bool,
     pub reply: ReplyTo,
     pub ack: Option<AckToken>,
+    /// The broker flagged this delivery as a redelivery (MQTT DUP).
+    pub dup: bool,
     pub received_at: Instant,
     /// Reply `timeout` if not answered by then.
     pub deadline: Instant,

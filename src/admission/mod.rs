@@ -80,6 +80,16 @@ impl Admission {
                 // acknowledged on the next redelivery, once it is answered.
                 return;
             }
+            // A broker redelivery (after a reconnect) of a request with no
+            // requestId, while its session is busy, is almost surely the
+            // request in flight: the original's ack (same packet id) will
+            // cover it, and a session_busy would confuse the device.
+            Admit::Busy if req.dup && request_id.is_none() => {
+                self.stats.emit(Event::Duplicate {
+                    project: &req.key.project,
+                });
+                return;
+            }
             Admit::Busy => Failure::fixed(ErrorCode::SessionBusy),
             Admit::RateLimited { retry_after } => {
                 Failure::fixed(ErrorCode::RateLimited).retry_after(retry_after)

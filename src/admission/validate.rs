@@ -384,6 +384,7 @@ fn finish(
         reset,
         reply,
         ack: inbound.ack,
+        dup: inbound.dup,
         received_at: inbound.received_at,
         deadline: inbound.received_at + timeout,
     }
