@@ -1,0 +1,324 @@
+//! `vllm-chat`: talk to vllm-mqttd from a terminal.
+//!
+//! One-shot: `vllm-chat -p maze -s s1 -m "hello"` prints the reply (or the
+//! reply JSON with `--json`) and exits 0, or prints the error and exits
+//! non-zero. Without `-m` it is an interactive REPL with line editing and
+//! history (rustyline), and the commands `/reset`, `/prompt <system
+//! prompt>`, `/session`, `/help` and `/exit`.
+
+#![forbid(unsafe_code)]
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use rustyline::error::ReadlineError;
+use vllm_chat::cli::{self, BrokerArgs, MqttVersion, EXIT_USAGE};
+use vllm_chat::protocol::Reply;
+use vllm_chat::{ChatRequest, Client, ClientError};
+
+/// Exit status when the daemon answered with an error or did not answer.
+const EXIT_FAILED: u8 = 1;
+
+/// Chat with vllm-mqttd over MQTT: one message with -m, or an interactive
+/// session.
+#[derive(Debug, Parser)]
+#[command(name = "vllm-chat", version)]
+struct Cli {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// MQTT version.
+    #[arg(long, value_enum, default_value = "5")]
+    mqtt_version: MqttVersion,
+    /// Project (the request topic is PROJECT/user_input).
+    #[arg(short, long, default_value = "general")]
+    project: String,
+    /// Session id (conversation key); default: a random chat-<hex>.
+    #[arg(short, long)]
+    session: Option<String>,
+    /// Send this message, print the reply and exit ("-" reads stdin).
+    #[arg(short, long)]
+    message: Option<String>,
+    /// Print the reply as JSON (as the daemon sent it) instead of its text.
+    #[arg(long)]
+    json: bool,
+    /// System prompt for this session (kept by the daemon until a reset).
+    #[arg(long)]
+    system_prompt: Option<String>,
+    /// Clear the session's history before the message.
+    #[arg(long)]
+    reset: bool,
+    /// Sampling temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Longest completion, in tokens.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Give up after this long, retries included.
+    #[arg(long, default_value = "120s", value_parser = cli::parse_duration)]
+    timeout: Duration,
+    /// Attempts per message (1: no retries).
+    #[arg(long, default_value_t = 5)]
+    max_attempts: u32,
+    /// Least time between two sends.
+    #[arg(long, default_value = "500ms", value_parser = cli::parse_duration)]
+    min_interval: Duration,
+    /// REPL history file (default ~/.vllm_chat_history).
+    #[arg(long)]
+    history_file: Option<PathBuf>,
+    /// More log output on stderr (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(cli.verbose);
+    let options = match cli.broker.options(cli.mqtt_version.into()) {
+        Ok(mut o) => {
+            o.timeout = cli.timeout;
+            o.reply_timeout = cli.timeout;
+            o.max_attempts = cli.max_attempts;
+            o.min_interval = cli.min_interval;
+            o
+        }
+        Err(e) => return fail(cli::exit_code(&e), &e),
+    };
+    if let Err(e) = options.validate() {
+        return fail(EXIT_USAGE, &e);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(cli::EXIT_UNAVAILABLE, &e),
+    };
+    let client = match runtime.block_on(Client::connect(options)) {
+        Ok(c) => c,
+        Err(e) => return fail(cli::exit_code(&e), &e),
+    };
+    let session = cli
+        .session
+        .clone()
+        .unwrap_or_else(|| format!("chat-{:08x}", rand::random::<u32>()));
+    let code = match &cli.message {
+        Some(m) => one_shot(&runtime, &client, &cli, &session, m),
+        None => repl(&runtime, &client, &cli, session),
+    };
+    runtime.block_on(client.disconnect());
+    code
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "vllm_chat=info",
+        _ => "vllm_chat=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("vllm-chat: {e}");
+    ExitCode::from(code)
+}
+
+fn request(
+    cli: &Cli,
+    session: &str,
+    message: &str,
+    reset: bool,
+    prompt: Option<&str>,
+) -> ChatRequest {
+    let mut req = ChatRequest::new(&cli.project, session, message).reset(reset);
+    if let Some(p) = prompt {
+        req = req.system_prompt(p);
+    }
+    if let Some(t) = cli.temperature {
+        req = req.temperature(t);
+    }
+    if let Some(n) = cli.max_tokens {
+        req = req.max_tokens(n);
+    }
+    req
+}
+
+fn reply_json(reply: &Reply) -> String {
+    serde_json::to_string(reply).unwrap_or_default()
+}
+
+fn one_shot(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    cli: &Cli,
+    session: &str,
+    message: &str,
+) -> ExitCode {
+    let message = if message == "-" {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+            return fail(EXIT_USAGE, &format!("cannot read stdin: {e}"));
+        }
+        s
+    } else {
+        message.to_owned()
+    };
+    match runtime.block_on(client.send(&request(
+        cli,
+        session,
+        &message,
+        cli.reset,
+        cli.system_prompt.as_deref(),
+    ))) {
+        Ok(reply) => {
+            if cli.json {
+                println!("{}", reply_json(&reply));
+            } else {
+                println!("{}", reply.text.unwrap_or_default());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Server { reply, .. }) if cli.json => {
+            println!("{}", reply_json(&reply));
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(e @ ClientError::InvalidRequest(_)) => fail(EXIT_USAGE, &e),
+        Err(e) => fail(EXIT_FAILED, &e),
+    }
+}
+
+const HELP: &str = "\
+commands:
+  /reset            clear the conversation (with your next message)
+  /prompt <text>    set the system prompt for this session (with your next message)
+  /session          show the project and session
+  /help             this list
+  /exit             leave (or Ctrl-D)";
+
+fn history_path(cli: &Cli) -> Option<PathBuf> {
+    cli.history_file
+        .clone()
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".vllm_chat_history")))
+}
+
+fn repl(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    cli: &Cli,
+    session: String,
+) -> ExitCode {
+    let mut editor = match rustyline::DefaultEditor::new() {
+        Ok(e) => e,
+        Err(e) => {
+            return fail(
+                cli::EXIT_UNAVAILABLE,
+                &format!("cannot open the terminal: {e}"),
+            )
+        }
+    };
+    let history = history_path(cli);
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    eprintln!(
+        "connected to {}:{} as {}; project {}, session {}. /help for commands.",
+        cli.broker.mqtt_host,
+        cli.broker.mqtt_port,
+        client.client_id(),
+        cli.project,
+        session
+    );
+    // Settings that ride on the next message (the protocol has no
+    // message-less commands); kept until a message is answered.
+    let mut reset = cli.reset;
+    let mut prompt = cli.system_prompt.clone();
+    let prompt_str = format!("{}/{}> ", cli.project, session);
+    loop {
+        let line = match editor.readline(&prompt_str) {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("vllm-chat: {e}");
+                break;
+            }
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line);
+        match line
+            .split_once(' ')
+            .map_or((line, ""), |(c, r)| (c, r.trim()))
+        {
+            ("/exit" | "/quit", _) => break,
+            ("/help", _) => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            ("/session", _) => {
+                eprintln!("project {}, session {}", cli.project, session);
+                continue;
+            }
+            ("/reset", _) => {
+                reset = true;
+                eprintln!("(the conversation is cleared with your next message)");
+                continue;
+            }
+            ("/prompt", "") => {
+                eprintln!("usage: /prompt <system prompt>");
+                continue;
+            }
+            ("/prompt", text) => {
+                prompt = Some(text.to_owned());
+                eprintln!("(system prompt set with your next message)");
+                continue;
+            }
+            (cmd, _) if cmd.starts_with('/') => {
+                eprintln!("unknown command {cmd}; /help lists them");
+                continue;
+            }
+            _ => {}
+        }
+        let req = request(cli, &session, line, reset, prompt.as_deref());
+        let outcome = runtime.block_on(async {
+            tokio::select! {
+                r = client.send(&req) => Some(r),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        });
+        match outcome {
+            Some(Ok(reply)) => {
+                if cli.json {
+                    println!("{}", reply_json(&reply));
+                } else {
+                    println!("{}", reply.text.unwrap_or_default());
+                }
+                reset = false;
+                prompt = None;
+            }
+            Some(Err(e)) => eprintln!("error: {e}"),
+            None => eprintln!("(cancelled)"),
+        }
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    ExitCode::SUCCESS
+}

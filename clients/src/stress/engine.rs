@@ -1,0 +1,429 @@
+//! The stress tool's own MQTT connections and its two load shapes.
+//!
+//! It does not use [`Client`](crate::Client): the client paces sends and
+//! serialises each session's requests, which is right for a device and
+//! wrong for a load generator (an open loop must send on schedule whatever
+//! the daemon does, or it measures its own pacing). Each connection here
+//! only subscribes to its reply topics, publishes, and hands each reply to
+//! the request waiting for it, stamped with its arrival time in the poll
+//! loop so that latency does not include our own scheduling delays.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use indicatif::ProgressBar;
+use rand::Rng;
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::outcome::{classify_payload, Outcome};
+use super::report::{Record, ReplyCounters};
+use super::{Load, StressConfig};
+use crate::client::{random_id, ClientError};
+use crate::protocol::{reply_prefix, request_topic, ReplyFormat, RequestPayload};
+use crate::retry::Decision;
+use crate::transport::{self, Link, NetEvent, RequestProps};
+
+/// How long the initial subscription may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A reply as it arrived.
+struct Arrival {
+    at: Instant,
+    payload: Bytes,
+}
+
+#[derive(Default)]
+struct Ledger {
+    pending: HashMap<String, oneshot::Sender<Arrival>>,
+    answered: HashSet<String>,
+    lost: HashSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SubStatus {
+    Waiting,
+    Ready,
+    Refused(String),
+}
+
+/// What a connection's poll loop shares with the request tasks.
+struct Book {
+    filter: String,
+    /// `std` mutex: the poll loop must not wait on an async lock, and no
+    /// `.await` happens while it is held.
+    ledger: Mutex<Ledger>,
+    sub: watch::Sender<SubStatus>,
+    duplicates: AtomicU64,
+    late: AtomicU64,
+    strays: AtomicU64,
+}
+
+fn lock(m: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Book {
+    fn handle(&self, link: &Link, event: NetEvent) {
+        match event {
+            NetEvent::Connected => {
+                self.sub.send_replace(SubStatus::Waiting);
+                if let Err(e) = link.try_subscribe(&self.filter) {
+                    tracing::error!(error = %e, "cannot queue SUBSCRIBE");
+                }
+            }
+            NetEvent::Subscribing(_) => {}
+            NetEvent::SubAck { results, .. } => {
+                let status = match results.into_iter().find_map(Result::err) {
+                    None => SubStatus::Ready,
+                    Some(reason) => SubStatus::Refused(reason),
+                };
+                self.sub.send_replace(status);
+            }
+            NetEvent::Message(m) => {
+                let at = Instant::now();
+                // Our reply topics end with the request id.
+                let id = m.topic.rsplit('/').next().unwrap_or_default();
+                let mut ledger = lock(&self.ledger);
+                if let Some(tx) = ledger.pending.remove(id) {
+                    ledger.answered.insert(id.to_owned());
+                    drop(ledger);
+                    let _ = tx.send(Arrival {
+                        at,
+                        payload: m.payload,
+                    });
+                } else if ledger.answered.contains(id) {
+                    self.duplicates.fetch_add(1, Ordering::Relaxed);
+                } else if ledger.lost.remove(id) {
+                    ledger.answered.insert(id.to_owned());
+                    self.late.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.strays.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            NetEvent::Lost(error) => {
+                tracing::warn!(%error, "MQTT connection lost; reconnecting");
+                self.sub.send_replace(SubStatus::Waiting);
+            }
+        }
+    }
+}
+
+/// One MQTT connection of the load generator.
+struct Conn {
+    link: Link,
+    client_id: String,
+    book: Arc<Book>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Conn {
+    async fn open(config: &StressConfig, client_id: String) -> Result<Conn, ClientError> {
+        let filter = format!("{}+/{client_id}/+", reply_prefix(&config.project));
+        let book = Arc::new(Book {
+            filter: filter.clone(),
+            ledger: Mutex::default(),
+            sub: watch::Sender::new(SubStatus::Waiting),
+            duplicates: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            strays: AtomicU64::new(0),
+        });
+        let mut sub = book.sub.subscribe();
+        let handler_book = book.clone();
+        let (link, task) = transport::connect(&config.broker, &client_id, move |link| {
+            move |event| handler_book.handle(&link, event)
+        })
+        .await?;
+        let conn = Conn {
+            link,
+            client_id,
+            book,
+            task,
+        };
+        let settled = tokio::time::timeout(
+            SUBSCRIBE_TIMEOUT,
+            sub.wait_for(|s| *s != SubStatus::Waiting),
+        )
+        .await;
+        let status = match settled {
+            Ok(Ok(s)) => s.clone(),
+            _ => SubStatus::Waiting,
+        };
+        match status {
+            SubStatus::Ready => Ok(conn),
+            SubStatus::Refused(reason) => Err(ClientError::SubscriptionRefused { filter, reason }),
+            SubStatus::Waiting => Err(ClientError::Timeout(SUBSCRIBE_TIMEOUT)),
+        }
+    }
+
+    /// Sends one request (with retries if configured) and waits for its
+    /// final reply or the reply timeout.
+    async fn request(&self, config: &StressConfig, session: &str, n: u64, t0: Instant) -> Record {
+        let json = config.format == ReplyFormat::Json;
+        let first_sent = Instant::now();
+        let deadline = first_sent + config.reply_timeout;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let id = format!("{:016x}", rand::rng().random::<u64>());
+            let reply_topic = format!(
+                "{}{session}/{}/{id}",
+                reply_prefix(&config.project),
+                self.client_id
+            );
+            let payload = RequestPayload {
+                message: format!("{} (#{n})", config.message),
+                session_id: Some(session.to_owned()),
+                reply_topic: Some(reply_topic.clone()),
+                // The original protocol: no request id, no format; the
+                // project's default format (text) applies.
+                request_id: json.then(|| id.clone()),
+                client_id: json.then(|| self.client_id.clone()),
+                format: json.then_some(ReplyFormat::Json),
+                ..Default::default()
+            };
+            let body = serde_json::to_vec(&payload).unwrap_or_default();
+            let props = if json {
+                RequestProps {
+                    response_topic: Some(reply_topic),
+                    correlation: Some(Bytes::from(id.clone().into_bytes())),
+                    expiry: None,
+                }
+            } else {
+                RequestProps::default()
+            };
+            let (tx, rx) = oneshot::channel();
+            lock(&self.book.ledger).pending.insert(id.clone(), tx);
+            let qos = if json { 1 } else { 0 };
+            let lost = |attempts| Record {
+                sent: first_sent - t0,
+                latency: None,
+                outcome: Outcome::Lost,
+                attempts,
+            };
+            if let Err(e) = self
+                .link
+                .publish(request_topic(&config.project), qos, body, props)
+                .await
+            {
+                tracing::error!(error = %e, "cannot publish");
+                lock(&self.book.ledger).pending.remove(&id);
+                return lost(attempts);
+            }
+            let arrival = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(a)) => a,
+                _ => {
+                    let mut ledger = lock(&self.book.ledger);
+                    if ledger.pending.remove(&id).is_some() {
+                        ledger.lost.insert(id);
+                    }
+                    return lost(attempts);
+                }
+            };
+            let outcome = classify_payload(&arrival.payload, json || looks_like_json(&arrival));
+            if let (Outcome::Error(code), Some(policy)) = (outcome, &config.retries) {
+                let retry_after =
+                    serde_json::from_slice::<crate::protocol::Reply>(&arrival.payload)
+                        .ok()
+                        .and_then(|r| r.error)
+                        .and_then(|e| e.retry_after_ms)
+                        .map(Duration::from_millis);
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let decision =
+                    policy.decide(attempts, code, retry_after, remaining, &mut rand::rng());
+                if let Decision::Retry(delay) = decision {
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
+            return Record {
+                sent: first_sent - t0,
+                latency: Some(arrival.at.saturating_duration_since(first_sent)),
+                outcome,
+                attempts,
+            };
+        }
+    }
+}
+
+/// A text-mode request answered in JSON (the project's default format is
+/// JSON): classify it as JSON rather than call every error a success.
+fn looks_like_json(a: &Arrival) -> bool {
+    a.payload.first() == Some(&b'{')
+        && serde_json::from_slice::<crate::protocol::Reply>(&a.payload).is_ok()
+}
+
+/// Counts finished requests for the progress bar's message.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, r: &Record, progress: &ProgressBar) {
+        let c = match r.outcome {
+            Outcome::Ok => &self.ok,
+            Outcome::Lost => &self.lost,
+            _ => &self.errors,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        progress.inc(1);
+        progress.set_message(format!(
+            "ok {}  errors {}  lost {}",
+            self.ok.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed)
+        ));
+    }
+}
+
+/// What [`execute`] measured.
+pub(super) struct Measured {
+    pub records: Vec<Record>,
+    pub elapsed: Duration,
+    pub counters: ReplyCounters,
+    pub interrupted: bool,
+}
+
+/// Opens the connections, runs the load, and collects every record.
+pub(super) async fn execute(
+    config: &StressConfig,
+    progress: &ProgressBar,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Measured, ClientError> {
+    let run_id = random_id("");
+    let base_id = config
+        .broker
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("vllm-stress-{}", &run_id[..6]));
+    let mut conns = Vec::new();
+    for i in 0..config.connections.max(1) {
+        conns.push(Arc::new(
+            Conn::open(config, format!("{base_id}-{i}")).await?,
+        ));
+    }
+    let config = Arc::new(config.clone());
+    let tally = Arc::new(Tally::default());
+    let session_name = |k: u64| format!("stress-{}-{k}", &run_id[..6]);
+    let t0 = Instant::now();
+    let mut interrupted = false;
+    let mut tasks: JoinSet<Vec<Record>> = JoinSet::new();
+
+    match config.load {
+        Load::Closed {
+            clients,
+            messages,
+            interval,
+        } => {
+            for c in 0..u64::from(clients) {
+                let conn = conns[(c as usize) % conns.len()].clone();
+                let config = config.clone();
+                let tally = tally.clone();
+                let progress = progress.clone();
+                let session = session_name(c);
+                let mut stop = stop.clone();
+                tasks.spawn(async move {
+                    let mut records = Vec::with_capacity(messages as usize);
+                    let mut next = Instant::now();
+                    for m in 0..u64::from(messages) {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(next) => {}
+                            _ = stop.wait_for(|s| *s) => break,
+                        }
+                        let started = Instant::now();
+                        let r = conn.request(&config, &session, m, t0).await;
+                        tally.add(&r, &progress);
+                        records.push(r);
+                        next = started + interval;
+                    }
+                    records
+                });
+            }
+        }
+        Load::Open {
+            rate,
+            duration,
+            sessions,
+        } => {
+            let total = (rate * duration.as_secs_f64()).round() as u64;
+            let sessions = u64::from(sessions.max(1));
+            // Requests outstanding per session: a new request goes to a
+            // session with none when there is one (a device waits for its
+            // answer); if every session is busy it goes anyway and is
+            // likely answered `session_busy`, which is then the truth
+            // about the pool being too small for the rate.
+            let outstanding = Arc::new(Mutex::new(vec![0u32; sessions as usize]));
+            let mut cursor = 0u64;
+            for n in 0..total {
+                let at = t0 + Duration::from_secs_f64(n as f64 / rate);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = stop.wait_for(|s| *s) => { interrupted = true; break }
+                }
+                let k = {
+                    let mut out = outstanding.lock().unwrap_or_else(|p| p.into_inner());
+                    let free = (0..sessions)
+                        .map(|i| (cursor + i) % sessions)
+                        .find(|&k| out[k as usize] == 0)
+                        .unwrap_or(cursor % sessions);
+                    out[free as usize] += 1;
+                    cursor = free + 1;
+                    free
+                };
+                let conn = conns[(k as usize) % conns.len()].clone();
+                let config = config.clone();
+                let tally = tally.clone();
+                let progress = progress.clone();
+                let outstanding = outstanding.clone();
+                let session = session_name(k);
+                tasks.spawn(async move {
+                    let r = conn.request(&config, &session, n, t0).await;
+                    outstanding.lock().unwrap_or_else(|p| p.into_inner())[k as usize] -= 1;
+                    tally.add(&r, &progress);
+                    vec![r]
+                });
+            }
+        }
+    }
+
+    let mut records = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(rs) => records.extend(rs),
+            Err(e) => tracing::error!(error = %e, "a stress task failed"),
+        }
+    }
+    let elapsed = t0.elapsed();
+    if *stop.borrow() {
+        interrupted = true;
+    }
+    records.sort_by_key(|r| r.sent);
+    let mut counters = ReplyCounters::default();
+    for c in &conns {
+        counters.duplicates += c.book.duplicates.load(Ordering::Relaxed);
+        counters.late += c.book.late.load(Ordering::Relaxed);
+        counters.strays += c.book.strays.load(Ordering::Relaxed);
+    }
+    for c in &conns {
+        c.link.disconnect().await;
+    }
+    Ok(Measured {
+        records,
+        elapsed,
+        counters,
+        interrupted,
+    })
+}

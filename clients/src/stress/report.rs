@@ -1,0 +1,348 @@
+//! The run's records and the summary made from them: outcome counts,
+//! throughput and latency percentiles (hdrhistogram), as a table for people
+//! and JSON for scripts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::outcome::Outcome;
+
+/// One request of the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    /// When its first attempt was sent, since the run started.
+    pub sent: Duration,
+    /// From the first send to the final reply; `None` when lost.
+    pub latency: Option<Duration>,
+    /// The final outcome.
+    pub outcome: Outcome,
+    /// Attempts made (more than 1 only with `--retries`).
+    pub attempts: u32,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Latency {
+    /// Requests measured.
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    #[serde(rename = "p99_9")]
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Latency {
+    /// Percentiles of `samples`. Recorded in microseconds with 3
+    /// significant digits, so every figure is within 0.1 % of the truth.
+    pub fn of(samples: impl IntoIterator<Item = Duration>) -> Latency {
+        let Ok(mut h) = Histogram::<u64>::new(3) else {
+            return Latency::default();
+        };
+        for s in samples {
+            // Auto-resizing histogram: recording cannot fail for u64 values.
+            let _ = h.record((s.as_micros() as u64).max(1));
+        }
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            mean: h.mean() / 1000.0,
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// What the run was asked to do, for the record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// `closed` or `open`.
+    pub mode: String,
+    /// `json` or `text`.
+    pub format: String,
+    /// `5` or `3.1.1`.
+    pub mqtt: String,
+    /// Project the requests went to.
+    pub project: String,
+    /// Closed loop: concurrent clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<u64>,
+    /// Closed loop: messages per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u64>,
+    /// Closed loop: least time between one client's sends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Open loop: requests per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// Open loop: how long to send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Sessions used.
+    pub sessions: u64,
+    /// MQTT connections used.
+    pub connections: u64,
+    /// How long a request may wait for its reply.
+    pub reply_timeout_ms: u64,
+    /// Whether retryable errors were retried.
+    pub retries: bool,
+}
+
+/// The summary of a run (the `--json` output).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// What was asked.
+    pub settings: Settings,
+    /// From the first send to the last reply or loss.
+    pub elapsed_ms: u64,
+    /// Requests sent (first attempts).
+    pub sent: u64,
+    /// Messages published (retries included).
+    pub attempts: u64,
+    /// Requests that got a final reply.
+    pub answered: u64,
+    /// Answered requests per second of `elapsed`.
+    pub throughput: f64,
+    /// Successful requests per second of `elapsed`.
+    pub ok_throughput: f64,
+    /// Requests by final outcome; every outcome is listed, zeros included,
+    /// and the counts add up to `sent`.
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Extra replies for a request already answered.
+    pub duplicates: u64,
+    /// Replies that came after their request was counted lost.
+    pub late: u64,
+    /// Messages on our reply topics that matched no request.
+    pub strays: u64,
+    /// Whether the run was interrupted before sending everything.
+    pub interrupted: bool,
+    /// Latency of successful requests.
+    pub latency_ms: Latency,
+    /// Latency of error replies (usually immediate rejections).
+    pub error_latency_ms: Latency,
+}
+
+/// Reply counters kept by the connections, not per request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyCounters {
+    /// Extra replies for a request already answered.
+    pub duplicates: u64,
+    /// Replies after the request was counted lost.
+    pub late: u64,
+    /// Replies that matched no request.
+    pub strays: u64,
+}
+
+impl Report {
+    /// Builds the summary of `records`.
+    pub fn new(
+        settings: Settings,
+        records: &[Record],
+        elapsed: Duration,
+        counters: ReplyCounters,
+        interrupted: bool,
+    ) -> Report {
+        let mut outcomes: BTreeMap<&'static str, u64> =
+            Outcome::all().map(|o| (o.label(), 0)).collect();
+        for r in records {
+            *outcomes.entry(r.outcome.label()).or_default() += 1;
+        }
+        let answered = records.iter().filter(|r| r.outcome.answered()).count() as u64;
+        let ok = records.iter().filter(|r| r.outcome == Outcome::Ok).count() as u64;
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        Report {
+            settings,
+            elapsed_ms: elapsed.as_millis() as u64,
+            sent: records.len() as u64,
+            attempts: records.iter().map(|r| u64::from(r.attempts)).sum(),
+            answered,
+            throughput: answered as f64 / secs,
+            ok_throughput: ok as f64 / secs,
+            outcomes,
+            duplicates: counters.duplicates,
+            late: counters.late,
+            strays: counters.strays,
+            interrupted,
+            latency_ms: Latency::of(
+                records
+                    .iter()
+                    .filter(|r| r.outcome == Outcome::Ok)
+                    .filter_map(|r| r.latency),
+            ),
+            error_latency_ms: Latency::of(
+                records
+                    .iter()
+                    .filter(|r| r.outcome != Outcome::Ok)
+                    .filter_map(|r| r.latency),
+            ),
+        }
+    }
+
+    /// Requests with no reply before the reply timeout.
+    pub fn lost(&self) -> u64 {
+        self.outcomes.get("lost").copied().unwrap_or(0)
+    }
+
+    /// The summary table printed on stdout.
+    pub fn table(&self) -> String {
+        let s = &self.settings;
+        let mut out = String::new();
+        let shape = match s.mode.as_str() {
+            "closed" => format!(
+                "closed loop, {} clients x {} messages, {} ms apart",
+                s.clients.unwrap_or(0),
+                s.messages.unwrap_or(0),
+                s.interval_ms.unwrap_or(0)
+            ),
+            _ => format!(
+                "open loop, {} req/s for {:.1} s over {} sessions",
+                s.rate.unwrap_or(0.0),
+                s.duration_ms.unwrap_or(0) as f64 / 1000.0,
+                s.sessions
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "vllm-stress: {shape}; format {}, MQTT {}, {} connection(s), retries {}",
+            s.format,
+            s.mqtt,
+            s.connections,
+            if s.retries { "on" } else { "off" }
+        );
+        if self.interrupted {
+            let _ = writeln!(out, "(interrupted: not every request was sent)");
+        }
+        let _ = writeln!(
+            out,
+            "requests    {} sent, {} answered, {} lost, {} attempts, in {:.2} s",
+            self.sent,
+            self.answered,
+            self.lost(),
+            self.attempts,
+            self.elapsed_ms as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "throughput  {:.1} req/s answered, {:.1} req/s ok",
+            self.throughput, self.ok_throughput
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{:<22}{:>9}{:>9}", "outcome", "count", "%");
+        for o in Outcome::all() {
+            let n = self.outcomes.get(o.label()).copied().unwrap_or(0);
+            let pct = if self.sent == 0 {
+                0.0
+            } else {
+                100.0 * n as f64 / self.sent as f64
+            };
+            let _ = writeln!(out, "{:<22}{:>9}{:>8.1}%", o.label(), n, pct);
+        }
+        let _ = writeln!(out, "{:<22}{:>9}", "duplicate replies", self.duplicates);
+        let _ = writeln!(out, "{:<22}{:>9}", "late replies", self.late);
+        let _ = writeln!(out, "{:<22}{:>9}", "stray replies", self.strays);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<22}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}",
+            "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max", "mean"
+        );
+        for (name, l) in [("ok", &self.latency_ms), ("errors", &self.error_latency_ms)] {
+            let _ = writeln!(
+                out,
+                "{:<22}{:>9}{:>9.1}{:>9.1}{:>9.1}{:>9.1}{:>9.1}{:>9.1}",
+                name, l.count, l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    fn rec(ms: Option<u64>, outcome: Outcome) -> Record {
+        Record {
+            sent: Duration::ZERO,
+            latency: ms.map(Duration::from_millis),
+            outcome,
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn percentiles() {
+        let l = Latency::of((1..=1000).map(Duration::from_millis));
+        assert_eq!(l.count, 1000);
+        assert!((l.p50 - 500.0).abs() < 1.0, "{l:?}");
+        assert!((l.p90 - 900.0).abs() < 1.0, "{l:?}");
+        assert!((l.p99 - 990.0).abs() < 1.0, "{l:?}");
+        assert!((l.p999 - 999.0).abs() < 1.0, "{l:?}");
+        assert!((l.max - 1000.0).abs() < 1.0, "{l:?}");
+        assert!((l.mean - 500.5).abs() < 1.0, "{l:?}");
+        assert_eq!(Latency::of([]), Latency::default());
+    }
+
+    #[test]
+    fn every_request_is_counted_once() {
+        let records = vec![
+            rec(Some(10), Outcome::Ok),
+            rec(Some(20), Outcome::Ok),
+            rec(Some(1), Outcome::Error(ErrorCode::Overloaded)),
+            rec(Some(1), Outcome::OtherError),
+            rec(None, Outcome::Lost),
+        ];
+        let r = Report::new(
+            Settings::default(),
+            &records,
+            Duration::from_secs(2),
+            ReplyCounters {
+                duplicates: 3,
+                ..Default::default()
+            },
+            false,
+        );
+        assert_eq!(r.sent, 5);
+        assert_eq!(r.outcomes.values().sum::<u64>(), 5);
+        assert_eq!(r.outcomes["ok"], 2);
+        assert_eq!(r.outcomes["overloaded"], 1);
+        assert_eq!(r.outcomes["rate_limited"], 0);
+        assert_eq!(r.lost(), 1);
+        assert_eq!(r.answered, 4);
+        assert_eq!(r.throughput, 2.0);
+        assert_eq!(r.ok_throughput, 1.0);
+        assert_eq!(r.latency_ms.count, 2);
+        assert_eq!(r.error_latency_ms.count, 2);
+        assert_eq!(r.duplicates, 3);
+        let table = r.table();
+        assert!(table.contains("overloaded"), "{table}");
+        assert!(table.contains("duplicate replies"), "{table}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["outcomes"]["lost"], 1);
+        assert_eq!(json["latencyMs"]["count"], 2);
+        assert!(json["latencyMs"]["p99_9"].is_number());
+    }
+}

@@ -1,0 +1,371 @@
+//! The client library against the real daemon (in-process), a real broker
+//! (Mosquitto) and the fake vLLM.
+
+mod support;
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use support::broker::{Mosquitto, MosquittoOptions};
+use support::daemon::{config, unique, Daemon, WAIT};
+use support::fake_vllm::{FakeVllm, Scripted};
+use support::mqtt_client::TestClient;
+use vllm_chat::protocol::ErrorCode;
+use vllm_chat::{ChatRequest, Client, ClientError, ClientOptions, ClientStats, Protocol};
+use vllm_mqttd::Config;
+
+struct Env {
+    broker: Mosquitto,
+    fake: FakeVllm,
+    daemon: Daemon,
+}
+
+impl Env {
+    async fn start(fake: FakeVllm, tweak: impl FnOnce(&mut Config)) -> Env {
+        let broker = Mosquitto::start().await;
+        let mut c = config(broker.host(), broker.port(), &fake.base_url());
+        tweak(&mut c);
+        let daemon = Daemon::start(c).await;
+        Env {
+            broker,
+            fake,
+            daemon,
+        }
+    }
+
+    /// Client options for this broker, without pacing (tests that need it
+    /// set it).
+    fn options(&self) -> ClientOptions {
+        ClientOptions::new(self.broker.host(), self.broker.port())
+            .min_interval(Duration::ZERO)
+            .timeout(WAIT)
+            .reply_timeout(WAIT)
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.options()).await.expect("connect")
+    }
+
+    async fn stop(self) {
+        self.daemon.stop().await.expect("daemon stops cleanly");
+        drop(self.fake);
+        drop(self.broker);
+    }
+}
+
+/// Waits (bounded) until the client's counters satisfy `f`.
+async fn wait_stats(client: &Client, f: impl Fn(&ClientStats) -> bool) -> ClientStats {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = client.stats();
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "client stats never matched: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn chat_round_trip_with_history() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let client = env.client().await;
+    let reply = client.chat("maze", "s1", "hello").await.unwrap();
+    assert!(reply.ok);
+    assert_eq!(reply.text.as_deref(), Some("echo: hello"));
+    assert_eq!(reply.session_id, "s1");
+    assert_eq!(reply.client_id.as_deref(), Some(client.client_id()));
+    assert_eq!(reply.request_id.as_ref().map(String::len), Some(16));
+
+    let reply = client
+        .send(&ChatRequest::new("maze", "s1", "again").max_tokens(7))
+        .await
+        .unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: again"));
+    // The daemon kept the conversation: the second call carried the first.
+    let second = &env.fake.requests()[1];
+    assert_eq!(second["max_tokens"], 7);
+    let contents: Vec<_> = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(contents.contains(&"hello".to_owned()), "{contents:?}");
+    assert!(contents.contains(&"echo: hello".to_owned()), "{contents:?}");
+
+    let s = client.stats();
+    assert_eq!((s.sent, s.replies, s.retries), (2, 2, 0));
+    assert_eq!((s.duplicates, s.strays, s.late), (0, 0, 0));
+    client.disconnect().await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt_311_round_trip() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let client = Client::connect(env.options().protocol(Protocol::V311))
+        .await
+        .unwrap();
+    let reply = client.chat("general", "v4-session", "hi").await.unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: hi"));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn many_tasks_share_one_client() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let client = env.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let client = client.clone();
+        // Five sessions, two tasks each: the pairs take turns.
+        tasks.push(tokio::spawn(async move {
+            let session = format!("s{}", i % 5);
+            let msg = format!("m{i}");
+            let reply = client.chat("maze", &session, &msg).await.unwrap();
+            (msg, reply)
+        }));
+    }
+    for t in tasks {
+        let (msg, reply) = t.await.unwrap();
+        assert_eq!(reply.text, Some(format!("echo: {msg}")));
+    }
+    assert_eq!(env.fake.chat_calls(), 10);
+    let s = client.stats();
+    assert_eq!((s.sent, s.replies, s.retries), (10, 10, 0));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_busy_session_waits_instead_of_sending() {
+    let env = Env::start(FakeVllm::builder().gated().run().await, |_| {}).await;
+    // One attempt only: a session_busy reply would surface as an error.
+    let client = Client::connect(env.options().max_attempts(1))
+        .await
+        .unwrap();
+
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.chat("maze", "busy", "first").await }
+    });
+    assert!(env.fake.wait_for_calls(1, WAIT).await);
+
+    // Poll the second call once: it queues behind the first and sends
+    // nothing.
+    let mut second = pin!(client.chat("maze", "busy", "second"));
+    let polled = std::future::poll_fn(|cx| Poll::Ready(second.as_mut().poll(cx))).await;
+    assert!(polled.is_pending());
+    assert_eq!(client.stats().sent, 1);
+    // Another session is not held up.
+    env.fake.release(1);
+    let other = client.chat("maze", "other", "meanwhile");
+
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.text.as_deref(), Some("echo: first"));
+    env.fake.release(2);
+    let (second, other) = tokio::join!(second, other);
+    assert_eq!(second.unwrap().text.as_deref(), Some("echo: second"));
+    assert_eq!(other.unwrap().text.as_deref(), Some("echo: meanwhile"));
+    assert_eq!(env.fake.chat_calls(), 3);
+    assert_eq!(client.stats().sent, 3);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn sends_are_paced() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let interval = Duration::from_millis(400);
+    let client = Client::connect(env.options().min_interval(interval))
+        .await
+        .unwrap();
+    let (a, b, c) = tokio::join!(
+        client.chat("maze", "p1", "a"),
+        client.chat("maze", "p2", "b"),
+        client.chat("maze", "p3", "c"),
+    );
+    for r in [a, b, c] {
+        assert!(r.unwrap().ok);
+    }
+    let t = env.fake.call_times();
+    assert_eq!(t.len(), 3);
+    // Sends were 400 ms apart; backend arrival times carry the daemon's
+    // (small, variable) processing time, so allow some slack.
+    let slack = Duration::from_millis(150);
+    assert!(t[1] - t[0] >= interval - slack, "{:?}", t[1] - t[0]);
+    assert!(t[2] - t[1] >= interval - slack, "{:?}", t[2] - t[1]);
+    assert!(t[2] - t[0] >= 2 * interval - slack, "{:?}", t[2] - t[0]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limited_is_retried_after_retry_after() {
+    let window = Duration::from_secs(2);
+    let env = Env::start(FakeVllm::builder().run().await, |c| {
+        c.admission.rate_limit = 1;
+        c.admission.rate_window = window;
+    })
+    .await;
+    let client = Client::connect(
+        env.options()
+            .max_attempts(4)
+            .retry_delays(Duration::from_millis(50), Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    assert!(client.chat("maze", "rl", "one").await.unwrap().ok);
+    let started = tokio::time::Instant::now();
+    let reply = client.chat("maze", "rl", "two").await.unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: two"));
+    // The first attempt was refused with retryAfterMs; the client waited
+    // that long (far more than its own 50-100 ms backoff) and then
+    // succeeded with a new request id.
+    let s = client.stats();
+    assert!(s.retries >= 1, "{s:?}");
+    assert!(started.elapsed() >= window - Duration::from_millis(300));
+    let t = env.fake.call_times();
+    assert_eq!(t.len(), 2);
+    assert!(
+        t[1] - t[0] >= window - Duration::from_millis(100),
+        "the retry reached the backend {:?} after the first call",
+        t[1] - t[0]
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn backend_refusal_is_a_typed_error_and_not_retried() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::Status(400, "prompt is not allowed".into())])
+        .run()
+        .await;
+    let env = Env::start(fake, |_| {}).await;
+    let client = env.client().await;
+    let err = client.chat("maze", "be", "forbidden").await.unwrap_err();
+    match &err {
+        ClientError::Server {
+            code,
+            message,
+            reply,
+            ..
+        } => {
+            assert_eq!(*code, ErrorCode::BackendError);
+            assert!(!message.is_empty());
+            assert!(!reply.ok);
+        }
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    assert_eq!(err.code(), Some(ErrorCode::BackendError));
+    assert_eq!(env.fake.chat_calls(), 1);
+    assert_eq!(client.stats().retries, 0);
+    // Not a fabricated answer, and the client still works.
+    assert_eq!(
+        client
+            .chat("maze", "be", "fine")
+            .await
+            .unwrap()
+            .text
+            .as_deref(),
+        Some("echo: fine")
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn no_reply_is_a_timeout_and_a_late_reply_is_counted() {
+    let env = Env::start(FakeVllm::builder().gated().run().await, |_| {}).await;
+    let client = Client::connect(env.options().reply_timeout(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    let err = client.chat("maze", "late", "slow").await.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
+    // The daemon still answers once the backend does: a late reply,
+    // counted and ignored.
+    env.fake.release(1);
+    let s = wait_stats(&client, |s| s.late == 1).await;
+    assert_eq!((s.replies, s.strays), (0, 0));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn duplicates_and_strays_are_ignored() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let client = env.client().await;
+    let reply = client.chat("maze", "d1", "hi").await.unwrap();
+    let id = reply.request_id.clone().unwrap();
+    let device = TestClient::connect(env.broker.host(), env.broker.port(), &unique("dev")).await;
+    let topic = format!("maze/assistant_response/d1/{}/{id}", client.client_id());
+    let payload = serde_json::to_vec(&reply).unwrap();
+    device.publish(&topic, payload, 1).await;
+    let stray = format!("maze/assistant_response/d1/{}/0000", client.client_id());
+    let mut other = reply.clone();
+    other.request_id = Some("0000".into());
+    device
+        .publish(&stray, serde_json::to_vec(&other).unwrap(), 1)
+        .await;
+    let s = wait_stats(&client, |s| s.duplicates == 1 && s.strays == 1).await;
+    assert_eq!(s.replies, 1);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_before_sending() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let client = env.client().await;
+    for (project, session, message) in [
+        ("maze", "bad session", "hi"),
+        ("maze/x", "s", "hi"),
+        ("maze", "s", "   "),
+    ] {
+        let err = client.chat(project, session, message).await.unwrap_err();
+        assert!(matches!(err, ClientError::InvalidRequest(_)), "{err:?}");
+    }
+    assert_eq!(client.stats().sent, 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn connection_failures_are_typed() {
+    let port = support::broker::free_port();
+    let err = Client::connect(ClientOptions::new("127.0.0.1", port))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Connection(_)), "{err:?}");
+
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        password: Some(("dev".into(), "right".into())),
+        ..Default::default()
+    })
+    .await;
+    let opts = ClientOptions::new(broker.host(), broker.port()).credentials("dev", "wrong");
+    let err = Client::connect(opts).await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused(_)), "{err:?}");
+    let opts = ClientOptions::new(broker.host(), broker.port()).credentials("dev", "right");
+    assert!(Client::connect(opts).await.is_ok());
+}
+
+#[tokio::test]
+async fn reconnects_and_resubscribes_after_a_broker_restart() {
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    let client = env.client().await;
+    assert!(client.chat("maze", "rc", "before").await.unwrap().ok);
+    let mut env = env;
+    env.broker.restart().await;
+    wait_stats(&client, |s| s.reconnects >= 1).await;
+    // The daemon is back once its (retained) online status is: it
+    // subscribes before it publishes that.
+    let mut watcher =
+        TestClient::connect(env.broker.host(), env.broker.port(), &unique("watch")).await;
+    watcher
+        .subscribe(&format!("vllm-mqttd/{}/status", env.daemon.instance))
+        .await;
+    while watcher.expect(WAIT).await.json()["state"] != "online" {}
+    let reply = client.chat("maze", "rc", "after").await.unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: after"));
+    env.stop().await;
+}
