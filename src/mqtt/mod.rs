@@ -16,7 +16,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::LastWill;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
-use rumqttc::{TlsConfiguration, Transport};
+use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
 
 use crate::config::Config;
 use crate::error::{AppError, ConfigError};
@@ -87,7 +87,14 @@ pub fn options(
         .set_manual_acks(true)
         .set_max_packet_size(Some(cfg.mqtt.max_packet_bytes))
         .set_receive_maximum(Some(receive_maximum(cfg)))
-        .set_connection_timeout(10)
+        .set_network_options({
+            // Replies are small and latency-bound: never let Nagle hold one
+            // back waiting for the broker's delayed ACK.
+            let mut net = NetworkOptions::new();
+            net.set_tcp_nodelay(true);
+            net.set_connection_timeout(10);
+            net
+        })
         .set_last_will(LastWill::new(
             status.topic.clone(),
             status.offline.clone(),

@@ -301,6 +301,8 @@ impl Mosquitto {
         }
         conf.push_str(&format!("persistence_location {}/\n", dir.display()));
         conf.push_str("max_queued_messages 100000\n");
+        // As in production (config/mosquitto/mosquitto.conf): no Nagle delay.
+        conf.push_str("set_tcp_nodelay true\n");
         conf.push_str("max_inflight_messages 0\n");
         conf.push_str("log_dest stderr\n");
         conf.push_str("log_type error\nlog_type warning\nlog_type notice\n");
