@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::json;
 use support::broker::{Mosquitto, MosquittoOptions};
-use support::daemon::{config, unique, Daemon, WAIT};
+use support::daemon::{config, unique, WAIT};
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::{ConnectOptions, TestClient};
 

@@ -326,3 +326,23 @@ async fn rate_budget_waits_within_the_deadline() {
     assert_eq!(fake.chat_calls(), 1);
     w.daemon.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn api_key_is_sent_as_a_bearer_token() {
+    let mut cfg = vllm_sim::SimConfig::scripted();
+    cfg.api_key = Some("sk-test-key".into());
+    let sim = vllm_sim::Sim::builder().config(cfg).run().await;
+    // Without the key, vLLM refuses with 401: a refusal, not retried.
+    let mut w = world(&sim.base_url(), |_| {}).await;
+    let v = w.ask("m").await;
+    assert_eq!(v["error"]["code"], "backend_error", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("401"));
+    w.daemon.stop().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sk-test-key\n").unwrap();
+    let mut w = world(&sim.base_url(), |c| c.backend.api_key_file = Some(key)).await;
+    assert_eq!(w.ask("with key").await["text"], "echo: with key");
+    w.daemon.stop().await.unwrap();
+}

@@ -1,0 +1,244 @@
+//! Measures the simulator itself: N keep-alive HTTP clients send chat
+//! requests back to back for a while; it prints requests/s, tokens/s and
+//! latency percentiles, and, when the latency model is on, what the model
+//! predicts for the same load.
+//!
+//! ```sh
+//! # How fast is the simulator with no simulated latency at all?
+//! cargo run --release -p vllm-sim --example selfbench -- --clients 64 --zero
+//! # Does the engine deliver the throughput its model predicts?
+//! cargo run --release -p vllm-sim --example selfbench -- \
+//!     --clients 64 --max-num-seqs 32 --max-tokens 64 --secs 20
+//! # Against a separately started `vllm-sim`, each pinned to its own core,
+//! # to see what the server alone does with one core (read its CPU time
+//! # from /proc/PID/stat before and after):
+//! taskset -c 0 target/release/vllm-sim --port 8000 --latency-scale 0 &
+//! taskset -c 1 target/release/examples/selfbench --url http://127.0.0.1:8000/v1 \
+//!     --clients 64 --max-tokens 16 --secs 5 --ramp-secs 0
+//! ```
+//!
+//! The simulator runs in this process (unless `--url`), on the same
+//! runtime as the clients, so the zero-latency figure is what server and
+//! clients manage together on this machine's cores.
+
+use std::time::Duration;
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::time::Instant;
+use vllm_sim::{LatencyModel, Sim};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Concurrent clients, each with one request outstanding.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Clients start spread over this many seconds, so that long requests
+    /// do not move in lock-step waves (which would quantise the count).
+    #[arg(long, default_value_t = 1.0)]
+    ramp_secs: f64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// max_tokens of every request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Ask for SSE streams.
+    #[arg(long)]
+    stream: bool,
+    /// Bench this server instead of an in-process one.
+    #[arg(long)]
+    url: Option<String>,
+    /// Model name to ask for.
+    #[arg(long, default_value = "sim-model")]
+    model: String,
+    /// In-process sim: no simulated latency at all.
+    #[arg(long)]
+    zero: bool,
+    /// In-process sim: --max-num-seqs.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// In-process sim: --ttft-ms.
+    #[arg(long, default_value_t = 20.0)]
+    ttft_ms: f64,
+    /// In-process sim: --itl-base-ms.
+    #[arg(long, default_value_t = 7.0)]
+    itl_base_ms: f64,
+    /// In-process sim: --itl-per-seq-ms.
+    #[arg(long, default_value_t = 0.5)]
+    itl_per_seq_ms: f64,
+}
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
+    let latency = if args.zero {
+        LatencyModel::zero()
+    } else {
+        LatencyModel {
+            ttft: ms(args.ttft_ms),
+            ttft_per_prompt_token: Duration::ZERO,
+            itl_base: ms(args.itl_base_ms),
+            itl_per_running: ms(args.itl_per_seq_ms),
+        }
+    };
+    let (_sim, base) = match &args.url {
+        Some(url) => (None, url.trim_end_matches('/').to_string()),
+        None => {
+            let sim = Sim::builder()
+                .latency_model(latency)
+                .max_num_seqs(args.max_num_seqs)
+                .model(&args.model)
+                .run()
+                .await;
+            let base = sim.base_url();
+            (Some(sim), base)
+        }
+    };
+    let url = format!("{base}/chat/completions");
+    let body = bytes::Bytes::from(
+        serde_json::to_vec(&json!({
+            "model": args.model,
+            "messages": [{"role": "user", "content": "Say something."}],
+            "max_tokens": args.max_tokens,
+            "stream": args.stream,
+        }))
+        .unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(args.warmup_secs);
+    let measure_to = measure_from + Duration::from_secs_f64(args.secs);
+    let mut tasks = Vec::new();
+    for i in 0..args.clients {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        let first =
+            start + Duration::from_secs_f64(args.ramp_secs * i as f64 / args.clients as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(first).await;
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            let mut errors = 0u64;
+            while Instant::now() < measure_to {
+                let t = Instant::now();
+                let ok = match client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                {
+                    Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
+                    Ok(resp) => {
+                        let _ = resp.bytes().await;
+                        false
+                    }
+                    Err(_) => false,
+                };
+                let end = Instant::now();
+                // Completions inside the window count, whenever they
+                // started: long requests straddle its edges.
+                if end >= measure_from && end <= measure_to {
+                    if ok {
+                        hist.record((end - t).as_micros() as u64).unwrap();
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (hist, errors)
+        }));
+    }
+    tokio::time::sleep_until(measure_from).await;
+    let cpu_at_start = cpu_secs();
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.unwrap();
+        hist.add(h).unwrap();
+        errors += e;
+    }
+    let cpu = match (cpu_at_start, cpu_secs()) {
+        (Some(a), Some(b)) => b - a,
+        _ => f64::NAN,
+    };
+
+    let n = hist.len();
+    let rps = n as f64 / args.secs;
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    println!(
+        "clients={} max_tokens={} stream={} {}",
+        args.clients,
+        args.max_tokens,
+        args.stream,
+        match &args.url {
+            Some(u) => format!("url={u}"),
+            None if args.zero => "in-process, zero latency".to_string(),
+            None => format!(
+                "in-process, max_num_seqs={} ttft={}ms itl={}+{}*running ms",
+                args.max_num_seqs, args.ttft_ms, args.itl_base_ms, args.itl_per_seq_ms
+            ),
+        }
+    );
+    println!(
+        "requests={n} errors={errors} secs={} -> {rps:.1} req/s, {:.0} tokens/s",
+        args.secs,
+        rps * f64::from(args.max_tokens)
+    );
+    println!(
+        "latency ms: p50={:.2} p90={:.2} p99={:.2} max={:.2}",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        hist.max() as f64 / 1000.0
+    );
+    println!(
+        "process cpu: {cpu:.2} s over {} s ({:.0}% of one core), {:.1} µs per request",
+        args.secs,
+        100.0 * cpu / args.secs,
+        1e6 * cpu / n.max(1) as f64
+    );
+    if args.url.is_none() && !args.zero {
+        // Each client sends its next request as its last one ends, at a
+        // decode-step boundary; it is admitted there (into the slot just
+        // freed, or the one after it in FCFS order), its prefill ends inside
+        // a step, and it joins the batch at the end of that step. So a
+        // request lasts ceil(prefill / itl) + max_tokens - 1 steps of
+        // itl(running), plus its wait in the queue.
+        let running = args.clients.min(args.max_num_seqs);
+        let itl = latency.itl(running).as_secs_f64();
+        let prefill = latency.prefill(1).as_secs_f64();
+        let per_request = if itl > 0.0 {
+            let steps = (prefill / itl).ceil() + f64::from(args.max_tokens.saturating_sub(1));
+            steps * itl
+        } else {
+            prefill
+        };
+        let predicted = running as f64 / per_request;
+        println!(
+            "model: running={running} itl={:.1} ms per request={:.0} ms -> {predicted:.2} req/s; \
+             observed/predicted = {:.3}",
+            itl * 1000.0,
+            per_request * 1000.0,
+            rps / predicted
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! The `vllm-sim` binary: flags -> validated config -> serve until SIGINT
+//! or SIGTERM.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use vllm_sim::cli::Cli;
+use vllm_sim::Sim;
+
+/// EX_USAGE: a bad flag or value.
+const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: the port cannot be bound, or no runtime.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help and --version print and succeed.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let config = match cli.into_config() {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+    };
+    runtime.block_on(async {
+        let sim = match Sim::builder().config(config).try_run().await {
+            Ok(s) => s,
+            Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+        };
+        let c = sim.config();
+        let l = c.engine.latency;
+        eprintln!(
+            "vllm-sim: listening on {} (model {}, max-num-seqs {}, ttft {:?} + {:?}/prompt token, \
+             itl {:?} + {:?} * running, output {}, seed {})",
+            sim.base_url(),
+            c.model,
+            c.engine.max_num_seqs,
+            l.ttft,
+            l.ttft_per_prompt_token,
+            l.itl_base,
+            l.itl_per_running,
+            c.output,
+            sim.seed(),
+        );
+        tokio::select! {
+            () = signal() => {}
+            () = log_stats(&sim) => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("vllm-sim: {e}");
+    ExitCode::from(code)
+}
+
+/// Resolves on SIGINT or SIGTERM (or if the handlers cannot be installed).
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => eprintln!("vllm-sim: SIGINT, exiting"),
+            _ = term.recv() => eprintln!("vllm-sim: SIGTERM, exiting"),
+        },
+        Err(e) => eprintln!("vllm-sim: cannot install the SIGTERM handler: {e}"),
+    }
+}
+
+/// vLLM's periodic line, every 10 s while there is traffic.
+async fn log_stats(sim: &Sim) {
+    const EVERY: Duration = Duration::from_secs(10);
+    let mut tick = tokio::time::interval(EVERY);
+    tick.tick().await;
+    let mut last = sim.metrics().generation_tokens();
+    loop {
+        tick.tick().await;
+        let now = sim.metrics().generation_tokens();
+        let (running, waiting) = (sim.running(), sim.waiting());
+        if now != last || running + waiting > 0 {
+            eprintln!(
+                "vllm-sim: avg generation throughput: {:.1} tokens/s, running: {running} reqs, \
+                 waiting: {waiting} reqs",
+                (now - last) as f64 / EVERY.as_secs_f64()
+            );
+        }
+        last = now;
+    }
+}
