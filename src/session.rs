@@ -68,8 +68,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Undoes an `Admitted` whose request was then refused (queue full):
     /// frees the session and gives the window slot back.
     async fn cancel(&self, key: &SessionKey);
-    /// The request's reply has been handed to egress: free the session and
-    /// remember `request_id` as answered.
+    /// The request's reply is about to be handed to egress: free the
+    /// session for its next request (a device may send it the moment the
+    /// reply arrives), while deliveries of `request_id` still count as in
+    /// flight.
+    async fn release(&self, key: &SessionKey, request_id: Option<&str>);
+    /// The reply is with egress, ahead of anything enqueued later: remember
+    /// `request_id` as answered (its redeliveries are then acknowledged).
+    /// Call after `release`.
     async fn finish(&self, key: &SessionKey, request_id: Option<&str>);
     /// System prompt override and history, for building a prompt.
     async fn context(&self, key: &SessionKey) -> Context;
@@ -92,6 +98,8 @@ struct Session {
     window: SlidingWindow,
     history: VecDeque<Turn>,
     system_prompt: Option<String>,
+    /// Released but not yet finished: its reply is on its way to egress.
+    replying: Option<Box<str>>,
     answered: VecDeque<Box<str>>,
     last_seen: Option<Instant>,
 }
@@ -147,6 +155,9 @@ impl SessionStore for MemoryStore {
                 }
             }
             if let Some(s) = inner.sessions.peek(key) {
+                if s.replying.as_deref() == Some(id) {
+                    return Admit::Duplicate { answered: false };
+                }
                 if s.answered.iter().any(|a| &**a == id) {
                     return Admit::Duplicate { answered: true };
                 }
@@ -179,14 +190,27 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) {
+    async fn release(&self, key: &SessionKey, request_id: Option<&str>) {
         let mut g = self.lock();
         g.busy.remove(key);
         if let (Some(id), Some(s)) = (request_id, g.sessions.peek_mut(key)) {
-            if s.answered.len() == ANSWERED_IDS {
-                s.answered.pop_front();
+            s.replying = Some(id.into());
+        }
+    }
+
+    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) {
+        // Exclusivity was given up by `release`; a newer request may hold it.
+        let mut g = self.lock();
+        if let Some(s) = g.sessions.peek_mut(key) {
+            if s.replying.as_deref() == request_id {
+                s.replying = None;
             }
-            s.answered.push_back(id.into());
+            if let Some(id) = request_id {
+                if s.answered.len() == ANSWERED_IDS {
+                    s.answered.pop_front();
+                }
+                s.answered.push_back(id.into());
+            }
         }
     }
 
@@ -281,12 +305,15 @@ mod tests {
             Admit::Duplicate { answered: false }
         );
         assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Busy);
+        st.release(&k, Some("r1")).await;
+        st.release(&k, Some("r1")).await;
         st.finish(&k, Some("r1")).await;
         assert_eq!(
             st.admit(&k, Some("r1"), now).await,
             Admit::Duplicate { answered: true }
         );
         assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Admitted);
+        st.release(&k, Some("r2")).await;
         st.finish(&k, Some("r2")).await;
         let later = now + Duration::from_secs(10);
         assert_eq!(
@@ -294,6 +321,29 @@ mod tests {
             Admit::RateLimited {
                 retry_after: Duration::from_secs(50)
             }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_session_takes_new_requests_while_old_id_is_in_flight() {
+        let st = store(10);
+        let k = key("s");
+        let now = Instant::now();
+        assert_eq!(st.admit(&k, Some("r1"), now).await, Admit::Admitted);
+        st.release(&k, Some("r1")).await;
+        // A redelivery of r1 now is still in flight: dropped, not acked.
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await,
+            Admit::Duplicate { answered: false }
+        );
+        // The device's next request is admitted at once.
+        assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Admitted);
+        // Finishing r1 must not free r2's exclusivity.
+        st.finish(&k, Some("r1")).await;
+        assert_eq!(st.admit(&k, Some("r3"), now).await, Admit::Busy);
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await,
+            Admit::Duplicate { answered: true }
         );
     }
 
@@ -306,8 +356,10 @@ mod tests {
         st.cancel(&k).await;
         assert_eq!(st.busy(), 0);
         assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
+        st.release(&k, None).await;
         st.finish(&k, None).await;
         assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
+        st.release(&k, None).await;
         st.finish(&k, None).await;
         assert!(matches!(
             st.admit(&k, None, now).await,
@@ -344,6 +396,7 @@ mod tests {
         st.reset(&k).await;
         let c = st.context(&k).await;
         assert!(c.history.is_empty() && c.system_prompt.is_none());
+        st.release(&k, None).await;
         st.finish(&k, None).await;
         assert_eq!(st.sweep(t0 + Duration::from_secs(3599)).await, 0);
         assert_eq!(st.sweep(t0 + Duration::from_secs(3600)).await, 1);

@@ -4,8 +4,10 @@
 //! Each request runs against its deadline: if it passed while queued the
 //! backend is not called; if it passes during the call, the call's future
 //! is dropped (closing the connection, so vLLM aborts the generation) and
-//! the device gets `timeout`. The session is freed only after the reply is
-//! with egress, so a device that answers at once is not told `session_busy`.
+//! the device gets `timeout`. The session is freed just before the reply is
+//! handed to egress (so a device that answers at once is not told
+//! `session_busy`), and the request id counts as answered just after (so a
+//! redelivery is never acknowledged ahead of the reply it is waiting for).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -101,6 +103,9 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
         }
         let key = req.key;
         let request_id = req.reply.request_id.clone();
+        // Free the session before the reply can reach the device, or a
+        // device that answers at once would be told session_busy.
+        shared.store.release(&key, request_id.as_deref()).await;
         let handed = Outbound {
             reply: Some((req.reply, body)),
             ack: req.ack,
