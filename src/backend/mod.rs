@@ -34,7 +34,7 @@ use crate::secret::Secret;
 use openai::{
     ChatMessage, ChatRequest, ErrorBody, ErrorDetail, ModelList, StreamChunk, StreamOptions,
 };
-use sse::SseParser;
+use sse::{SseError, SseParser};
 
 /// Why a backend call failed, typed so callers decide from the kind, not
 /// from message text.
@@ -281,18 +281,18 @@ async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError>
     let mut text = String::new();
     let mut finish_reason = None;
     let mut usage = None;
+    let mut done = false;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk
             .map_err(|e| BackendError::Protocol(format!("stream broke: {}", root_cause(&e))))?;
-        for data in parser.push(&chunk).map_err(BackendError::Protocol)? {
+        // One event per generated token: parsed in place, borrowing from
+        // the chunk, with no allocation but the reply text's growth.
+        let go = parser.push(&chunk, |data| {
             if data.trim() == "[DONE]" {
-                return Ok(Answer {
-                    text,
-                    finish_reason,
-                    usage,
-                });
+                done = true;
+                return Ok(false);
             }
-            let event: StreamChunk = serde_json::from_str(&data)
+            let event: StreamChunk<'_> = serde_json::from_str(data)
                 .map_err(|e| BackendError::Protocol(format!("bad stream event: {e}")))?;
             if let Some(err) = event.error() {
                 return Err(in_band_error(err));
@@ -301,8 +301,8 @@ async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError>
                 if let Some(t) = choice.delta.and_then(|d| d.content) {
                     text.push_str(&t);
                 }
-                if choice.finish_reason.is_some() {
-                    finish_reason = choice.finish_reason;
+                if let Some(f) = choice.finish_reason {
+                    finish_reason = Some(f.into_owned());
                 }
             }
             if let Some(u) = event.usage {
@@ -311,11 +311,25 @@ async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError>
                     completion_tokens: u.completion_tokens,
                 });
             }
+            Ok(true)
+        });
+        match go {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(SseError::Handler(e)) => return Err(e),
+            Err(e) => return Err(BackendError::Protocol(e.to_string())),
         }
     }
-    Err(BackendError::Protocol(
-        "the stream ended without [DONE]".into(),
-    ))
+    if !done {
+        return Err(BackendError::Protocol(
+            "the stream ended without [DONE]".into(),
+        ));
+    }
+    Ok(Answer {
+        text,
+        finish_reason,
+        usage,
+    })
 }
 
 /// An error event inside a 200 stream, typed by its code like a status.

@@ -1,5 +1,7 @@
 //! Wire types of vLLM's OpenAI-compatible API (the subset we use).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize)]
@@ -25,40 +27,39 @@ pub struct ChatMessage<'a> {
 }
 
 /// One event of a streamed completion: content deltas, the finish reason,
-/// the usage (last, with no choices), or an in-band error.
+/// the usage (last, with no choices), or an in-band error. Strings borrow
+/// from the event's text where they have no escapes.
 #[derive(Debug, Deserialize)]
-pub struct StreamChunk {
-    #[serde(default)]
-    pub choices: Vec<StreamChoice>,
+pub struct StreamChunk<'a> {
+    #[serde(default, borrow)]
+    pub choices: Vec<StreamChoice<'a>>,
     #[serde(default)]
     pub usage: Option<UsageWire>,
     #[serde(default)]
     error: Option<serde_json::Value>,
-    #[serde(default)]
-    object: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
+    #[serde(default, borrow)]
+    object: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
     #[serde(default)]
     code: Option<serde_json::Value>,
 }
 
-impl StreamChunk {
+impl StreamChunk<'_> {
     /// The error this event reports, in any of vLLM's shapes:
     /// `{"error":{...}}`, `{"error":{"error":{...}}}` or a top-level
     /// `{"object":"error",...}`.
     pub fn error(&self) -> Option<ErrorDetail> {
         if let Some(e) = &self.error {
             let inner = e.get("error").filter(|x| x.is_object()).unwrap_or(e);
-            return Some(
-                serde_json::from_value(inner.clone()).unwrap_or(ErrorDetail {
-                    message: Some(inner.to_string()),
-                    kind: None,
-                    code: None,
-                }),
-            );
+            return Some(serde_json::from_value(inner.clone()).unwrap_or(ErrorDetail {
+                message: Some(inner.to_string()),
+                kind: None,
+                code: None,
+            }));
         }
         (self.object.as_deref() == Some("error")).then(|| ErrorDetail {
-            message: self.message.clone(),
+            message: self.message.as_deref().map(str::to_owned),
             kind: None,
             code: self.code.clone(),
         })
@@ -66,17 +67,17 @@ impl StreamChunk {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct StreamChoice {
-    #[serde(default)]
-    pub delta: Option<Delta>,
-    #[serde(default)]
-    pub finish_reason: Option<String>,
+pub struct StreamChoice<'a> {
+    #[serde(default, borrow)]
+    pub delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    pub finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Delta {
-    #[serde(default)]
-    pub content: Option<String>,
+pub struct Delta<'a> {
+    #[serde(default, borrow)]
+    pub content: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
