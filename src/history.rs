@@ -8,6 +8,7 @@
 //! [`shrink`] and one retry.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Who said it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,15 +28,17 @@ impl Role {
     }
 }
 
-/// One message of a conversation.
+/// One message of a conversation. The text is shared (`Arc<str>`): a
+/// prompt is built from the stored history for every request, and copying
+/// a pointer beats copying every past message each time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
     pub role: Role,
-    pub content: String,
+    pub content: Arc<str>,
 }
 
 impl Turn {
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
+    pub fn new(role: Role, content: impl Into<Arc<str>>) -> Self {
         Self {
             role,
             content: content.into(),
@@ -52,8 +55,8 @@ pub fn estimate_tokens(text: &str) -> usize {
 /// messages (whole exchanges are dropped from the front).
 pub fn push_exchange(
     history: &mut VecDeque<Turn>,
-    user: String,
-    assistant: String,
+    user: impl Into<Arc<str>>,
+    assistant: impl Into<Arc<str>>,
     max_messages: usize,
 ) {
     history.push_back(Turn::new(Role::User, user));
@@ -70,7 +73,12 @@ pub fn push_exchange(
 /// The prompt for a new message: system prompt, the newest history that
 /// fits `budget` tokens, then the message. The system prompt and the new
 /// message are always included.
-pub fn build_prompt(system: &str, history: &[Turn], message: &str, budget: usize) -> Vec<Turn> {
+pub fn build_prompt(
+    system: &str,
+    history: &[Turn],
+    message: &Arc<str>,
+    budget: usize,
+) -> Vec<Turn> {
     let mut used = estimate_tokens(system) + estimate_tokens(message);
     let mut start = history.len();
     while start > 0 {
@@ -91,7 +99,7 @@ pub fn build_prompt(system: &str, history: &[Turn], message: &str, budget: usize
         out.push(Turn::new(Role::System, system));
     }
     out.extend_from_slice(&history[start..]);
-    out.push(Turn::new(Role::User, message));
+    out.push(Turn::new(Role::User, message.clone()));
     out
 }
 
@@ -138,32 +146,32 @@ mod tests {
             push_exchange(&mut h, format!("u{i}"), format!("a{i}"), 20);
         }
         assert_eq!(h.len(), 20);
-        assert_eq!(h[0].content, "u5");
+        assert_eq!(&*h[0].content, "u5");
         assert_eq!(h[0].role, Role::User);
     }
 
     #[test]
     fn budget_keeps_newest_whole_exchanges() {
         let h = hist(10);
-        let all = build_prompt("sys", &h, "new", 10_000);
+        let all = build_prompt("sys", &h, &Arc::from("new"), 10_000);
         assert_eq!(all.len(), 12);
         assert_eq!(all[0].role, Role::System);
-        assert_eq!(all.last().unwrap().content, "new");
+        assert_eq!(&*all.last().unwrap().content, "new");
         // Budget for system + message + 3 history messages -> 2 (one exchange).
         let per = estimate_tokens("m0");
         let budget = estimate_tokens("sys") + estimate_tokens("new") + 3 * per;
-        let p = build_prompt("sys", &h, "new", budget);
+        let p = build_prompt("sys", &h, &Arc::from("new"), budget);
         assert_eq!(p.len(), 4);
-        assert_eq!(p[1].content, "m8");
+        assert_eq!(&*p[1].content, "m8");
         assert_eq!(p[1].role, Role::User);
     }
 
     #[test]
     fn shrink_drops_older_half_then_stops() {
-        let mut p = build_prompt("sys", &hist(8), "new", 10_000);
+        let mut p = build_prompt("sys", &hist(8), &Arc::from("new"), 10_000);
         assert!(shrink(&mut p));
         assert_eq!(p.len(), 6);
-        assert_eq!(p[1].content, "m4");
+        assert_eq!(&*p[1].content, "m4");
         while shrink(&mut p) {}
         assert_eq!(p.len(), 2);
         assert!(!shrink(&mut p));

@@ -72,7 +72,8 @@ pub struct Sampling {
 #[derive(Debug)]
 pub struct Request {
     pub key: SessionKey,
-    pub message: String,
+    /// Shared: it goes into the prompt and then into the history.
+    pub message: Arc<str>,
     pub sampling: Sampling,
     /// Replace the session's system prompt (already checked as allowed).
     pub system_prompt: Option<String>,

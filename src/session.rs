@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -84,7 +84,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Sets the session's system prompt override.
     async fn set_system_prompt(&self, key: &SessionKey, prompt: String);
     /// Appends an answered exchange to the history.
-    async fn record(&self, key: &SessionKey, user: String, assistant: String);
+    async fn record(&self, key: &SessionKey, user: Arc<str>, assistant: Arc<str>);
     /// Forgets sessions idle for the TTL; returns how many.
     async fn sweep(&self, now: Instant) -> usize;
     /// Sessions held.
@@ -238,7 +238,7 @@ impl SessionStore for MemoryStore {
         s.system_prompt = Some(prompt);
     }
 
-    async fn record(&self, key: &SessionKey, user: String, assistant: String) {
+    async fn record(&self, key: &SessionKey, user: Arc<str>, assistant: Arc<str>) {
         let max = self.limits.history_messages;
         let mut g = self.lock();
         let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
@@ -391,7 +391,7 @@ mod tests {
         st.set_system_prompt(&k, "pirate".into()).await;
         let c = st.context(&k).await;
         assert_eq!(c.history.len(), 4);
-        assert_eq!(c.history[0].content, "u2");
+        assert_eq!(&*c.history[0].content, "u2");
         assert_eq!(c.system_prompt.as_deref(), Some("pirate"));
         st.reset(&k).await;
         let c = st.context(&k).await;

@@ -192,7 +192,11 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
     );
     let answer = call_backend(shared, req, &model, &mut prompt).await?;
     store
-        .record(&req.key, req.message.clone(), answer.text.clone())
+        .record(
+            &req.key,
+            req.message.clone(),
+            Arc::from(answer.text.as_str()),
+        )
         .await;
     Ok(answer)
 }

@@ -374,7 +374,7 @@ fn finish(
             project: inbound.project.clone(),
             session: reply.session_id.clone().into_boxed_str(),
         },
-        message,
+        message: message.into(),
         sampling: Sampling {
             temperature: temperature.unwrap_or(project.temperature),
             top_p: top_p.unwrap_or(project.top_p),
@@ -439,7 +439,7 @@ mod tests {
         let r = ok(
             r#"{"message":"hi","sessionId":"s1","requestId":"r1","clientId":"c","replyTopic":"maze/assistant_response/s1/c/r1","temperature":0,"topP":1,"maxTokens":5,"systemPrompt":"be brief","format":"json","reset":true,"extra":[1]}"#,
         );
-        assert_eq!(r.message, "hi");
+        assert_eq!(&*r.message, "hi");
         assert_eq!(&*r.key.session, "s1");
         assert_eq!(r.reply.topic, "maze/assistant_response/s1/c/r1");
         assert_eq!(r.reply.format, ReplyFormat::Json);
@@ -453,14 +453,14 @@ mod tests {
     #[tokio::test]
     async fn plain_text_and_non_objects_are_messages() {
         let r = ok("hello robot");
-        assert_eq!(r.message, "hello robot");
+        assert_eq!(&*r.message, "hello robot");
         assert!(r.key.session.starts_with("default-"));
         assert_eq!(
             r.reply.topic,
             format!("maze/assistant_response/{}", r.key.session)
         );
-        assert_eq!(ok("\"quoted\"").message, "\"quoted\"");
-        assert_eq!(ok("42").message, "42");
+        assert_eq!(&*ok("\"quoted\"").message, "\"quoted\"");
+        assert_eq!(&*ok("42").message, "42");
     }
 
     #[tokio::test]
@@ -669,7 +669,7 @@ mod properties {
             let r = run(obj.to_string().into_bytes(), None).map_err(|e| TestCaseError::fail(e.failure.message))?;
             prop_assert_eq!(&*r.key.session, session.as_str());
             prop_assert_eq!(r.reply.request_id.as_deref(), Some(request.as_str()));
-            prop_assert_eq!(&r.message, &message);
+            prop_assert_eq!(&*r.message, message.as_str());
             prop_assert_eq!(r.sampling.max_tokens, max_tokens);
             prop_assert_eq!(r.reply.topic, default_reply_topic("maze", &session));
         }

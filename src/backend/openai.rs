@@ -52,11 +52,13 @@ impl StreamChunk<'_> {
     pub fn error(&self) -> Option<ErrorDetail> {
         if let Some(e) = &self.error {
             let inner = e.get("error").filter(|x| x.is_object()).unwrap_or(e);
-            return Some(serde_json::from_value(inner.clone()).unwrap_or(ErrorDetail {
-                message: Some(inner.to_string()),
-                kind: None,
-                code: None,
-            }));
+            return Some(
+                serde_json::from_value(inner.clone()).unwrap_or(ErrorDetail {
+                    message: Some(inner.to_string()),
+                    kind: None,
+                    code: None,
+                }),
+            );
         }
         (self.object.as_deref() == Some("error")).then(|| ErrorDetail {
             message: self.message.as_deref().map(str::to_owned),

@@ -129,7 +129,10 @@ mod tests {
             events(&mut p, b"ta: [DONE]\r\n\r\n: comment\n\n").unwrap(),
             vec!["[DONE]"]
         );
-        assert_eq!(events(&mut p, b"data: a\ndata: b\n\n").unwrap(), vec!["a\nb"]);
+        assert_eq!(
+            events(&mut p, b"data: a\ndata: b\n\n").unwrap(),
+            vec!["a\nb"]
+        );
         // Split inside "\r\n" and between the two newlines.
         assert!(events(&mut p, b"data: x\r").unwrap().is_empty());
         assert!(events(&mut p, b"\n").unwrap().is_empty());
