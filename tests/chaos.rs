@@ -72,6 +72,13 @@ async fn rig() -> Rig {
 }
 
 impl Rig {
+    /// Starts the checker's load in the background.
+    fn load(&self, spec: &LoadSpec, progress: &Arc<Progress>) -> tokio::task::JoinHandle<Outcomes> {
+        let (host, port) = (self.broker.host().to_owned(), self.broker.port());
+        let (spec, progress) = (spec.clone(), progress.clone());
+        tokio::spawn(async move { run_load(&host, port, &spec, progress).await })
+    }
+
     async fn daemon(&self) -> DaemonProcess {
         let mut d = DaemonProcess::spawn(&self.args, &[]);
         d.wait_log("subscribed", WAIT).await;
@@ -96,15 +103,7 @@ async fn kill_9_mid_load_then_restart() {
     let spec = LoadSpec::from_env("maze");
     let progress = Arc::new(Progress::default());
     let mut d = r.daemon().await;
-    let load = tokio::spawn({
-        let (host, port, spec, p) = (
-            r.broker.host().to_owned(),
-            r.broker.port(),
-            spec.clone(),
-            progress.clone(),
-        );
-        async move { run_load(&host, port, &spec, p).await }
-    });
+    let load = r.load(&spec, &progress);
     progress.wait_for(spec.total() / 3).await;
     d.kill9().await;
     let d2 = r.daemon().await;
@@ -122,15 +121,7 @@ async fn mosquitto_restart_mid_load() {
     let spec = LoadSpec::from_env("maze");
     let progress = Arc::new(Progress::default());
     let mut d = r.daemon().await;
-    let load = tokio::spawn({
-        let (host, port, spec, p) = (
-            r.broker.host().to_owned(),
-            r.broker.port(),
-            spec.clone(),
-            progress.clone(),
-        );
-        async move { run_load(&host, port, &spec, p).await }
-    });
+    let load = r.load(&spec, &progress);
     progress.wait_for(spec.total() / 3).await;
     r.broker.restart().await;
     let o = load.await.unwrap();
@@ -149,15 +140,7 @@ async fn backend_outage_stalls_and_resets_then_recovery() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1500);
-    let load = tokio::spawn({
-        let (host, port, spec, p) = (
-            r.broker.host().to_owned(),
-            r.broker.port(),
-            spec.clone(),
-            progress.clone(),
-        );
-        async move { run_load(&host, port, &spec, p).await }
-    });
+    let load = r.load(&spec, &progress);
     progress.wait_for(spec.total() / 4).await;
     for s in [
         Scripted::Stall,
@@ -185,15 +168,7 @@ async fn sigterm_mid_load_drains_then_restart() {
     let spec = LoadSpec::from_env("maze");
     let progress = Arc::new(Progress::default());
     let mut d = r.daemon().await;
-    let load = tokio::spawn({
-        let (host, port, spec, p) = (
-            r.broker.host().to_owned(),
-            r.broker.port(),
-            spec.clone(),
-            progress.clone(),
-        );
-        async move { run_load(&host, port, &spec, p).await }
-    });
+    let load = r.load(&spec, &progress);
     progress.wait_for(spec.total() / 3).await;
     d.sigterm();
     assert!(d.wait_exit(WAIT).await.success(), "{}", d.log_text());
