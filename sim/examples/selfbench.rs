@@ -17,6 +17,9 @@
 //!     --clients 64 --max-tokens 16 --secs 5 --ramp-secs 0
 //! ```
 //!
+//! `--json FILE` also writes the figures as one JSON object (what
+//! `scripts/bench.sh` reads).
+//!
 //! The simulator runs in this process (unless `--url`), on the same
 //! runtime as the clients, so the zero-latency figure is what server and
 //! clients manage together on this machine's cores.
@@ -71,6 +74,9 @@ struct Args {
     /// In-process sim: --itl-per-seq-ms.
     #[arg(long, default_value_t = 0.5)]
     itl_per_seq_ms: f64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
 }
 
 /// CPU seconds this process has used (user + system), from /proc.
@@ -139,19 +145,26 @@ async fn main() {
             let mut errors = 0u64;
             while Instant::now() < measure_to {
                 let t = Instant::now();
-                let ok = match client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await
-                {
-                    Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
-                    Ok(resp) => {
-                        let _ = resp.bytes().await;
-                        false
+                let call = async {
+                    match client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                    {
+                        Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
+                        Ok(resp) => {
+                            let _ = resp.bytes().await;
+                            false
+                        }
+                        Err(_) => false,
                     }
-                    Err(_) => false,
+                };
+                // A request still running at the end of the window would
+                // not be counted: drop it rather than wait for it.
+                let Ok(ok) = tokio::time::timeout_at(measure_to, call).await else {
+                    break;
                 };
                 let end = Instant::now();
                 // Completions inside the window count, whenever they
@@ -216,6 +229,31 @@ async fn main() {
         100.0 * cpu / args.secs,
         1e6 * cpu / n.max(1) as f64
     );
+    if let Some(path) = &args.json {
+        let summary = json!({
+            "clients": args.clients,
+            "maxTokens": args.max_tokens,
+            "stream": args.stream,
+            "url": args.url,
+            "secs": args.secs,
+            "requests": n,
+            "errors": errors,
+            "throughput": rps,
+            "latencyMs": {
+                "p50": q(0.5),
+                "p90": q(0.9),
+                "p99": q(0.99),
+                "max": hist.max() as f64 / 1000.0,
+                "mean": hist.mean() / 1000.0,
+            },
+            "cpuSecs": cpu,
+        });
+        let text = serde_json::to_string_pretty(&summary).unwrap() + "\n";
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("selfbench: cannot write {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    }
     if args.url.is_none() && !args.zero {
         // Each client sends its next request as its last one ends, at a
         // decode-step boundary; it is admitted there (into the slot just

@@ -5,7 +5,8 @@
 //! --interval 1s`. Open loop (to find the knee): `--rate R/s --duration
 //! 60s --sessions K`. Every request ends as ok, an error code, or lost;
 //! the summary goes to stdout (and `--json FILE`), latency over time to
-//! `--plot FILE.svg`. Exit status 1 if any request was lost.
+//! `--plot FILE.svg`, every request to `--records FILE.csv`. Exit status 1
+//! if any request was lost.
 
 #![forbid(unsafe_code)]
 
@@ -88,6 +89,10 @@ struct Cli {
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Write every request (send time, latency, outcome, attempts) as CSV
+    /// to this file.
+    #[arg(long, value_name = "FILE.csv")]
+    records: Option<PathBuf>,
     /// Draw latency over time to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
@@ -253,6 +258,14 @@ fn main() -> ExitCode {
             Err(e) => return fail(cli::EXIT_UNAVAILABLE, &e),
         };
         if let Err(e) = std::fs::write(path, text + "\n") {
+            return fail(
+                cli::EXIT_UNAVAILABLE,
+                &format!("cannot write {}: {e}", path.display()),
+            );
+        }
+    }
+    if let Some(path) = &cli.records {
+        if let Err(e) = std::fs::write(path, stress::report::records_csv(&run.records)) {
             return fail(
                 cli::EXIT_UNAVAILABLE,
                 &format!("cannot write {}: {e}", path.display()),

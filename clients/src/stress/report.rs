@@ -24,6 +24,23 @@ pub struct Record {
     pub attempts: u32,
 }
 
+/// Every record as CSV, one line per request in send order:
+/// `sent_ms,latency_ms,outcome,attempts` (`latency_ms` is empty when lost).
+/// Times are in milliseconds since the run started, with microsecond
+/// precision, so a script can cut any window or outcome out of a run.
+pub fn records_csv(records: &[Record]) -> String {
+    let mut out = String::from("sent_ms,latency_ms,outcome,attempts\n");
+    for r in records {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let _ = write!(out, "{:.3},", ms(r.sent));
+        if let Some(l) = r.latency {
+            let _ = write!(out, "{:.3}", ms(l));
+        }
+        let _ = writeln!(out, ",{},{}", r.outcome.label(), r.attempts);
+    }
+    out
+}
+
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -344,5 +361,16 @@ mod tests {
         assert_eq!(json["outcomes"]["lost"], 1);
         assert_eq!(json["latencyMs"]["count"], 2);
         assert!(json["latencyMs"]["p99_9"].is_number());
+    }
+
+    #[test]
+    fn records_as_csv() {
+        let mut ok = rec(Some(12), Outcome::Ok);
+        ok.sent = Duration::from_micros(1500);
+        let csv = records_csv(&[ok, rec(None, Outcome::Lost)]);
+        assert_eq!(
+            csv,
+            "sent_ms,latency_ms,outcome,attempts\n1.500,12.000,ok,1\n0.000,,lost,1\n"
+        );
     }
 }

@@ -1,0 +1,1209 @@
+#!/usr/bin/env python3
+"""The benchmark driver behind scripts/bench.sh (issue 5). Standard library only.
+
+It starts Mosquitto, vllm-sim, mqtt-echo and vllm-mqttd on loopback (free
+ports), drives them with vllm-stress and selfbench, and prints ONE markdown
+table (scenario, metric, value, baseline, ratio, target, met?). Every
+scenario measures its own baseline in the same run. It writes every raw
+number, plus the machine it ran on, to bench/results/<YYYY-MM-DD>.json.
+
+Scenarios:
+  1 overhead    sim with zero latency, 64 closed-loop sessions: mqtt-echo (the
+                MQTT round-trip floor), the sim over HTTP (selfbench --url),
+                and the daemon; added latency and CPU per request.
+  2 saturation  sim with max-num-seqs 32 and 64-token replies; the sim's own
+                best throughput (selfbench at 32/64/128), then the daemon
+                offered 2x that open loop: goodput ratio, rejection p99, lost.
+  3 burst       20 000 requests from 20 000 sessions within 1 s, queue 1000:
+                accounting, overload-reply p99 (mqtt-echo under the same
+                burst is the baseline), peak RSS.
+  4 sessions    100 000 sessions, one short turn each: RSS per session.
+  5 workers     --num-workers 1..64 against max-num-seqs 32: goodput and p99.
+
+Each measurement is repeated (3 times; once with --quick) and the table
+shows medians; ratios are the median of the per-repetition ratios (each
+repetition measures value and baseline back to back).
+
+Run it through scripts/bench.sh, which builds first. Processes are started
+in their own process groups and stopped on exit, error, Ctrl-C or SIGTERM;
+their pids also go to $BENCH_PIDFILE so that the shell's trap can stop any
+left behind.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REL = ROOT / "target" / "release"
+BINS = {
+    "daemon": REL / "vllm-mqttd",
+    "stress": REL / "vllm-stress",
+    "echo": REL / "mqtt-echo",
+    "sim": REL / "vllm-sim",
+    "selfbench": REL / "examples" / "selfbench",
+    "chat": REL / "vllm-chat",
+}
+MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Settings: full and --quick
+
+
+def settings(quick):
+    s = {
+        "reps": 3,
+        # 1 overhead
+        "ovh_clients": 64,
+        "ovh_messages": 300,  # per client: 19 200 requests
+        "ovh_warmup_messages": 10,
+        "ovh_http_secs": 4.0,
+        "ovh_light_rate": 500,  # supplementary: evenly spaced, well below capacity
+        "ovh_light_secs": 4.0,
+        # 2 saturation (and the sim for 5)
+        "sat_seqs": 32,
+        "sat_tokens": 64,
+        "sat_sim_concurrencies": [32, 64, 128],
+        "sat_sim_secs": 8.0,
+        "sat_sim_warmup": 3.0,
+        "sat_secs": 30.0,
+        "sat_warm": 5.0,  # goodput counts ok replies completed in [warm, secs]
+        "sat_workers": 32,
+        "sat_queue": 32,
+        "sat_echo_secs": 5.0,
+        # 3 burst
+        "burst_requests": 20000,
+        "burst_queue": 1000,
+        "burst_workers": 32,
+        "burst_tokens": 8,
+        # the noisiest figure (the whole machine is CPU-bound during the burst),
+        # and a repetition takes 10 s: 5 of them
+        "burst_reps": 5,
+        # 4 sessions
+        "sess_sessions": 100000,
+        "sess_rate": 4000,
+        "sess_message": "hi",
+        # 5 worker sweep
+        "sweep_workers": [1, 2, 4, 8, 16, 32, 64],
+        "sweep_secs": 12.0,
+        "sweep_warm": 3.0,
+        "sweep_queue": 32,
+    }
+    if quick:
+        s.update(
+            reps=1,
+            burst_reps=1,
+            ovh_messages=100,
+            ovh_warmup_messages=5,
+            ovh_http_secs=2.0,
+            ovh_light_secs=2.0,
+            sat_sim_secs=4.0,
+            sat_sim_warmup=1.5,
+            sat_secs=10.0,
+            sat_warm=3.0,
+            sat_echo_secs=3.0,
+            sess_sessions=20000,
+            sweep_secs=6.0,
+            sweep_warm=2.0,
+        )
+    return s
+
+
+# --------------------------------------------------------------------------
+# Processes
+
+
+class Procs:
+    """Every process we start, each in its own process group."""
+
+    def __init__(self, workdir, pidfile):
+        self.workdir = workdir
+        self.pidfile = pidfile
+        self.live = []
+
+    def start(self, name, argv, cwd=None):
+        logf = open(self.workdir / f"{name}.log", "wb")
+        p = subprocess.Popen(
+            [str(a) for a in argv],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=cwd,
+        )
+        self.live.append(p)
+        p.bench_name = name
+        p.bench_log = self.workdir / f"{name}.log"
+        logf.close()
+        if self.pidfile:
+            with open(self.pidfile, "a") as f:
+                f.write(f"{p.pid} {argv[0]}\n")
+        return p
+
+    def run(self, name, argv):
+        """Starts a load generator and waits for it; returns (proc, status)."""
+        p = self.start(name, argv)
+        try:
+            rc = p.wait()
+        finally:
+            self.stop(p)
+        return p, rc
+
+    def stop(self, p, timeout=10.0):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{p.bench_name} did not stop on SIGTERM; SIGKILL")
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        if p in self.live:
+            self.live.remove(p)
+
+    def stop_all(self):
+        for p in reversed(list(self.live)):
+            try:
+                self.stop(p, timeout=5.0)
+            except Exception as e:  # keep stopping the others
+                log(f"cannot stop {p.bench_name}: {e}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, pred, timeout=20.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"{what}: process exited with {proc.returncode}; log {proc.bench_log}:\n"
+                + tail(proc.bench_log)
+            )
+        try:
+            if pred():
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def tail(path, n=30):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def port_open(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+
+
+def http_ok(url):
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
+# --------------------------------------------------------------------------
+# /proc
+
+
+def clk_tck():
+    try:
+        return int(subprocess.check_output(["getconf", "CLK_TCK"], text=True).strip())
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return os.sysconf("SC_CLK_TCK")
+
+
+CLK_TCK = clk_tck()
+
+
+def cpu_secs(pid):
+    """utime + stime of a process, in seconds, from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    f = stat.rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / CLK_TCK
+
+
+def mem_kib(pid):
+    """VmRSS and VmHWM in KiB, from /proc/PID/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def metrics(port):
+    """The daemon's Prometheus text as {name{labels}: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, val = line.rpartition(" ")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            pass
+    return out
+
+
+def requests_counted(m):
+    return sum(v for k, v in m.items() if k.startswith("vllm_mqttd_requests_total"))
+
+
+# --------------------------------------------------------------------------
+# Statistics
+
+
+def pct(values, p):
+    """Nearest-rank percentile (p in [0, 100]); None for no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = max(0, min(len(v) - 1, math.ceil(p / 100.0 * len(v)) - 1))
+    return v[k]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# --------------------------------------------------------------------------
+# The system under test
+
+
+class Bench:
+    def __init__(self, args, workdir, pidfile):
+        self.args = args
+        self.s = settings(args.quick)
+        self.workdir = workdir
+        self.procs = Procs(workdir, pidfile)
+        self.seq = 0
+        self.run_tag = "%06x" % random.getrandbits(24)
+
+    def name(self, base):
+        self.seq += 1
+        return f"{self.seq:03d}-{base}"
+
+    # ---- components
+
+    def mosquitto(self):
+        port = free_port()
+        name = self.name("mosquitto")
+        conf = self.workdir / f"{name}.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "set_tcp_nodelay true\n"
+            "max_queued_messages 1000000\n"
+            "max_inflight_messages 0\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+            "log_type warning\n"
+        )
+        p = self.procs.start(name, [MOSQUITTO, "-c", conf])
+        wait_for("mosquitto", lambda: port_open(port), proc=p)
+        p.port = port
+        return p
+
+    def sim(self, *extra):
+        port = free_port()
+        p = self.procs.start(
+            self.name("vllm-sim"),
+            [BINS["sim"], "--host", "127.0.0.1", "--port", port, "--seed", "1", *extra],
+        )
+        wait_for("vllm-sim", lambda: http_ok(f"http://127.0.0.1:{port}/v1/models"), proc=p)
+        p.port = port
+        p.url = f"http://127.0.0.1:{port}/v1"
+        return p
+
+    def echo(self, broker):
+        p = self.procs.start(
+            self.name("mqtt-echo"),
+            [BINS["echo"], "--mqtt-host", "127.0.0.1", "--mqtt-port", broker.port],
+        )
+        wait_for("mqtt-echo", lambda: "serving" in p.bench_log.read_text(), proc=p)
+        # It logs when it queues its SUBSCRIBE, not on the SUBACK: give the
+        # broker a moment before the first request.
+        time.sleep(0.3)
+        return p
+
+    def daemon(self, broker, sim, workers, queue, max_sessions=10000):
+        mport = free_port()
+        name = self.name(f"vllm-mqttd-w{workers}")
+        ident = f"bench-{self.run_tag}-{self.seq}"
+        argv = [
+            BINS["daemon"],
+            "--mqtt-host", "127.0.0.1",
+            "--mqtt-port", broker.port,
+            "--mqtt-client-id", ident,
+            "--instance-id", ident,
+            "--backend-url", sim.url,
+            "--num-workers", workers,
+            "--max-queue-size", queue,
+            "--max-sessions", max_sessions,
+            "--rate-limit", "1000000",
+            "--request-timeout", "5m",
+            "--shutdown-grace", "2s",
+            "--stats-interval", "1h",
+            "--metrics-addr", f"127.0.0.1:{mport}",
+        ]
+        p = self.procs.start(name, argv)
+
+        def ready():
+            t = p.bench_log.read_text()
+            return "subscribed" in t and "model discovered" in t
+
+        wait_for("vllm-mqttd", ready, proc=p)
+        wait_for("vllm-mqttd metrics", lambda: http_ok(f"http://127.0.0.1:{mport}/metrics"), proc=p)
+        p.metrics_port = mport
+        p.argv = [str(a) for a in argv]
+        return p
+
+    # ---- load generators
+
+    def stress(self, broker, load, tag, message=None, reply_timeout="120s"):
+        """Runs vllm-stress; returns (summary, records). load: list of flags."""
+        name = self.name(f"stress-{tag}")
+        js = self.workdir / f"{name}.json"
+        rec = self.workdir / f"{name}.csv"
+        argv = [
+            BINS["stress"],
+            "--mqtt-host", "127.0.0.1",
+            "--mqtt-port", broker.port,
+            "-q",
+            "--reply-timeout", reply_timeout,
+            "--json", js,
+            "--records", rec,
+            *load,
+        ]
+        if message is not None:
+            argv += ["--message", message]
+        argv = [str(a) for a in argv]
+        p, rc = self.procs.run(name, argv)
+        if rc not in (0, 1):  # 1: some request was lost, which we report
+            raise RuntimeError(f"vllm-stress failed ({rc}): {' '.join(argv)}\n" + tail(p.bench_log))
+        summary = json.loads(js.read_text())
+        records = []
+        with open(rec) as f:
+            next(f)
+            for line in f:
+                sent, lat, outcome, attempts = line.rstrip("\n").split(",")
+                records.append((float(sent), float(lat) if lat else None, outcome))
+        summary["command"] = " ".join(argv)
+        return summary, records
+
+    def selfbench(self, url, clients, secs, warmup, max_tokens, tag):
+        name = self.name(f"selfbench-{tag}")
+        js = self.workdir / f"{name}.json"
+        argv = [
+            str(a)
+            for a in [
+                BINS["selfbench"],
+                "--url", url,
+                "--clients", clients,
+                "--secs", secs,
+                "--warmup-secs", warmup,
+                "--ramp-secs", min(1.0, warmup),
+                "--max-tokens", max_tokens,
+                "--json", js,
+            ]
+        ]
+        p, rc = self.procs.run(name, argv)
+        if rc != 0:
+            raise RuntimeError(f"selfbench failed ({rc}): {' '.join(argv)}\n" + tail(p.bench_log))
+        r = json.loads(js.read_text())
+        r["command"] = " ".join(argv)
+        return r
+
+    # ---------------------------------------------------------------------
+    # 1. Overhead
+
+    def overhead(self):
+        s = self.s
+        c, m = s["ovh_clients"], s["ovh_messages"]
+        closed = ["--clients", c, "--messages", m, "--interval", "0s"]
+        warm = ["--clients", c, "--messages", s["ovh_warmup_messages"], "--interval", "0s"]
+        light = [
+            "--rate", f"{s['ovh_light_rate']}/s",
+            "--duration", f"{s['ovh_light_secs']}s",
+            "--sessions", c,
+        ]
+        sim = self.sim("--latency-scale", "0", "--output-tokens", "text")
+        reps = []
+        try:
+            for rep in range(s["reps"]):
+                log(f"1 overhead: repetition {rep + 1}/{s['reps']}")
+                r = {}
+                # (a) the MQTT round-trip floor
+                broker = self.mosquitto()
+                echo = self.echo(broker)
+                self.stress(broker, warm, "echo-warmup")
+                cpu0 = {"echo": cpu_secs(echo.pid), "broker": cpu_secs(broker.pid)}
+                summ, _ = self.stress(broker, closed, "echo")
+                cpu1 = {"echo": cpu_secs(echo.pid), "broker": cpu_secs(broker.pid)}
+                r["echo"] = self._closed_figures(summ, cpu0, cpu1, "echo")
+                light_echo, _ = self.stress(broker, light, "echo-light")
+                r["echo_light"] = self._latency(light_echo)
+                self.procs.stop(echo)
+                self.procs.stop(broker)
+                # (b) the sim over HTTP at the same concurrency
+                sim_cpu0 = cpu_secs(sim.pid)
+                hb = self.selfbench(sim.url, c, s["ovh_http_secs"], 1.0, 16, "http")
+                sim_cpu1 = cpu_secs(sim.pid)
+                r["http"] = {
+                    "throughput": hb["throughput"],
+                    "p50": hb["latencyMs"]["p50"],
+                    "p99": hb["latencyMs"]["p99"],
+                    "requests": hb["requests"],
+                    "errors": hb["errors"],
+                    "sim_cpu_us_per_request_approx": 1e6 * (sim_cpu1 - sim_cpu0) / max(1, hb["requests"]),
+                    "raw": hb,
+                }
+                # (c) the daemon
+                broker = self.mosquitto()
+                d = self.daemon(broker, sim, workers=c, queue=10000)
+                self.stress(broker, warm, "daemon-warmup")
+                cpu0 = {"daemon": cpu_secs(d.pid), "broker": cpu_secs(broker.pid), "sim": cpu_secs(sim.pid)}
+                summ, _ = self.stress(broker, closed, "daemon")
+                cpu1 = {"daemon": cpu_secs(d.pid), "broker": cpu_secs(broker.pid), "sim": cpu_secs(sim.pid)}
+                r["daemon"] = self._closed_figures(summ, cpu0, cpu1, "daemon")
+                r["daemon"]["mem_kib"] = mem_kib(d.pid)
+                light_d, _ = self.stress(broker, light, "daemon-light")
+                r["daemon_light"] = self._latency(light_d)
+                self.procs.stop(d)
+                self.procs.stop(broker)
+                e, dd = r["echo"], r["daemon"]
+                r["throughput_ratio_vs_echo"] = dd["throughput"] / e["throughput"]
+                r["throughput_ratio_vs_http"] = dd["throughput"] / r["http"]["throughput"]
+                r["added_p50_ms"] = dd["p50"] - e["p50"]
+                r["added_p99_ms"] = dd["p99"] - e["p99"]
+                r["light_added_p50_ms"] = r["daemon_light"]["p50"] - r["echo_light"]["p50"]
+                r["light_added_p99_ms"] = r["daemon_light"]["p99"] - r["echo_light"]["p99"]
+                reps.append(r)
+                log(
+                    f"  echo {e['throughput']:.0f} req/s p50 {e['p50']:.2f} p99 {e['p99']:.2f} | "
+                    f"http {r['http']['throughput']:.0f} req/s p50 {r['http']['p50']:.2f} | "
+                    f"daemon {dd['throughput']:.0f} req/s p50 {dd['p50']:.2f} p99 {dd['p99']:.2f}, "
+                    f"{dd['cpu_us_per_request']:.1f} us CPU/request"
+                )
+        finally:
+            self.procs.stop(sim)
+        return {"settings": {k: v for k, v in s.items() if k.startswith("ovh_")}, "reps": reps}
+
+    @staticmethod
+    def _latency(summ):
+        lat = summ["latencyMs"]
+        return {
+            "sent": summ["sent"],
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "throughput": summ["okThroughput"],
+            "p50": lat["p50"],
+            "p99": lat["p99"],
+            "summary": summ,
+        }
+
+    def _closed_figures(self, summ, cpu0, cpu1, who):
+        f = self._latency(summ)
+        n = max(1, summ["sent"])
+        f["cpu_secs"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
+        f["cpu_us_per_request"] = 1e6 * f["cpu_secs"][who] / n
+        f["broker_cpu_us_per_request"] = 1e6 * f["cpu_secs"]["broker"] / n
+        return f
+
+    # ---------------------------------------------------------------------
+    # 2. Saturation (also measures the sim's best throughput for 5)
+
+    def saturated_sim(self):
+        s = self.s
+        return self.sim(
+            "--max-num-seqs", s["sat_seqs"], "--output-tokens", f"fixed:{s['sat_tokens']}"
+        )
+
+    def sim_max(self, sim):
+        s = self.s
+        reps = []
+        for rep in range(s["reps"]):
+            by_c = {}
+            for c in s["sat_sim_concurrencies"]:
+                r = self.selfbench(
+                    sim.url, c, s["sat_sim_secs"], s["sat_sim_warmup"], s["sat_tokens"], f"simmax-c{c}"
+                )
+                by_c[c] = r
+            best = max(by_c, key=lambda c: by_c[c]["throughput"])
+            reps.append(
+                {
+                    "by_concurrency": {
+                        str(c): {"throughput": r["throughput"], "p50": r["latencyMs"]["p50"],
+                                 "p99": r["latencyMs"]["p99"], "raw": r}
+                        for c, r in by_c.items()
+                    },
+                    "best_concurrency": best,
+                    "max_throughput": by_c[best]["throughput"],
+                }
+            )
+            log(
+                f"  sim max rep {rep + 1}: "
+                + ", ".join(f"c{c} {r['throughput']:.2f}" for c, r in by_c.items())
+                + " req/s"
+            )
+        return {
+            "reps": reps,
+            "max_throughput": median([r["max_throughput"] for r in reps]),
+            # p99 at the sim's own batch size, as the latency baseline
+            "p99_at_seqs": median(
+                [r["by_concurrency"][str(s["sat_seqs"])]["p99"] for r in reps]
+                if s["sat_seqs"] in s["sat_sim_concurrencies"] else []
+            ),
+        }
+
+    def open_window(self, records, warm, secs):
+        """ok replies completed in [warm, secs] s of the run: (rate, latencies)."""
+        lo, hi = warm * 1000.0, secs * 1000.0
+        lats = [
+            lat for sent, lat, out in records
+            if out == "ok" and lat is not None and lo <= sent + lat <= hi
+        ]
+        return len(lats) / (secs - warm), lats
+
+    def saturation(self, sim, simmax):
+        s = self.s
+        cap = simmax["max_throughput"]
+        rate = 2.0 * cap
+        secs = s["sat_secs"]
+        total = int(round(rate * secs))
+        load = ["--rate", f"{rate:.3f}/s", "--duration", f"{secs}s", "--sessions", total + 10]
+        # Baseline for the rejection latency: the echo floor at the same rate.
+        broker = self.mosquitto()
+        echo = self.echo(broker)
+        eload = ["--rate", f"{rate:.3f}/s", "--duration", f"{s['sat_echo_secs']}s",
+                 "--sessions", int(rate * s["sat_echo_secs"]) + 10]
+        esumm, erecs = self.stress(broker, eload, "sat-echo")
+        self.procs.stop(echo)
+        self.procs.stop(broker)
+        echo_p99 = pct([lat for _, lat, out in erecs if lat is not None], 99)
+        reps = []
+        for rep in range(s["reps"]):
+            log(f"2 saturation: repetition {rep + 1}/{s['reps']} ({rate:.1f} req/s offered for {secs:.0f} s)")
+            broker = self.mosquitto()
+            d = self.daemon(broker, sim, workers=s["sat_workers"], queue=s["sat_queue"], max_sessions=total + 100)
+            m0, c0 = metrics(d.metrics_port), cpu_secs(d.pid)
+            summ, recs = self.stress(broker, load, "saturation")
+            m1, c1 = metrics(d.metrics_port), cpu_secs(d.pid)
+            self.procs.stop(d)
+            self.procs.stop(broker)
+            goodput, _ = self.open_window(recs, s["sat_warm"], secs)
+            lats = [lat for _, lat, out in recs if out == "ok" and lat is not None]
+            rejected = [lat for _, lat, out in recs if out == "overloaded" and lat is not None]
+            errors = {k: v for k, v in summ["outcomes"].items() if k not in ("ok", "lost") and v}
+            sent_at = [x[0] for x in recs]
+            r = {
+                "offered_rate": rate,
+                "achieved_send_rate": (len(sent_at) - 1) / max(1e-9, (max(sent_at) - min(sent_at)) / 1000.0),
+                "sent": summ["sent"],
+                "ok": summ["outcomes"]["ok"],
+                "errors": errors,
+                "lost": summ["outcomes"]["lost"],
+                "goodput": goodput,
+                "goodput_ratio": goodput / cap,
+                "ok_p50_ms": pct(lats, 50),
+                "ok_p99_ms": pct(lats, 99),
+                "rejections": len(rejected),
+                "rejection_p50_ms": pct(rejected, 50),
+                "rejection_p99_ms": pct(rejected, 99),
+                "daemon_counted": requests_counted(m1) - requests_counted(m0),
+                "daemon_cpu_us_per_request": 1e6 * (c1 - c0) / max(1, summ["sent"]),
+                "summary": summ,
+            }
+            reps.append(r)
+            log(
+                f"  goodput {goodput:.2f} req/s ({r['goodput_ratio']:.3f} of {cap:.2f}), "
+                f"{len(rejected)} rejected p99 {r['rejection_p99_ms']} ms, lost {r['lost']}"
+            )
+        return {
+            "settings": {k: v for k, v in s.items() if k.startswith("sat_")},
+            "sim_max": simmax,
+            "echo_baseline": {"p50": pct([l for _, l, _ in erecs if l is not None], 50), "p99": echo_p99,
+                               "summary": esumm},
+            "reps": reps,
+        }
+
+    # ---------------------------------------------------------------------
+    # 3. Burst
+
+    def burst(self):
+        s = self.s
+        n = s["burst_requests"]
+        load = ["--rate", f"{n}/s", "--duration", "1s", "--sessions", n]
+        sim = self.sim(
+            "--max-num-seqs", s["sat_seqs"], "--output-tokens", f"fixed:{s['burst_tokens']}"
+        )
+        reps = []
+        try:
+            for rep in range(s["burst_reps"]):
+                log(f"3 burst: repetition {rep + 1}/{s['burst_reps']}")
+                # baseline: the echo floor under the same burst
+                broker = self.mosquitto()
+                echo = self.echo(broker)
+                ecpu0 = {"echo": cpu_secs(echo.pid), "broker": cpu_secs(broker.pid)}
+                esumm, erecs = self.stress(broker, load, "burst-echo")
+                ecpu1 = {"echo": cpu_secs(echo.pid), "broker": cpu_secs(broker.pid)}
+                self.procs.stop(echo)
+                self.procs.stop(broker)
+                elats = [lat for _, lat, _ in erecs if lat is not None]
+                # the daemon
+                broker = self.mosquitto()
+                d = self.daemon(broker, sim, workers=s["burst_workers"], queue=s["burst_queue"], max_sessions=n + 1000)
+                self.stress(broker, ["--clients", s["burst_workers"], "--messages", 1, "--interval", "0s"], "burst-warmup")
+                mem0 = mem_kib(d.pid)
+                m0 = metrics(d.metrics_port)
+                cpu0 = {"daemon": cpu_secs(d.pid), "broker": cpu_secs(broker.pid), "sim": cpu_secs(sim.pid)}
+                summ, recs = self.stress(broker, load, "burst", reply_timeout="300s")
+                cpu1 = {"daemon": cpu_secs(d.pid), "broker": cpu_secs(broker.pid), "sim": cpu_secs(sim.pid)}
+                m1 = metrics(d.metrics_port)
+                mem1 = mem_kib(d.pid)
+                self.procs.stop(d)
+                self.procs.stop(broker)
+                sent_at = [x[0] for x in recs]
+                overload = [lat for _, lat, out in recs if out == "overloaded" and lat is not None]
+                errs = [lat for _, lat, out in recs if out not in ("ok", "lost") and lat is not None]
+                counted = requests_counted(m1) - requests_counted(m0)
+                r = {
+                    "sent": summ["sent"],
+                    "answered": summ["answered"],
+                    "lost": summ["outcomes"]["lost"],
+                    "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+                    "duplicates": summ["duplicates"],
+                    "daemon_counted": counted,
+                    "accounted": summ["answered"] == summ["sent"] == n and counted == n,
+                    "send_span_ms": max(sent_at) - min(sent_at),
+                    "achieved_send_rate": (len(sent_at) - 1) / max(1e-9, (max(sent_at) - min(sent_at)) / 1000.0),
+                    "overload_replies": len(overload),
+                    "overload_p50_ms": pct(overload, 50),
+                    "overload_p99_ms": pct(overload, 99),
+                    "error_p99_ms": pct(errs, 99),
+                    "ok_p99_ms": pct([lat for _, lat, out in recs if out == "ok" and lat is not None], 99),
+                    "elapsed_ms": summ["elapsedMs"],
+                    "rss_before_kib": mem0["VmRSS"],
+                    "rss_after_kib": mem1["VmRSS"],
+                    "peak_rss_kib": mem1["VmHWM"],
+                    # CPU seconds used during the burst and its drain
+                    "cpu_secs": {k: cpu1[k] - cpu0[k] for k in cpu0},
+                    "echo": {
+                        "cpu_secs": {k: ecpu1[k] - ecpu0[k] for k in ecpu0},
+                        "p50": pct(elats, 50),
+                        "p99": pct(elats, 99),
+                        "answered": esumm["answered"],
+                        "send_span_ms": max(x[0] for x in erecs) - min(x[0] for x in erecs),
+                        "summary": esumm,
+                    },
+                    "summary": summ,
+                }
+                r["overload_p99_ratio_vs_echo"] = (
+                    r["overload_p99_ms"] / r["echo"]["p99"] if r["overload_p99_ms"] and r["echo"]["p99"] else None
+                )
+                reps.append(r)
+                log(
+                    f"  sent {r['sent']} in {r['send_span_ms']:.0f} ms, answered {r['answered']}, daemon counted "
+                    f"{counted:.0f}; overloaded {len(overload)} p99 {r['overload_p99_ms']} ms "
+                    f"(echo p99 {r['echo']['p99']} ms); peak RSS {mem1['VmHWM'] / 1024:.1f} MiB"
+                )
+        finally:
+            self.procs.stop(sim)
+        return {"settings": {k: v for k, v in s.items() if k.startswith("burst_")}, "reps": reps}
+
+    # ---------------------------------------------------------------------
+    # 4. Session scale
+
+    def sessions(self):
+        s = self.s
+        n = s["sess_sessions"]
+        rate = s["sess_rate"]
+        msg = s["sess_message"]
+        sim = self.sim("--latency-scale", "0", "--output-tokens", "text")
+        reps = []
+        warm_sessions = 64
+        try:
+            for rep in range(s["reps"]):
+                log(f"4 sessions: repetition {rep + 1}/{s['reps']} ({n} sessions at {rate}/s)")
+                broker = self.mosquitto()
+                d = self.daemon(broker, sim, workers=8, queue=n, max_sessions=n + warm_sessions + 10)
+                self.stress(broker, ["--clients", warm_sessions, "--messages", 5, "--interval", "0s"],
+                            "sessions-warmup", message=msg)
+                time.sleep(0.5)
+                mem0 = mem_kib(d.pid)
+                m0 = metrics(d.metrics_port)
+                load = ["--rate", f"{rate}/s", "--duration", f"{n / rate:.3f}s", "--sessions", n]
+                summ, recs = self.stress(broker, load, "sessions", message=msg, reply_timeout="300s")
+                time.sleep(0.5)
+                mem1 = mem_kib(d.pid)
+                m1 = metrics(d.metrics_port)
+                # One probe shows what the daemon keeps per turn: the user
+                # message and the reply (the sim's "echo: <message>").
+                probe = self._probe(broker, msg + " (#0)") if rep == 0 else None
+                self.procs.stop(d)
+                self.procs.stop(broker)
+                # History text: "hi (#k)" and "echo: hi (#k)" for every k sent.
+                history = [
+                    2 * len(f"{msg} (#{k})") + len("echo: ") for k in range(summ["sent"])
+                ]
+                ok = summ["outcomes"]["ok"]
+                delta_kib = mem1["VmRSS"] - mem0["VmRSS"]
+                r = {
+                    "sessions": n,
+                    "sent": summ["sent"],
+                    "ok": ok,
+                    "lost": summ["outcomes"]["lost"],
+                    "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+                    "sessions_gauge_before": m0.get("vllm_mqttd_sessions"),
+                    "sessions_gauge_after": m1.get("vllm_mqttd_sessions"),
+                    "rss_before_kib": mem0["VmRSS"],
+                    "rss_after_kib": mem1["VmRSS"],
+                    "hwm_after_kib": mem1["VmHWM"],
+                    "rss_delta_kib": delta_kib,
+                    "bytes_per_session": delta_kib * 1024.0 / max(1, ok),
+                    "history_text_bytes_per_session": sum(history) / max(1, len(history)),
+                    "ok_p99_ms": summ["latencyMs"]["p99"],
+                    "probe": probe,
+                    "summary": summ,
+                }
+                reps.append(r)
+                log(
+                    f"  RSS {mem0['VmRSS'] / 1024:.1f} -> {mem1['VmRSS'] / 1024:.1f} MiB for {ok} sessions: "
+                    f"{r['bytes_per_session']:.0f} B/session (history text {r['history_text_bytes_per_session']:.1f} B)"
+                )
+        finally:
+            self.procs.stop(sim)
+        return {"settings": {k: v for k, v in s.items() if k.startswith("sess_")}, "reps": reps}
+
+    def _probe(self, broker, message):
+        try:
+            out = subprocess.run(
+                [str(BINS["chat"]), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port),
+                 "-p", "general", "-s", f"probe-{self.run_tag}", "-m", message, "--json"],
+                capture_output=True, text=True, timeout=30,
+            )
+            reply = json.loads(out.stdout)
+            return {"message": message, "reply_text": reply.get("text")}
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            return {"message": message, "error": str(e)}
+
+    # ---------------------------------------------------------------------
+    # 5. Worker sweep
+
+    def sweep(self, sim, simmax):
+        s = self.s
+        cap = simmax["max_throughput"]
+        rate = 2.0 * cap
+        secs = s["sweep_secs"]
+        total = int(round(rate * secs))
+        load = ["--rate", f"{rate:.3f}/s", "--duration", f"{secs}s", "--sessions", total + 10]
+        by_w = {w: [] for w in s["sweep_workers"]}
+        for rep in range(s["reps"]):
+            log(f"5 worker sweep: repetition {rep + 1}/{s['reps']} ({rate:.1f} req/s offered, {secs:.0f} s each)")
+            for w in s["sweep_workers"]:
+                broker = self.mosquitto()
+                d = self.daemon(broker, sim, workers=w, queue=s["sweep_queue"], max_sessions=total + 100)
+                summ, recs = self.stress(broker, load, f"sweep-w{w}")
+                self.procs.stop(d)
+                self.procs.stop(broker)
+                # Goodput in the steady window; latency over every ok reply,
+                # the drain at the end included (with few workers the queue
+                # wait grows through the run).
+                goodput, _ = self.open_window(recs, s["sweep_warm"], secs)
+                lats = [lat for _, lat, out in recs if out == "ok" and lat is not None]
+                r = {
+                    "workers": w,
+                    "goodput": goodput,
+                    "goodput_ratio": goodput / cap,
+                    "ok_p50_ms": pct(lats, 50),
+                    "ok_p99_ms": pct(lats, 99),
+                    "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+                    "lost": summ["outcomes"]["lost"],
+                    "summary": summ,
+                }
+                by_w[w].append(r)
+                log(f"  workers {w:>2}: goodput {goodput:.2f} req/s ({r['goodput_ratio']:.3f}), p99 {r['ok_p99_ms']} ms")
+        return {
+            "settings": {k: v for k, v in s.items() if k.startswith("sweep_")},
+            "offered_rate": rate,
+            "sim_max": cap,
+            "sim_p99_at_seqs": simmax.get("p99_at_seqs"),
+            "by_workers": {str(w): v for w, v in by_w.items()},
+        }
+
+
+# --------------------------------------------------------------------------
+# The table
+
+
+def fmt(v, digits=None):
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}".replace(",", " ")
+    if isinstance(v, float):
+        if digits is not None:
+            return f"{v:.{digits}f}"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:,.0f}".replace(",", " ")
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        return f"{v:.2f}"
+    return str(v)
+
+
+def check_le(v, limit, unit):
+    if v is None:
+        return "n/a"
+    m = limit - v
+    return f"met (by {fmt(abs(m))}{unit})" if m >= 0 else f"**MISSED** (by {fmt(abs(m))}{unit})"
+
+
+def check_ge(v, limit, unit=""):
+    if v is None:
+        return "n/a"
+    m = v - limit
+    return f"met (by {fmt(abs(m))}{unit})" if m >= 0 else f"**MISSED** (by {fmt(abs(m))}{unit})"
+
+
+def build_rows(res, s):
+    rows = []
+
+    def row(scn, metric, value, baseline="", ratio=None, target="", met=""):
+        rows.append({
+            "scenario": scn, "metric": metric, "value": value, "baseline": baseline,
+            "ratio": ratio, "target": target, "met": met,
+        })
+
+    med = lambda reps, key: median([r[key] for r in reps])  # noqa: E731
+    medp = lambda reps, a, b: median([r[a][b] for r in reps])  # noqa: E731
+
+    if "overhead" in res:
+        reps = res["overhead"]["reps"]
+        scn = f"1 overhead ({s['ovh_clients']} closed-loop sessions, zero-latency sim)"
+        d_tp, e_tp, h_tp = medp(reps, "daemon", "throughput"), medp(reps, "echo", "throughput"), medp(reps, "http", "throughput")
+        tr = med(reps, "throughput_ratio_vs_echo")
+        row(scn, "throughput, req/s (baseline: MQTT echo floor)", fmt(d_tp), fmt(e_tp), tr, ">= 0.50 x echo", check_ge(tr, 0.5))
+        row(scn, "throughput, req/s (baseline: sim over HTTP, 64 clients)", fmt(d_tp), fmt(h_tp), med(reps, "throughput_ratio_vs_http"))
+        for p in ("p50", "p99"):
+            dv, ev, hv = medp(reps, "daemon", p), medp(reps, "echo", p), medp(reps, "http", p)
+            row(scn, f"latency {p}, ms (baseline: echo floor; HTTP direct {fmt(hv)} ms)", fmt(dv), fmt(ev),
+                median([r["daemon"][p] / r["echo"][p] for r in reps]))
+        a50, a99 = med(reps, "added_p50_ms"), med(reps, "added_p99_ms")
+        row(scn, "added latency p50 over echo, ms", fmt(a50), "", None, "<= 1 ms", check_le(a50, 1.0, " ms"))
+        row(scn, "added latency p99 over echo, ms", fmt(a99), "", None, "<= 5 ms", check_le(a99, 5.0, " ms"))
+        cpu = medp(reps, "daemon", "cpu_us_per_request")
+        ecpu = medp(reps, "echo", "cpu_us_per_request")
+        row(scn, "daemon CPU per request, us (baseline: mqtt-echo's)", fmt(cpu), fmt(ecpu),
+            median([r["daemon"]["cpu_us_per_request"] / max(1e-9, r["echo"]["cpu_us_per_request"]) for r in reps]),
+            "<= 50 us", check_le(cpu, 50.0, " us"))
+        lr = s["ovh_light_rate"]
+        row(scn, f"(info) added p50 / p99 at {lr} req/s open loop, ms",
+            f"{fmt(med(reps, 'light_added_p50_ms'))} / {fmt(med(reps, 'light_added_p99_ms'))}",
+            f"echo p50 {fmt(medp(reps, 'echo_light', 'p50'))} / p99 {fmt(medp(reps, 'echo_light', 'p99'))}")
+
+    if "saturation" in res:
+        sat = res["saturation"]
+        reps = sat["reps"]
+        sm = sat["sim_max"]
+        scn = (f"2 saturation (max-num-seqs {s['sat_seqs']}, {s['sat_tokens']}-token replies, "
+               f"2x load open loop {fmt(s['sat_secs'], 0)} s, {s['sat_workers']} workers, queue {s['sat_queue']})")
+        best = [r["best_concurrency"] for r in sm["reps"]]
+        gr = med(reps, "goodput_ratio")
+        row(scn, f"goodput, req/s (baseline: sim direct at best concurrency {'/'.join(map(str, best))})",
+            fmt(med(reps, "goodput")), fmt(sm["max_throughput"]), gr, ">= 0.95", check_ge(gr, 0.95))
+        rp = med(reps, "rejection_p99_ms")
+        row(scn, "overloaded replies p99, ms (baseline: echo p99 at the same rate)", fmt(rp),
+            fmt(sat["echo_baseline"]["p99"]), (rp / sat["echo_baseline"]["p99"]) if rp and sat["echo_baseline"]["p99"] else None,
+            "<= 5 ms", check_le(rp, 5.0, " ms"))
+        lost = max(r["lost"] for r in reps)
+        row(scn, "lost (worst repetition)", fmt(lost), "", None, "0", "met" if lost == 0 else f"**MISSED** ({lost} lost)")
+        row(scn, "(info) offered / sent rate, req/s; rejected per run",
+            f"{fmt(med(reps, 'offered_rate'))} / {fmt(med(reps, 'achieved_send_rate'))}; {fmt(med(reps, 'rejections'))}")
+        row(scn, "(info) ok latency p50 / p99, ms (baseline: sim direct p99)",
+            f"{fmt(med(reps, 'ok_p50_ms'))} / {fmt(med(reps, 'ok_p99_ms'))}", fmt(sm.get("p99_at_seqs")))
+
+    if "burst" in res:
+        reps = res["burst"]["reps"]
+        n = s["burst_requests"]
+        scn = f"3 burst ({n} requests from {n} sessions in 1 s, queue {s['burst_queue']})"
+        acc = all(r["accounted"] for r in reps)
+        row(scn, "accounted: answered / daemon-counted / sent (worst rep)",
+            f"{fmt(min(r['answered'] for r in reps))} / {fmt(int(min(r['daemon_counted'] for r in reps)))} / {fmt(n)}",
+            "", None, "all", "met" if acc else "**MISSED**")
+        row(scn, "(info) send rate achieved by vllm-stress, req/s (span of sends, ms)",
+            f"{fmt(med(reps, 'achieved_send_rate'))} ({fmt(med(reps, 'send_span_ms'))} ms)", f"{n} in 1 s")
+        row(scn, "(info) replies: ok / overloaded; ok p99, ms",
+            f"{fmt(median([r['outcomes'].get('ok', 0) for r in reps]))} / {fmt(med(reps, 'overload_replies'))}; "
+            f"{fmt(med(reps, 'ok_p99_ms'))}")
+        op = med(reps, "overload_p99_ms")
+        row(scn, "overloaded replies p99, ms (baseline: echo p99, same burst)", fmt(op),
+            fmt(median([r["echo"]["p99"] for r in reps])), med(reps, "overload_p99_ratio_vs_echo"),
+            "<= 50 ms", check_le(op, 50.0, " ms"))
+        row(scn, "peak RSS (VmHWM), MiB (baseline: RSS before the burst)",
+            fmt(med(reps, "peak_rss_kib") / 1024.0), fmt(med(reps, "rss_before_kib") / 1024.0),
+            median([r["peak_rss_kib"] / r["rss_before_kib"] for r in reps]), "reported", "reported")
+
+    if "sessions" in res:
+        reps = res["sessions"]["reps"]
+        scn = f"4 session scale ({s['sess_sessions']} sessions, one turn each)"
+        bps = med(reps, "bytes_per_session")
+        hist = med(reps, "history_text_bytes_per_session")
+        row(scn, "RSS per session, bytes (baseline: history text per session)", fmt(bps), fmt(hist),
+            bps / hist if bps and hist else None, f"<= 2048 + {fmt(hist)}", check_le(bps, 2048.0 + hist, " B"))
+        row(scn, "(info) RSS before / after, MiB",
+            f"{fmt(med(reps, 'rss_before_kib') / 1024.0)} / {fmt(med(reps, 'rss_after_kib') / 1024.0)}",
+            f"sessions gauge {fmt(med(reps, 'sessions_gauge_after'))}")
+
+    if "sweep" in res:
+        sw = res["sweep"]
+        scn = (f"5 worker sweep (max-num-seqs {s['sat_seqs']}, {fmt(sw['offered_rate'])} req/s offered, "
+               f"queue {s['sweep_queue']})")
+        p99_base = sw.get("sim_p99_at_seqs")
+        for w, reps in sw["by_workers"].items():
+            row(scn, f"workers {w}: goodput, req/s (baseline: sim max)", fmt(med(reps, "goodput")),
+                fmt(sw["sim_max"]), med(reps, "goodput_ratio"))
+            p99 = med(reps, "ok_p99_ms")
+            row(scn, f"workers {w}: ok p99, ms (baseline: sim direct p99 at {s['sat_seqs']})", fmt(p99),
+                fmt(p99_base), (p99 / p99_base) if p99 and p99_base else None)
+    return rows
+
+
+def markdown(rows):
+    out = ["| scenario | metric | value | baseline | ratio | target | met? |", "|---|---|---|---|---|---|---|"]
+    last = None
+    for r in rows:
+        scn = r["scenario"] if r["scenario"] != last else ""
+        last = r["scenario"]
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        out.append(f"| {scn} | {r['metric']} | {r['value']} | {r['baseline']} | {ratio} | {r['target']} | {r['met']} |")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Machine info
+
+
+def sh(argv, any_status=False):
+    """A command's output (None if it cannot run or fails, unless any_status)."""
+    try:
+        r = subprocess.run(argv, text=True, capture_output=True, cwd=ROOT, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0 and not any_status:
+        return None
+    return (r.stdout + r.stderr).rstrip()
+
+
+def machine():
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1])
+    except OSError:
+        pass
+    mosq = sh([MOSQUITTO, "-h"], any_status=True)
+    status = sh(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
+    return {
+        "nproc": int(sh(["nproc"]) or os.cpu_count() or 0),
+        "cpu_model": cpu,
+        "mem_total_kib": mem,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "rustc": sh(["rustc", "--version"]),
+        "cargo": sh(["cargo", "--version"]),
+        "mosquitto": mosq.splitlines()[0] if mosq else None,
+        "python": platform.python_version(),
+        "git_commit": sh(["git", "rev-parse", "HEAD"]),
+        "git_dirty": bool(status.strip()),
+        "git_modified_files": [line[3:] for line in status.splitlines()],
+        "clk_tck": CLK_TCK,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+# --------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="each scenario briefly, once (a smoke check)")
+    ap.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 1,3 (default: all)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="repetitions of every measurement (default 3, burst 5; 1 with --quick)")
+    ap.add_argument("--build-secs", type=float, default=None, help="(from bench.sh) release build time")
+    ap.add_argument("--started", type=float, default=None, help="(from bench.sh) start time, epoch seconds")
+    ap.add_argument("--out", default=None, help="result file (default bench/results/<YYYY-MM-DD>.json)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the work directory with every log")
+    args = ap.parse_args()
+    only = {int(x) for x in args.only.split(",") if x}
+
+    for k, p in BINS.items():
+        if not p.exists():
+            sys.exit(f"bench: {p} is missing; build with cargo build --release --workspace --bins --examples")
+    if not Path(MOSQUITTO).exists():
+        sys.exit(f"bench: {MOSQUITTO} is missing (apt-get install mosquitto, or set MOSQUITTO)")
+
+    started = args.started or time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
+    pidfile = os.environ.get("BENCH_PIDFILE")
+
+    # INT (Ctrl-C), TERM and HUP all stop the run: the first one unwinds
+    # through the `finally` that stops every process; later ones (Ctrl-C
+    # reaches both bench.sh, which forwards it, and this process) are
+    # ignored so that they cannot interrupt that cleanup. SIGINT is set
+    # explicitly: a shell starts background jobs with it ignored.
+    interrupted = []
+
+    def on_signal(signum, _frame):
+        if interrupted:
+            return
+        interrupted.append(signum)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    b = Bench(args, workdir, pidfile)
+    s = b.s
+    if args.reps:
+        s["reps"] = s["burst_reps"] = max(1, args.reps)
+    info = machine()
+    log(f"{'quick' if args.quick else 'full'} run; logs in {workdir}; "
+        f"{info['nproc']} CPUs ({info['cpu_model']}), commit {(info['git_commit'] or '?')[:10]}")
+    res = {}
+    timings = {}
+    ok = False
+    try:
+        def timed(key, fn):
+            t = time.monotonic()
+            res[key] = fn()
+            timings[key] = time.monotonic() - t
+
+        if 1 in only:
+            timed("overhead", b.overhead)
+        if 2 in only or 5 in only:
+            sim = b.saturated_sim()
+            try:
+                t = time.monotonic()
+                log("2 saturation: the sim's own best throughput")
+                simmax = b.sim_max(sim)
+                timings["sim_max"] = time.monotonic() - t
+                if 2 in only:
+                    timed("saturation", lambda: b.saturation(sim, simmax))
+                if 5 in only:
+                    timed("sweep", lambda: b.sweep(sim, simmax))
+            finally:
+                b.procs.stop(sim)
+        if 3 in only:
+            timed("burst", b.burst)
+        if 4 in only:
+            timed("sessions", b.sessions)
+        ok = True
+    finally:
+        b.procs.stop_all()
+        if interrupted:
+            log(f"interrupted by signal {interrupted[0]}; every process stopped; logs kept in {workdir}")
+        elif not ok:
+            log(f"FAILED; logs kept in {workdir}")
+
+    rows = build_rows(res, s)
+    table = markdown(rows)
+    wall = time.time() - started
+    date = datetime.date.today().isoformat()
+    # A smoke run must not overwrite the day's full results.
+    default = f"{date}-quick.json" if args.quick else f"{date}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "date": date,
+        "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
+        "mode": "quick" if args.quick else "full",
+        "wall_secs": wall,
+        "build_secs": args.build_secs,
+        "scenario_secs": timings,
+        "machine": info,
+        "settings": s,
+        "notes": (
+            "value and baseline are medians over repetitions; ratio is the median of the "
+            "per-repetition ratios (value and baseline measured back to back)"
+        ),
+        "table": rows,
+        "markdown": table,
+        "results": res,
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(out)
+    print(table, end="")
+    print(
+        f"\n{info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}, {info['rustc']}, "
+        f"commit {(info['git_commit'] or '?')[:10]}{' (dirty)' if info['git_dirty'] else ''}; "
+        f"{'quick' if args.quick else 'full'} run, {s['reps']} repetition(s), "
+        f"wall {wall:.0f} s (build {args.build_secs if args.build_secs is not None else '?'} s)"
+    )
+    print(f"raw numbers: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    if not args.keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        log(f"logs kept in {workdir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Benchmarks of issue 5: builds in release mode, starts Mosquitto, vllm-sim,
+# mqtt-echo and vllm-mqttd on loopback (free ports), drives them with
+# vllm-stress and selfbench, prints one markdown table and writes
+# bench/results/<YYYY-MM-DD>.json (every raw number and the machine).
+#
+#   scripts/bench.sh            # every scenario, 3 repetitions (about 13 min on 2 cores)
+#   scripts/bench.sh --quick    # each scenario briefly, once (under 3 min)
+#   scripts/bench.sh --only 1,3 --keep-logs   # see scripts/bench.py --help
+#
+# The scenarios and their targets are described in scripts/bench.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s.%N)
+
+command -v python3 >/dev/null || { echo "bench: python3 is required" >&2; exit 69; }
+MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
+if [ ! -x "$MOSQUITTO" ]; then
+  if command -v mosquitto >/dev/null; then MOSQUITTO=$(command -v mosquitto)
+  else
+    echo "bench: installing mosquitto (apt)" >&2
+    as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+    MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+  fi
+fi
+export MOSQUITTO
+
+# Every process the driver starts is recorded here ("pid exe"), so that this
+# trap can stop any it could not (the driver itself stops them on exit, on
+# an error, on Ctrl-C and on SIGTERM). Only pids whose executable is still
+# the one we started are signalled.
+BENCH_PIDFILE=$(mktemp -t vllm-bench-pids.XXXXXX)
+export BENCH_PIDFILE
+ours() { [ -n "$1" ] && [ "$(readlink "/proc/$1/exe" 2>/dev/null)" = "$2" ]; }
+cleanup() {
+  local pid exe left i
+  while read -r pid exe; do
+    if ours "$pid" "$exe"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done <"$BENCH_PIDFILE"
+  for i in $(seq 50); do # up to 5 s for them to exit, then SIGKILL
+    left=0
+    while read -r pid exe; do
+      if ours "$pid" "$exe"; then left=1; fi
+    done <"$BENCH_PIDFILE"
+    [ "$left" = 0 ] && break
+    sleep 0.1
+  done
+  while read -r pid exe; do
+    if ours "$pid" "$exe"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done <"$BENCH_PIDFILE"
+  rm -f "$BENCH_PIDFILE"
+}
+trap cleanup EXIT
+
+echo "bench: cargo build --release --workspace --bins --examples" >&2
+b0=$(date +%s.%N)
+cargo build --release --workspace --bins --examples
+b1=$(date +%s.%N)
+build_secs=$(python3 -c "print(round($b1 - $b0, 1))")
+echo "bench: build took ${build_secs} s" >&2
+
+# The driver runs as a child that this shell waits for, so that INT, TERM and
+# HUP sent to this shell alone (kill, a CI runner) reach it too: it then
+# stops everything it started and exits; the EXIT trap sweeps up after it.
+python3 scripts/bench.py --build-secs "$build_secs" --started "$started" "$@" &
+child=$!
+trap 'kill -INT "$child" 2>/dev/null || true' INT
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'kill -HUP "$child" 2>/dev/null || true' HUP
+status=0
+wait "$child" || status=$?
+# A trapped signal ends `wait` early: wait until the driver has cleaned up.
+while kill -0 "$child" 2>/dev/null; do
+  status=0
+  wait "$child" || status=$?
+done
+exit "$status"
