@@ -49,6 +49,8 @@ client.disconnect().await;
 
 pub mod pacing;
 pub mod protocol;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 #[cfg(feature = "client")]
 pub mod cli;

@@ -13,7 +13,6 @@
 //! compile time. It sleeps only while the broker is unreachable (between
 //! reconnect attempts), when nothing can flow anyway.
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,13 +32,6 @@ const MAX_PACKET: usize = 1024 * 1024;
 /// First and longest pause between reconnect attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
-/// System CA bundles, tried in order for TLS without a CA file.
-const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 
 /// The sending half of a connection (cheap to clone).
 #[derive(Clone)]
@@ -157,25 +149,6 @@ impl Link {
     }
 }
 
-/// Reads a PEM CA bundle and checks it holds at least one certificate, so
-/// a wrong file is reported as such rather than as a failed handshake.
-fn read_ca(path: &Path) -> Result<Vec<u8>, ClientError> {
-    let pem = std::fs::read(path).map_err(|e| {
-        ClientError::InvalidOptions(format!("cannot read CA file {}: {e}", path.display()))
-    })?;
-    let mut reader = std::io::BufReader::new(&pem[..]);
-    let certs: Vec<_> = rustls_pemfile::certs(&mut reader)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ClientError::InvalidOptions(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(ClientError::InvalidOptions(format!(
-            "{} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(pem)
-}
-
 fn transport(opts: &ClientOptions) -> Result<Option<Transport>, ClientError> {
     if !opts.tls {
         return Ok(None);
@@ -183,21 +156,8 @@ fn transport(opts: &ClientOptions) -> Result<Option<Transport>, ClientError> {
     // rumqttc is built without a crypto provider; make ring the process
     // default (a no-op if the application installed one already).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = match &opts.ca_file {
-        Some(path) => read_ca(path)?,
-        None => {
-            let found = SYSTEM_CA_BUNDLES
-                .iter()
-                .map(Path::new)
-                .find(|p| p.exists())
-                .ok_or_else(|| {
-                    ClientError::InvalidOptions(
-                        "no system CA bundle found; give a CA file".to_owned(),
-                    )
-                })?;
-            read_ca(found)?
-        }
-    };
+    let ca =
+        crate::tls::load_ca_pem(opts.ca_file.as_deref()).map_err(ClientError::InvalidOptions)?;
     Ok(Some(Transport::tls_with_config(TlsConfiguration::Simple {
         ca,
         alpn: None,

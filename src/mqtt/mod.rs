@@ -10,7 +10,6 @@ pub mod egress;
 pub mod ingress;
 pub mod status;
 
-use std::path::Path;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::LastWill;
@@ -34,29 +33,6 @@ pub fn load_password(cfg: &Config) -> Result<Option<Secret>, ConfigError> {
         "mqtt.password_file",
     )
 }
-
-fn read_ca(path: &Path) -> Result<Vec<u8>, AppError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| AppError::Tls(format!("cannot read CA file {}: {e}", path.display())))?;
-    let mut reader = std::io::BufReader::new(&pem[..]);
-    let certs: Vec<_> = rustls_pemfile::certs(&mut reader)
-        .collect::<Result<_, _>>()
-        .map_err(|e| AppError::Tls(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(AppError::Tls(format!(
-            "{} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(pem)
-}
-
-/// System CA bundle, for TLS without `mqtt.ca`.
-const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 
 /// The receive maximum we announce: how many QoS 1 requests the broker may
 /// have outstanding with us. We hold each ack until the request is
@@ -118,19 +94,7 @@ pub fn options(
         (None, None) => {}
     }
     if cfg.mqtt.tls {
-        let ca = match &cfg.mqtt.ca {
-            Some(path) => read_ca(path)?,
-            None => {
-                let found = SYSTEM_CA_BUNDLES
-                    .iter()
-                    .map(Path::new)
-                    .find(|p| p.exists())
-                    .ok_or_else(|| {
-                        AppError::Tls("no system CA bundle found; set mqtt.ca".into())
-                    })?;
-                read_ca(found)?
-            }
-        };
+        let ca = vllm_chat::tls::load_ca_pem(cfg.mqtt.ca.as_deref()).map_err(AppError::Tls)?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
             ca,
             alpn: None,

@@ -1,0 +1,53 @@
+//! CA files for TLS to the broker, read the same way by the daemon and the
+//! clients: a PEM bundle that must hold at least one certificate, so a
+//! wrong file is reported as such rather than as a failed handshake later.
+
+use std::path::Path;
+
+/// System CA bundles, tried in order when no CA file is given.
+pub const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// The PEM bytes of `path`, or of the first system bundle found when
+/// `path` is `None`. The error names the file and what is wrong with it.
+pub fn load_ca_pem(path: Option<&Path>) -> Result<Vec<u8>, String> {
+    let path = match path {
+        Some(p) => p,
+        None => SYSTEM_CA_BUNDLES
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or_else(|| "no system CA bundle found; give a CA file".to_owned())?,
+    };
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let mut reader = std::io::BufReader::new(&pem[..]);
+    let certs: Vec<_> = rustls_pemfile::certs(&mut reader)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_files_without_certificates() {
+        let dir = std::env::temp_dir().join(format!("vllm-chat-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("not-a-ca.pem");
+        std::fs::write(&f, "hello").unwrap();
+        let e = load_ca_pem(Some(&f)).unwrap_err();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = load_ca_pem(Some(&dir.join("missing.pem"))).unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
