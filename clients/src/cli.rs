@@ -35,6 +35,20 @@ pub fn exit_code(e: &ClientError) -> u8 {
     }
 }
 
+/// Parses the command line: `--help` and `--version` print and exit 0, a
+/// bad flag prints and exits 64 (EX_USAGE) rather than clap's 2, as the
+/// daemon does. `Err` is the exit code to return from `main`.
+pub fn parse_args<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            std::process::ExitCode::from(EXIT_USAGE)
+        } else {
+            std::process::ExitCode::SUCCESS
+        }
+    })
+}
+
 /// Parses `500ms`, `30s`, `2m`, ...
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write it like 500ms, 30s, 2m)"))

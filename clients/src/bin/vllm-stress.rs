@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vllm_chat::cli::{self, BrokerArgs, MqttVersion, EXIT_USAGE};
+use vllm_chat::cli::{self, BrokerArgs, MqttVersion};
 use vllm_chat::protocol::ReplyFormat;
 use vllm_chat::retry::RetryPolicy;
 use vllm_chat::stress::{self, Load, StressConfig};
@@ -220,16 +220,9 @@ async fn interrupted(reply_timeout: Duration) {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli::parse_args() {
         Ok(c) => c,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     init_logging(cli.verbose);
     let config = match config(&cli) {
