@@ -16,6 +16,8 @@ pub struct DaemonProcess {
     lines: mpsc::UnboundedReceiver<String>,
     /// Everything logged so far (stderr).
     pub log: Arc<Mutex<String>>,
+    /// The task copying stderr into `log`; it ends at EOF.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl DaemonProcess {
@@ -36,7 +38,7 @@ impl DaemonProcess {
         let (tx, lines) = mpsc::unbounded_channel();
         let log = Arc::new(Mutex::new(String::new()));
         let sink = log.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut r = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = r.next_line().await {
                 let mut l = sink.lock().unwrap();
@@ -46,7 +48,12 @@ impl DaemonProcess {
                 let _ = tx.send(line);
             }
         });
-        DaemonProcess { child, lines, log }
+        DaemonProcess {
+            child,
+            lines,
+            log,
+            reader: Some(reader),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -83,8 +90,11 @@ impl DaemonProcess {
         assert!(ok, "kill -TERM failed");
     }
 
+    /// Waits for the process to exit, then for its last log lines: the
+    /// exit status arrives before the reader has drained the pipe, and a
+    /// test that checks the log right after the exit must see all of it.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -92,7 +102,16 @@ impl DaemonProcess {
                     self.log.lock().unwrap()
                 )
             })
-            .expect("wait")
+            .expect("wait");
+        if let Some(reader) = self.reader.take() {
+            // EOF comes once every holder of the pipe's write end is gone;
+            // the daemon spawns no children, so that is now.
+            tokio::time::timeout(timeout, reader)
+                .await
+                .expect("stderr reaches EOF after exit")
+                .expect("log reader task");
+        }
+        status
     }
 
     pub fn log_text(&self) -> String {
