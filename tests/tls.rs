@@ -5,63 +5,20 @@
 
 mod support;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::json;
 use support::broker::{free_port, Mosquitto, MosquittoOptions};
 use support::daemon::{unique, WAIT};
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::{ConnectOptions, TestClient};
+use support::pki::pki;
 use support::process::DaemonProcess;
-
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
-
-/// A CA, a server certificate for 127.0.0.1 signed by it, and an
-/// unrelated second CA.
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        let cert = p.self_signed(&key).unwrap();
-        (cert, key)
-    };
-    let (ca_cert, ca_key) = ca("vllm-mqttd");
-    let (other_cert, _) = ca("other");
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&server_key, &ca_cert, &ca_key)
-        .unwrap();
-    let write = |n: &str, s: String| std::fs::write(dir.path().join(n), s).unwrap();
-    write("ca.pem", ca_cert.pem());
-    write("other-ca.pem", other_cert.pem());
-    write("server.pem", server.pem());
-    write("server.key", server_key.serialize_pem());
-    Pki { dir }
-}
 
 #[tokio::test]
 async fn daemon_connects_over_tls_with_a_private_ca() {
     let pki = pki();
     let tls_port = free_port();
     let broker = Mosquitto::start_with(MosquittoOptions {
-        extra_conf: format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-            pki.path("ca.pem"),
-            pki.path("server.pem"),
-            pki.path("server.key")
-        ),
+        extra_conf: pki.listener_conf(tls_port),
         password: Some(("daemon".into(), "tls-pw".into())),
         ..Default::default()
     })

@@ -369,3 +369,40 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     assert_eq!(reply.text.as_deref(), Some("echo: after"));
     env.stop().await;
 }
+
+/// TLS for real: a private CA, a Mosquitto TLS listener, the daemon on the
+/// plain listener, and the client on the TLS one over both protocol
+/// versions. A broker certificate from another CA is a typed refusal, not
+/// a retry loop.
+#[tokio::test]
+async fn chats_over_tls_with_a_private_ca_and_refuses_a_foreign_one() {
+    let pki = support::pki::pki();
+    let tls_port = support::broker::free_port();
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        extra_conf: pki.listener_conf(tls_port),
+        ..Default::default()
+    })
+    .await;
+    let fake = FakeVllm::builder().run().await;
+    let daemon = Daemon::start(config(broker.host(), broker.port(), &fake.base_url())).await;
+    let tls = |ca: &str| {
+        ClientOptions::new("127.0.0.1", tls_port)
+            .tls(Some(pki.path(ca).into()))
+            .min_interval(Duration::ZERO)
+            .timeout(WAIT)
+            .reply_timeout(WAIT)
+    };
+    for protocol in [Protocol::V5, Protocol::V311] {
+        let client = Client::connect(tls("ca.pem").protocol(protocol))
+            .await
+            .unwrap_or_else(|e| panic!("{protocol:?} over TLS: {e}"));
+        let reply = client.chat("maze", "tls", "sealed").await.unwrap();
+        assert_eq!(reply.text.as_deref(), Some("echo: sealed"));
+    }
+    let err = Client::connect(tls("other-ca.pem")).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused(m) if m.contains("TLS")),
+        "{err:?}"
+    );
+    daemon.stop().await.expect("daemon stops cleanly");
+}

@@ -7,7 +7,7 @@
 //! installed), so the three can never disagree.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -20,24 +20,30 @@ use crate::backend::breaker::Circuit;
 #[derive(Debug)]
 pub enum Event<'a> {
     /// A request was answered by the model.
-    Answered { project: &'a str, latency: Duration },
+    Answered {
+        project: &'a Arc<str>,
+        latency: Duration,
+    },
     /// An admitted request ended with an error reply.
     Failed {
-        project: &'a str,
+        project: &'a Arc<str>,
         code: ErrorCode,
         latency: Duration,
         reason: &'a str,
     },
     /// Admission refused a request with an immediate reply.
     Rejected {
-        project: &'a str,
+        project: &'a Arc<str>,
         code: ErrorCode,
         reason: &'a str,
     },
     /// A bad request with no topic to answer on: counted and dropped.
-    Unanswerable { project: &'a str, reason: &'a str },
+    Unanswerable {
+        project: &'a Arc<str>,
+        reason: &'a str,
+    },
     /// A redelivery of a request already answered or in flight.
-    Duplicate { project: &'a str },
+    Duplicate { project: &'a Arc<str> },
     /// A worker took a request from the queue after `wait`.
     Dequeued { wait: Duration },
     /// One backend call (one attempt) took `elapsed`.
@@ -91,6 +97,12 @@ pub struct Stats {
     latency: Mutex<Histogram<u64>>,
 }
 
+/// A Prometheus label value that shares the project's name: a reference
+/// count instead of a `String` per request event.
+fn label(project: &Arc<str>) -> metrics::SharedString {
+    metrics::SharedString::from_shared(project.clone())
+}
+
 fn idx(code: ErrorCode) -> usize {
     ErrorCode::ALL
         .iter()
@@ -139,11 +151,13 @@ impl Stats {
             Event::Answered { project, latency } => {
                 self.processed.fetch_add(1, Relaxed);
                 self.record_latency(latency);
-                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => "ok")
-                    .increment(1);
-                histogram!(M_LATENCY, "project" => project.to_owned())
-                    .record(latency.as_secs_f64());
-                tracing::debug!(project, latency_ms = latency.as_millis() as u64, "answered");
+                counter!(M_REQUESTS, "project" => label(project), "outcome" => "ok").increment(1);
+                histogram!(M_LATENCY, "project" => label(project)).record(latency.as_secs_f64());
+                tracing::debug!(
+                    project = &**project,
+                    latency_ms = latency.as_millis() as u64,
+                    "answered"
+                );
             }
             Event::Failed {
                 project,
@@ -153,13 +167,17 @@ impl Stats {
             } => {
                 self.errors[idx(code)].fetch_add(1, Relaxed);
                 self.record_latency(latency);
-                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => code.as_str())
+                counter!(M_REQUESTS, "project" => label(project), "outcome" => code.as_str())
                     .increment(1);
-                histogram!(M_LATENCY, "project" => project.to_owned())
-                    .record(latency.as_secs_f64());
+                histogram!(M_LATENCY, "project" => label(project)).record(latency.as_secs_f64());
                 // Per request, so debug: the stats line aggregates them, and
                 // breaker transitions are logged once each.
-                tracing::debug!(project, code = code.as_str(), reason, "request failed");
+                tracing::debug!(
+                    project = &**project,
+                    code = code.as_str(),
+                    reason,
+                    "request failed"
+                );
             }
             Event::Rejected {
                 project,
@@ -167,22 +185,31 @@ impl Stats {
                 reason,
             } => {
                 self.rejected[idx(code)].fetch_add(1, Relaxed);
-                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => code.as_str())
+                counter!(M_REQUESTS, "project" => label(project), "outcome" => code.as_str())
                     .increment(1);
-                tracing::debug!(project, code = code.as_str(), reason, "request rejected");
+                tracing::debug!(
+                    project = &**project,
+                    code = code.as_str(),
+                    reason,
+                    "request rejected"
+                );
             }
             Event::Unanswerable { project, reason } => {
                 self.unanswerable.fetch_add(1, Relaxed);
                 self.rejected[idx(ErrorCode::BadRequest)].fetch_add(1, Relaxed);
-                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => "unanswerable")
+                counter!(M_REQUESTS, "project" => label(project), "outcome" => "unanswerable")
                     .increment(1);
-                tracing::debug!(project, reason, "bad request with no reply topic dropped");
+                tracing::debug!(
+                    project = &**project,
+                    reason,
+                    "bad request with no reply topic dropped"
+                );
             }
             Event::Duplicate { project } => {
                 self.duplicates.fetch_add(1, Relaxed);
-                counter!(M_REQUESTS, "project" => project.to_owned(), "outcome" => "duplicate")
+                counter!(M_REQUESTS, "project" => label(project), "outcome" => "duplicate")
                     .increment(1);
-                tracing::debug!(project, "duplicate delivery dropped");
+                tracing::debug!(project = &**project, "duplicate delivery dropped");
             }
             Event::Dequeued { wait } => {
                 histogram!(M_QUEUE_WAIT).record(wait.as_secs_f64());
@@ -451,26 +478,28 @@ mod tests {
     #[test]
     fn events_feed_counters_and_latency() {
         let s = Stats::new();
+        let p: Arc<str> = Arc::from("p");
+        let p = &p;
         s.emit(Event::Answered {
-            project: "p",
+            project: p,
             latency: Duration::from_millis(10),
         });
         s.emit(Event::Answered {
-            project: "p",
+            project: p,
             latency: Duration::from_millis(30),
         });
         s.emit(Event::Rejected {
-            project: "p",
+            project: p,
             code: ErrorCode::SessionBusy,
             reason: "busy",
         });
         s.emit(Event::Failed {
-            project: "p",
+            project: p,
             code: ErrorCode::Timeout,
             latency: Duration::from_millis(50),
             reason: "deadline",
         });
-        s.emit(Event::Duplicate { project: "p" });
+        s.emit(Event::Duplicate { project: p });
         let snap = s.snapshot(Gauges::default());
         assert_eq!(snap.processed, 2);
         assert_eq!(snap.errors.get("timeout"), Some(&1));

@@ -7,4 +7,5 @@ pub mod checker;
 pub mod daemon;
 pub mod fake_vllm;
 pub mod mqtt_client;
+pub mod pki;
 pub mod process;

@@ -11,3 +11,5 @@ pub mod daemon;
 pub mod fake_vllm;
 #[path = "../../../tests/support/mqtt_client.rs"]
 pub mod mqtt_client;
+#[path = "../../../tests/support/pki.rs"]
+pub mod pki;
