@@ -658,7 +658,8 @@ mod properties {
         fn valid_requests_round_trip(
             session in "[A-Za-z0-9_.:@-]{1,128}",
             request in "[ -~]{1,128}",
-            message in ".*[^ \t\r\n].*",
+            // Not blank by `str::trim`: Unicode White_Space, as `\S` is.
+            message in ".*\\S.*",
             temperature in 0.0f64..=2.0,
             max_tokens in 1u32..=4096,
         ) {
