@@ -225,7 +225,6 @@ impl App {
             client.clone(),
             egress_rx,
             reply_qos,
-            !cfg.embedded_broker.enabled,
             egress_close.clone(),
         ));
         drop(egress);

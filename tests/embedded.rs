@@ -3,6 +3,12 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::json;
 use support::broker::free_port;
 use support::daemon::{config, unique, Daemon, WAIT};
@@ -44,6 +50,29 @@ async fn devices_on_both_listeners_are_served() {
     let m = new.expect_on("maze/assistant_response/e2", WAIT).await;
     assert_eq!(m.json()["text"], "echo: from 5");
 
+    // MQTT 5 properties: the v5 device gets its correlation data and the
+    // content type back, and a 3.1.1 subscriber to the same topic gets the
+    // same reply without them (rumqttd used to panic there; PATCHES.md).
+    old.subscribe("maze/assistant_response/e3").await;
+    new.publish_with(
+        "maze/user_input",
+        json!({"sessionId": "e3", "message": "props", "format": "json"}).to_string(),
+        1,
+        PublishProperties {
+            response_topic: Some("maze/assistant_response/e3".into()),
+            correlation_data: Some(Bytes::from_static(b"c-3")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let m = new.expect_on("maze/assistant_response/e3", WAIT).await;
+    assert_eq!(m.correlation_data.as_deref(), Some(&b"c-3"[..]));
+    assert_eq!(m.content_type.as_deref(), Some("application/json"));
+    assert_eq!(m.json()["text"], "echo: props");
+    let m = old.expect(WAIT).await;
+    assert_eq!(m.topic, "maze/assistant_response/e3");
+    assert_eq!(m.json()["text"], "echo: props");
+
     // Busy and history work the same.
     old.publish(
         "maze/user_input",
@@ -52,6 +81,77 @@ async fn devices_on_both_listeners_are_served() {
     )
     .await;
     assert_eq!(old.expect(WAIT).await.text(), "echo: again");
-    assert_eq!(fake.requests()[2]["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(fake.requests()[3]["messages"].as_array().unwrap().len(), 4);
+    daemon.stop().await.unwrap();
+}
+
+/// rumqttd 0.20 sent a second disconnect for a client that had sent
+/// DISCONNECT, and if a new connection had meanwhile been given the freed
+/// id, the broker dropped the newcomer right after its CONNACK (see
+/// vendor/rumqttd/PATCHES.md). Many clean disconnects racing many connects:
+/// every newcomer must keep its one connection and its subscription.
+#[tokio::test]
+async fn clean_disconnects_never_drop_other_connections() {
+    const ROUNDS: usize = 80;
+    const PAIRS: usize = 8;
+    let fake = FakeVllm::builder().run().await;
+    let (v4, v5) = (free_port(), free_port());
+    let mut c = config("unused.invalid", 1, &fake.base_url());
+    c.embedded_broker.enabled = true;
+    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
+    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
+    let daemon = Daemon::start(c).await;
+
+    // The race is a few microseconds wide unless the broker's threads are
+    // preempted, as on a busy 2-core machine: make them so.
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for _ in 0..ROUNDS {
+        // Leavers on the MQTT 5 listener (their links run on its thread),
+        // newcomers on the 3.1.1 one, each leaving as one arrives.
+        let mut leavers = Vec::new();
+        for _ in 0..PAIRS {
+            leavers.push(TestClient::connect("127.0.0.1", v5, &unique("leaver")).await);
+        }
+        let ids: Vec<String> = (0..PAIRS).map(|_| unique("newcomer")).collect();
+        let pairs = leavers.iter().zip(&ids).map(|(l, id)| async move {
+            let ((), n) = tokio::join!(l.disconnect(), TestClientV4::connect("127.0.0.1", v4, id));
+            n
+        });
+        kept.extend(join_all(pairs).await);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    for n in &kept {
+        n.subscribe("lab/broadcast").await;
+    }
+    let sender = TestClientV4::connect("127.0.0.1", v4, &unique("sender")).await;
+    sender.publish("lab/broadcast", "still here", 1).await;
+    for n in &mut kept {
+        assert_eq!(
+            n.expect(WAIT).await.text(),
+            "still here",
+            "{}",
+            n.client_id()
+        );
+        assert_eq!(
+            n.connacks(),
+            1,
+            "{} was dropped and reconnected",
+            n.client_id()
+        );
+    }
     daemon.stop().await.unwrap();
 }

@@ -115,15 +115,11 @@ fn ack_packet(ack: AckToken) -> Publish {
 }
 
 /// Publishes replies and acks until `close` is cancelled and the channel is
-/// drained. With `properties` false, replies carry no MQTT v5 properties
-/// (correlation data, content type, error user property): rumqttd 0.20
-/// panics forwarding a v5 publish with properties to a 3.1.1 subscriber,
-/// so the embedded broker gets plain publishes.
+/// drained.
 pub async fn run(
     client: AsyncClient,
     mut rx: mpsc::Receiver<Outbound>,
     reply_qos: QoS,
-    properties: bool,
     close: CancellationToken,
 ) {
     loop {
@@ -138,7 +134,7 @@ pub async fn run(
         let Some(out) = out else { break };
         if let Some((to, body)) = &out.reply {
             let (payload, props) = encode(to, body);
-            let sent = if properties && props != PublishProperties::default() {
+            let sent = if props != PublishProperties::default() {
                 client
                     .publish_with_properties(to.topic.clone(), reply_qos, false, payload, props)
                     .await
