@@ -43,6 +43,8 @@ pub enum AppError {
     HttpClient(String),
     #[error("metrics exporter: {0}")]
     Metrics(String),
+    #[error("signal handlers: {0}")]
+    Signals(String),
 }
 
 impl AppError {
@@ -51,9 +53,10 @@ impl AppError {
         match self {
             AppError::Config(_) | AppError::Tls(_) => EXIT_USAGE,
             AppError::BrokerRefused(_) => EXIT_NOPERM,
-            AppError::EmbeddedBroker(_) | AppError::HttpClient(_) | AppError::Metrics(_) => {
-                EXIT_UNAVAILABLE
-            }
+            AppError::EmbeddedBroker(_)
+            | AppError::HttpClient(_)
+            | AppError::Metrics(_)
+            | AppError::Signals(_) => EXIT_UNAVAILABLE,
         }
     }
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vllm_mqttd::cli::{Cli, Command, RunArgs};
 use vllm_mqttd::config::DEFAULT_CONFIG_TOML;
-use vllm_mqttd::error::EXIT_USAGE;
+use vllm_mqttd::error::{AppError, EXIT_USAGE};
 use vllm_mqttd::{telemetry, App};
 
 fn main() -> ExitCode {
@@ -64,7 +64,10 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(signal(shutdown.clone()));
+        // Installed before anything is logged, so a SIGTERM sent as soon as
+        // the first line appears is a graceful stop, not the default kill.
+        let signals = Signals::install()?;
+        tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
         app.run(shutdown).await
     });
     match result {
@@ -76,16 +79,28 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        tracing::error!("cannot install the SIGTERM handler");
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+/// SIGINT and SIGTERM handlers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, AppError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |kind| signal(kind).map_err(|e| AppError::Signals(e.to_string()));
+        Ok(Signals {
+            term: handler(SignalKind::terminate())?,
+            int: handler(SignalKind::interrupt())?,
+        })
     }
-    shutdown.cancel();
+
+    /// Cancels `shutdown` on the first SIGINT or SIGTERM.
+    async fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+        }
+        shutdown.cancel();
+    }
 }

@@ -37,6 +37,12 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_UNAVAILABLE, &e),
     };
     runtime.block_on(async {
+        // Installed before the ready line, so a SIGTERM sent as soon as it
+        // appears is a clean exit 0, not the default kill.
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+        };
         let sim = match Sim::builder().config(config).try_run().await {
             Ok(s) => s,
             Err(e) => return fail(EXIT_UNAVAILABLE, &e),
@@ -57,7 +63,7 @@ fn main() -> ExitCode {
             sim.seed(),
         );
         tokio::select! {
-            () = signal() => {}
+            () = signals.wait() => {}
             () = log_stats(&sim) => {}
         }
         ExitCode::SUCCESS
@@ -69,15 +75,27 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Resolves on SIGINT or SIGTERM (or if the handlers cannot be installed).
-async fn signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => eprintln!("vllm-sim: SIGINT, exiting"),
-            _ = term.recv() => eprintln!("vllm-sim: SIGTERM, exiting"),
-        },
-        Err(e) => eprintln!("vllm-sim: cannot install the SIGTERM handler: {e}"),
+/// SIGINT and SIGTERM handlers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => eprintln!("vllm-sim: SIGINT, exiting"),
+            _ = self.term.recv() => eprintln!("vllm-sim: SIGTERM, exiting"),
+        }
     }
 }
 
