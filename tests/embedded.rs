@@ -155,3 +155,65 @@ async fn clean_disconnects_never_drop_other_connections() {
     }
     daemon.stop().await.unwrap();
 }
+
+/// The daemon acks a request only once its reply is out, so acks leave in
+/// completion order, not arrival order. rumqttd 0.20 disconnected a client
+/// on the first out-of-order ack (and cycled 100 packet ids), which made
+/// the daemon reconnect and answer redelivered requests twice (see
+/// vendor/rumqttd/PATCHES.md). Each request here gets exactly one reply.
+#[tokio::test]
+async fn acks_in_completion_order_keep_the_connection() {
+    let fake = FakeVllm::builder().gated().run().await;
+    let (v4, v5) = (free_port(), free_port());
+    let mut c = config("unused.invalid", 1, &fake.base_url());
+    c.embedded_broker.enabled = true;
+    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
+    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
+    let daemon = Daemon::start(c).await;
+    let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("dev")).await;
+    dev.subscribe("maze/assistant_response/#").await;
+    let send = |session: &str, message: &str| {
+        json!({"sessionId": session, "message": message, "format": "json"}).to_string()
+    };
+
+    // A is held in the backend, unacked; B (bad), C (busy) and then 150
+    // more bad requests are answered and acked before it: more than the
+    // 100 packet ids upstream cycled through.
+    dev.publish("maze/user_input", send("a", "slow"), 1).await;
+    assert!(fake.wait_for_calls(1, WAIT).await);
+    dev.publish("maze/user_input", send("b", " "), 1).await;
+    let m = dev.expect(WAIT).await;
+    assert_eq!(
+        (m.topic.as_str(), m.json()["error"]["code"].as_str()),
+        ("maze/assistant_response/b", Some("bad_request"))
+    );
+    dev.publish("maze/user_input", send("a", "again"), 1).await;
+    let m = dev.expect(WAIT).await;
+    assert_eq!(
+        (m.topic.as_str(), m.json()["error"]["code"].as_str()),
+        ("maze/assistant_response/a", Some("session_busy"))
+    );
+    for i in 0..150 {
+        dev.publish("maze/user_input", send(&format!("x{i}"), ""), 1)
+            .await;
+        let m = dev.expect(WAIT).await;
+        assert_eq!(m.topic, format!("maze/assistant_response/x{i}"));
+    }
+    fake.release(1);
+    let m = dev.expect(WAIT).await;
+    assert_eq!(
+        (m.topic.as_str(), m.json()["text"].as_str()),
+        ("maze/assistant_response/a", Some("echo: slow"))
+    );
+
+    // Nothing was answered twice: the next message is the next request's.
+    dev.publish("maze/user_input", send("d", "last"), 1).await;
+    fake.release(1);
+    let m = dev.expect(WAIT).await;
+    assert_eq!(
+        (m.topic.as_str(), m.json()["text"].as_str()),
+        ("maze/assistant_response/d", Some("echo: last"))
+    );
+    assert_eq!(fake.requests().len(), 2);
+    daemon.stop().await.unwrap();
+}

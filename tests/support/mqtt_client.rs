@@ -203,6 +203,10 @@ impl TestClient {
         if let Some((u, p)) = &opts.credentials {
             mo.set_credentials(u.clone(), p.clone());
         }
+        // Like paho, which sets TCP_NODELAY: no 40 ms Nagle stalls.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        mo.set_network_options(net);
         let (client, mut eventloop) = AsyncClient::new(mo, 1024);
         let (tx, rx) = mpsc::unbounded_channel();
         let (acks_tx, acks_rx) = watch::channel(Acks::default());
@@ -484,6 +488,8 @@ impl TestClientV4 {
             mo.set_credentials(u.clone(), p.clone());
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(mo, 1024);
+        // Like paho, which sets TCP_NODELAY: no 40 ms Nagle stalls.
+        eventloop.network_options.set_tcp_nodelay(true);
         let (tx, rx) = mpsc::unbounded_channel();
         let (acks_tx, acks_rx) = watch::channel(Acks::default());
         let (first_tx, first_rx) = oneshot::channel::<Result<(), String>>();

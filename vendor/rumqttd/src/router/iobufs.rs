@@ -15,8 +15,13 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
-const MAX_INFLIGHT: usize = 100;
-const MAX_PKID: u16 = MAX_INFLIGHT as u16;
+// vllm-mqttd patch: upstream allowed 100 unacked QoS 1 publishes per
+// connection with packet ids cycling through 1..=100, which only works if
+// acks come in order. A subscriber that acks on completion (vllm-mqttd)
+// holds up to its queue size unacked, in any order: allow 4096 in flight,
+// use the whole packet id space, and never reuse an id still in flight.
+const MAX_INFLIGHT: usize = 4096;
+const MAX_PKID: u16 = u16::MAX;
 
 #[derive(Debug)]
 pub struct Incoming {
@@ -73,11 +78,11 @@ impl Outgoing {
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
         let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
+        // vllm-mqttd patch: grown on demand, not 4096 slots per connection.
+        let inflight_buffer = VecDeque::new();
+        let unacked_pubrels = VecDeque::new();
 
         // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
         assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
 
         let outgoing = Self {
@@ -132,17 +137,23 @@ impl Outgoing {
         }
 
         for mut p in publishes {
-            // Index and pkid of current outgoing packet
-            self.last_pkid += 1;
+            // Index and pkid of current outgoing packet: the next one in
+            // 1..=MAX_PKID that is not in flight (vllm-mqttd patch).
+            loop {
+                self.last_pkid = if self.last_pkid == MAX_PKID {
+                    1
+                } else {
+                    self.last_pkid + 1
+                };
+                let pkid = self.last_pkid;
+                if !self.inflight_buffer.iter().any(|(p, _, _)| *p == pkid) {
+                    break;
+                }
+            }
             p.publish.pkid = self.last_pkid;
 
             self.inflight_buffer
                 .push_back((self.last_pkid, filter_idx, p.cursor));
-
-            // Place max pkid packet at index 0
-            if self.last_pkid == MAX_PKID {
-                self.last_pkid = 0;
-            }
 
             self.meter.publish_count += 1;
             self.meter.total_size += p.publish.topic.len() + p.publish.payload.len();
@@ -165,14 +176,20 @@ impl Outgoing {
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
-
-        // We don't support out of order acks
-        if pkid != head {
-            error!(pkid, head, "out of order ack.");
+        // vllm-mqttd patch: accept acks in any order, as Mosquitto, EMQX
+        // and HiveMQ do. MQTT 4.6 asks clients to ack in the order they
+        // received, but a client that acks a QoS 1 message only once it has
+        // processed it (vllm-mqttd acks a request after publishing its
+        // reply) finishes in any order; upstream disconnected it on the
+        // first out-of-order ack. An unsolicited ack is still an error.
+        // Redelivery after a reconnect restarts each filter from its oldest
+        // unacked message (`retransmission_map`), so nothing is lost; acked
+        // messages after it may be delivered again (at least once).
+        let Some(at) = self.inflight_buffer.iter().position(|(p, _, _)| *p == pkid) else {
+            error!(pkid, "unsolicited ack.");
             return None;
-        }
-
+        };
+        self.inflight_buffer.remove(at);
         Some(())
     }
 

@@ -399,6 +399,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+            // vllm-mqttd patch: MQTT packets are small request/response
+            // exchanges; with Nagle on, a PUBACK or a reply waits for the
+            // peer's delayed ACK (about 40 ms per hop on Linux).
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "cannot set TCP_NODELAY");
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
