@@ -518,7 +518,8 @@ enum Fate {
 /// Requests waiting for their reply, and recently finished ids.
 #[derive(Default)]
 struct Waiters {
-    pending: HashMap<String, oneshot::Sender<Reply>>,
+    /// A reply, or the reason one tied to the request could not be read.
+    pending: HashMap<String, oneshot::Sender<Result<Reply, ClientError>>>,
     finished: HashMap<String, Fate>,
     finished_order: VecDeque<String>,
 }
@@ -647,20 +648,23 @@ impl Shared {
     }
 
     /// Hands a reply to the request waiting for it.
+    ///
+    /// A payload that is not a valid [`Reply`] (an error code this version
+    /// does not know, an `error` without `message`) still goes to its
+    /// request when it can be tied to one, as [`ClientError::Protocol`]:
+    /// counting it as a stray would leave the caller waiting out its whole
+    /// reply timeout for an answer that already came.
     fn dispatch(&self, m: Message) {
-        let reply: Reply = match serde_json::from_slice(&m.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(topic = %m.topic, error = %e, "not a JSON reply");
-                bump(&self.counters.strays);
-                return;
-            }
+        let parsed = serde_json::from_slice::<Reply>(&m.payload);
+        let json_id = match &parsed {
+            Ok(reply) => reply.request_id.clone(),
+            Err(_) => serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .ok()
+                .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned)),
         };
         // The JSON's requestId, else Correlation Data, else the topic's
         // last level: all three are the request id we chose.
-        let id = reply
-            .request_id
-            .clone()
+        let id = json_id
             .or_else(|| {
                 m.correlation
                     .as_ref()
@@ -668,12 +672,32 @@ impl Shared {
             })
             .or_else(|| m.topic.rsplit('/').next().map(str::to_owned))
             .unwrap_or_default();
+        let reply = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                let mut w = lock(&self.waiters);
+                if let Some(tx) = w.pending.remove(&id) {
+                    w.finish(id, Fate::Answered);
+                    drop(w);
+                    tracing::debug!(topic = %m.topic, error = %e, "unreadable reply");
+                    bump(&self.counters.replies);
+                    let _ = tx.send(Err(ClientError::Protocol(format!(
+                        "unreadable reply on {}: {e}",
+                        m.topic
+                    ))));
+                } else {
+                    tracing::debug!(topic = %m.topic, error = %e, "not a JSON reply");
+                    bump(&self.counters.strays);
+                }
+                return;
+            }
+        };
         let mut w = lock(&self.waiters);
         if let Some(tx) = w.pending.remove(&id) {
             w.finish(id, Fate::Answered);
             drop(w);
             bump(&self.counters.replies);
-            let _ = tx.send(reply);
+            let _ = tx.send(Ok(reply));
             return;
         }
         match w.finished.get(&id).copied() {
@@ -707,6 +731,23 @@ impl Drop for PendingGuard<'_> {
         let mut w = lock(&self.shared.waiters);
         if w.pending.remove(&self.id).is_some() {
             w.finish(std::mem::take(&mut self.id), Fate::Abandoned);
+        }
+    }
+}
+
+/// A send slot reserved and not yet used: gives it back to the pacer if
+/// the attempt is dropped while waiting for it, so an abandoned call does
+/// not delay the callers behind it.
+struct SlotGuard<'a> {
+    pacer: &'a Mutex<Pacer<Instant>>,
+    /// `None` once the slot is used.
+    slot: Option<Instant>,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            lock(self.pacer).release(slot);
         }
     }
 }
@@ -966,11 +1007,18 @@ impl Client {
         let shared = &inner.shared;
         self.ensure_subscribed(&request.project, deadline).await?;
 
-        let slot = lock(&inner.pacer).reserve(Instant::now());
-        if slot >= deadline {
+        // Only a slot this call can use is reserved (a refused one must not
+        // push later callers back), and it is given back if the caller's
+        // future is dropped while waiting for it.
+        let Some(slot) = lock(&inner.pacer).reserve_before(Instant::now(), deadline) else {
             return Err(ClientError::Timeout(inner.options.timeout));
-        }
+        };
+        let mut reserved = SlotGuard {
+            pacer: &inner.pacer,
+            slot: Some(slot),
+        };
         tokio::time::sleep_until(slot).await;
+        reserved.slot = None;
 
         let request_id = format!("{:016x}", rand::rng().random::<u64>());
         let reply_topic = format!(
@@ -998,14 +1046,24 @@ impl Client {
             correlation: Some(Bytes::from(request_id.clone().into_bytes())),
             expiry: Some(attempt_deadline - now),
         };
-        inner
+        // Bounded by the deadline: while the broker is away rumqttc's
+        // request channel fills up and `publish` waits for room until the
+        // connection is back, which would make `chat` overrun its timeout.
+        let publish = inner
             .link
-            .publish(request_topic(&request.project), 1, payload, props)
-            .await
-            .map_err(ClientError::Connection)?;
+            .publish(request_topic(&request.project), 1, payload, props);
+        match tokio::time::timeout_at(attempt_deadline, publish).await {
+            Ok(sent) => sent.map_err(ClientError::Connection)?,
+            Err(_) if !lock(&shared.subs).connected => {
+                return Err(ClientError::Connection(
+                    "not connected to the broker; the request could not be queued in time".into(),
+                ))
+            }
+            Err(_) => return Err(ClientError::Timeout(attempt_deadline - now)),
+        }
         bump(&shared.counters.sent);
         match tokio::time::timeout_at(attempt_deadline, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ClientError::Connection(
                 "the client is shutting down".into(),
             )),
@@ -1168,7 +1226,7 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         lock(&s.waiters).pending.insert("r1".into(), tx);
         s.dispatch(message("r1"));
-        assert_eq!(rx.try_recv().unwrap().text.as_deref(), Some("t"));
+        assert_eq!(rx.try_recv().unwrap().unwrap().text.as_deref(), Some("t"));
         s.dispatch(message("r1"));
         s.dispatch(message("nobody"));
         s.dispatch(Message {
@@ -1208,6 +1266,44 @@ mod tests {
         s.dispatch(bare("tp", None));
         assert!(rx1.try_recv().is_ok());
         assert!(rx2.try_recv().is_ok());
+    }
+
+    #[test]
+    fn an_unreadable_reply_to_a_waiting_request_is_a_protocol_error() {
+        let s = shared();
+        let mut rxs = Vec::new();
+        for id in ["u1", "u2", "u3"] {
+            let (tx, rx) = oneshot::channel();
+            lock(&s.waiters).pending.insert(id.into(), tx);
+            rxs.push(rx);
+        }
+        // An error code this version does not know, tied by requestId.
+        s.dispatch(Message {
+            topic: "maze/assistant_response/s/c/zz".into(),
+            payload: Bytes::from_static(
+                br#"{"requestId":"u1","ok":false,"error":{"code":"brand_new","message":"m"}}"#,
+            ),
+            correlation: None,
+        });
+        // An error without a message, tied by Correlation Data.
+        s.dispatch(Message {
+            topic: "maze/assistant_response/s/c/zz".into(),
+            payload: Bytes::from_static(br#"{"ok":false,"error":{"code":"overloaded"}}"#),
+            correlation: Some(Bytes::from_static(b"u2")),
+        });
+        // Not JSON at all, tied by the topic.
+        s.dispatch(Message {
+            topic: "maze/assistant_response/s/c/u3".into(),
+            payload: Bytes::from_static(b"Error: something"),
+            correlation: None,
+        });
+        for mut rx in rxs {
+            let err = rx.try_recv().expect("the caller hears of it").unwrap_err();
+            assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+        }
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(get(&s.counters.strays), 0);
+        assert_eq!(get(&s.counters.replies), 3);
     }
 
     #[test]

@@ -43,16 +43,52 @@ where
         self.interval
     }
 
+    /// The slot a reservation made at `now` would get.
+    fn slot_at(&self, now: T) -> T {
+        match self.next {
+            Some(next) if next > now => next,
+            _ => now,
+        }
+    }
+
     /// Reserves the next send slot: `now` if the line is free, else the
     /// first instant `interval` after the previous slot. The caller must
     /// wait until the returned instant before sending.
     pub fn reserve(&mut self, now: T) -> T {
-        let slot = match self.next {
-            Some(next) if next > now => next,
-            _ => now,
-        };
+        let slot = self.slot_at(now);
         self.next = Some(slot + self.interval);
         slot
+    }
+
+    /// Reserves the next send slot only if it comes before `deadline`;
+    /// `None` (and nothing reserved) otherwise.
+    ///
+    /// Why not `reserve` and then check: a caller that gives up on a slot
+    /// past its deadline never sends, yet its reservation would still push
+    /// every later caller back by `interval`. Under a burst of callers with
+    /// a short timeout the next free slot then runs ahead of every deadline
+    /// and each call fails at once without sending, for good.
+    pub fn reserve_before(&mut self, now: T, deadline: T) -> Option<T> {
+        let slot = self.slot_at(now);
+        if slot >= deadline {
+            return None;
+        }
+        self.next = Some(slot + self.interval);
+        Some(slot)
+    }
+
+    /// Gives back `slot` (from [`reserve`](Self::reserve) or
+    /// [`reserve_before`](Self::reserve_before)) when its caller will not
+    /// send after all, e.g. its future was dropped while waiting.
+    ///
+    /// Only the latest reservation can be handed back: if somebody reserved
+    /// after it, their slot is already spaced from this one and stays, and
+    /// this one is simply left unused (no later slot moves earlier, so the
+    /// interval between real sends is never broken).
+    pub fn release(&mut self, slot: T) {
+        if self.next == Some(slot + self.interval) {
+            self.next = Some(slot);
+        }
     }
 }
 
@@ -106,6 +142,37 @@ mod tests {
         for t in [0, 0, 0, 5] {
             assert_eq!(p.reserve(Ms(t)), Ms(t));
         }
+    }
+
+    #[test]
+    fn a_slot_past_the_deadline_is_not_reserved() {
+        let mut p = Pacer::new(Duration::from_millis(100));
+        // A burst of 30 callers, each with a 1 s deadline: the first ten
+        // get slots, the rest give up without moving the line on.
+        let got: Vec<_> = (0..30)
+            .filter_map(|_| p.reserve_before(Ms(0), Ms(1000)))
+            .collect();
+        assert_eq!(got.len(), 10);
+        assert_eq!(got.last(), Some(&Ms(900)));
+        // A lone caller later, with its own 1 s deadline, is served: the
+        // refused callers did not push the next slot to 3 s.
+        assert_eq!(p.reserve_before(Ms(1500), Ms(2500)), Some(Ms(1500)));
+        assert_eq!(p.reserve_before(Ms(1500), Ms(2500)), Some(Ms(1600)));
+    }
+
+    #[test]
+    fn the_latest_slot_can_be_given_back() {
+        let mut p = Pacer::new(Duration::from_millis(100));
+        assert_eq!(p.reserve(Ms(0)), Ms(0));
+        let b = p.reserve(Ms(0));
+        assert_eq!(b, Ms(100));
+        p.release(b);
+        assert_eq!(p.reserve(Ms(0)), Ms(100));
+        // An earlier slot, with a later one reserved, stays taken.
+        let c = p.reserve(Ms(0));
+        assert_eq!(c, Ms(200));
+        p.release(Ms(100));
+        assert_eq!(p.reserve(Ms(0)), Ms(300));
     }
 
     #[tokio::test(start_paused = true)]

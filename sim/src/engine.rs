@@ -390,11 +390,15 @@ impl Core {
 
         // The next step lasts itl(running); a late wake-up does not push
         // the schedule back (the step after is measured from when this one
-        // was due), unless the engine fell a whole step behind.
+        // was due), unless the engine fell a whole step behind: then the
+        // next step is a full itl from now. Catching up instead (a step
+        // due at once) would run two steps at the same instant, a zero
+        // inter-token time, and the sim would outrun its model under load.
         let itl = self.latency().itl(self.running());
         self.next_step = match (self.decoding.is_empty(), stepped, self.next_step) {
             (true, _, _) => None,
-            (false, Some(at), _) => Some((at + itl).max(now)),
+            (false, Some(at), _) if at + itl <= now => Some(now + itl),
+            (false, Some(at), _) => Some(at + itl),
             (false, None, None) => Some(now + itl),
             (false, None, Some(at)) => Some(at),
         };
@@ -621,6 +625,21 @@ mod tests {
             }
         );
         assert_eq!(Instant::now() - t0, 50 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_wake_up_does_not_run_two_steps_at_once() {
+        let e = engine(1, None, latency(0));
+        let t0 = Instant::now();
+        let h = tokio::spawn(token_times(e.submit(spec(5)).unwrap(), t0));
+        tokio::time::sleep(11 * MS).await;
+        // The step due at 20 ms runs 25 ms late (a busy runtime): the next
+        // one is a whole step later, not due at once.
+        tokio::time::advance(34 * MS).await;
+        assert_eq!(
+            h.await.unwrap(),
+            [10, 45, 55, 65, 75].map(|n| n * MS).to_vec()
+        );
     }
 
     #[tokio::test]

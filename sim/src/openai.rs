@@ -122,7 +122,8 @@ pub fn error_type(status: u16) -> &'static str {
 /// The fields of a chat request the simulator acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatRequest {
-    /// `model`.
+    /// `model`; empty when absent, which (as in vLLM) means the served
+    /// model.
     pub model: String,
     /// `stream`.
     pub stream: bool,

@@ -135,6 +135,7 @@ async fn vllm_errors() {
     assert_eq!(e["message"], "The model `other` does not exist.");
     assert_eq!(e["type"], "NotFoundError");
     assert_eq!(e["code"], 404);
+    assert_eq!(e["param"], Value::Null);
 
     // 4000 bytes is 1000 prompt tokens; 1000 + 3500 > 4096.
     let resp = post(&sim, &body("sim-model", &"abcd".repeat(1000), 3500)).await;
@@ -163,6 +164,20 @@ async fn vllm_errors() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+/// vLLM serves its model to a request that names none (or an empty one).
+#[tokio::test]
+async fn a_missing_or_empty_model_is_the_served_one() {
+    let sim = Sim::builder().latency_model(fast()).run().await;
+    let mut b = body("sim-model", "hi", 3);
+    b.as_object_mut().unwrap().remove("model");
+    for b in [b, body("", "hi", 3)] {
+        let resp = post(&sim, &b).await;
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["model"], "sim-model");
+    }
 }
 
 #[tokio::test]

@@ -68,6 +68,9 @@ pub enum BackendError {
 }
 
 /// Statuses worth retrying: the request may succeed later as it is.
+/// The largest `Retry-After` taken from a backend: a day.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
 const RETRYABLE_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
 
 impl BackendError {
@@ -363,7 +366,9 @@ async fn status_error(status: StatusCode, resp: reqwest::Response) -> BackendErr
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        // Beyond any deadline anyway; capped so that adding it to a clock
+        // or turning it into `retryAfterMs` can never overflow.
+        .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)));
     // Error bodies are small; cap what we read anyway.
     let bytes = resp.bytes().await.unwrap_or_default();
     let bytes = &bytes[..bytes.len().min(16 * 1024)];

@@ -105,7 +105,9 @@ impl Schedule {
             Jitter::None => d,
         };
         let d = retry_after.map_or(d, |r| r.max(d));
-        if now + d >= deadline {
+        // Checked: a server may send any Retry-After, and `Instant + huge`
+        // panics.
+        if now.checked_add(d).is_none_or(|t| t >= deadline) {
             return None;
         }
         self.retries += 1;
@@ -189,6 +191,13 @@ mod tests {
                 far - Duration::from_secs(31),
                 &mut rng
             ),
+            None
+        );
+        // A Retry-After no clock can add is past every deadline, not a panic.
+        let mut s = policy(Jitter::None).schedule();
+        assert_eq!(s.next(Some(Duration::MAX), now, far, &mut rng), None);
+        assert_eq!(
+            s.next(Some(Duration::from_secs(u64::MAX / 2)), now, far, &mut rng),
             None
         );
     }

@@ -84,32 +84,53 @@ impl Book {
                 };
                 self.sub.send_replace(status);
             }
-            NetEvent::Message(m) => {
-                let at = Instant::now();
-                // Our reply topics end with the request id.
-                let id = m.topic.rsplit('/').next().unwrap_or_default();
-                let mut ledger = lock(&self.ledger);
-                if let Some(tx) = ledger.pending.remove(id) {
-                    ledger.answered.insert(id.to_owned());
-                    drop(ledger);
-                    let _ = tx.send(Arrival {
-                        at,
-                        payload: m.payload,
-                    });
-                } else if ledger.answered.contains(id) {
-                    self.duplicates.fetch_add(1, Ordering::Relaxed);
-                } else if ledger.lost.remove(id) {
-                    ledger.answered.insert(id.to_owned());
-                    self.late.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.strays.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            NetEvent::Message(m) => self.deliver(&m.topic, m.payload),
             NetEvent::Lost(error) => {
                 tracing::warn!(%error, "MQTT connection lost; reconnecting");
                 self.sub.send_replace(SubStatus::Waiting);
             }
         }
+    }
+}
+
+impl Book {
+    /// Hands a reply to the request waiting for it, or counts it.
+    fn deliver(&self, topic: &str, payload: Bytes) {
+        let at = Instant::now();
+        // Our reply topics end with the request id.
+        let id = topic.rsplit('/').next().unwrap_or_default();
+        let mut ledger = lock(&self.ledger);
+        if let Some(tx) = ledger.pending.remove(id) {
+            ledger.answered.insert(id.to_owned());
+            // Sent under the ledger lock (a oneshot send never waits), so
+            // a request that finds its id gone from `pending` knows the
+            // arrival is already in its channel: see `settle`.
+            let _ = tx.send(Arrival { at, payload });
+        } else if ledger.answered.contains(id) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else if ledger.lost.remove(id) {
+            ledger.answered.insert(id.to_owned());
+            self.late.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.strays.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Settles request `id` once its deadline passed: lost if no reply was
+    /// taken for it, else the reply that landed as the deadline fired.
+    ///
+    /// Why look again: the poll loop may take the request from `pending`
+    /// just before the timer fires. That reply counts as answered (it is
+    /// in `answered`, so it is not a late one either); calling it lost
+    /// would leave it counted nowhere.
+    fn settle(&self, id: &str, rx: &mut oneshot::Receiver<Arrival>) -> Option<Arrival> {
+        let mut ledger = lock(&self.ledger);
+        if ledger.pending.remove(id).is_some() {
+            ledger.lost.insert(id.to_owned());
+            return None;
+        }
+        drop(ledger);
+        rx.try_recv().ok()
     }
 }
 
@@ -202,7 +223,7 @@ impl Conn {
             } else {
                 RequestProps::default()
             };
-            let (tx, rx) = oneshot::channel();
+            let (tx, mut rx) = oneshot::channel();
             lock(&self.book.ledger).pending.insert(id.clone(), tx);
             let qos = if json { 1 } else { 0 };
             let lost = |attempts| Record {
@@ -211,24 +232,29 @@ impl Conn {
                 outcome: Outcome::Lost,
                 attempts,
             };
-            if let Err(e) = self
+            // Bounded by the deadline: while the broker is away rumqttc's
+            // request channel fills up and `publish` would wait for the
+            // connection to come back, so the run would never finish. A
+            // request that cannot even be queued in time is lost.
+            let publish = self
                 .link
-                .publish(request_topic(&config.project), qos, body, props)
-                .await
-            {
-                tracing::error!(error = %e, "cannot publish");
+                .publish(request_topic(&config.project), qos, body, props);
+            let failure = match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("not queued before the reply timeout".to_owned()),
+            };
+            if let Some(e) = failure {
+                tracing::warn!(error = %e, "cannot publish");
                 lock(&self.book.ledger).pending.remove(&id);
                 return lost(attempts);
             }
-            let arrival = match tokio::time::timeout_at(deadline, rx).await {
+            let arrival = match tokio::time::timeout_at(deadline, &mut rx).await {
                 Ok(Ok(a)) => a,
-                _ => {
-                    let mut ledger = lock(&self.book.ledger);
-                    if ledger.pending.remove(&id).is_some() {
-                        ledger.lost.insert(id);
-                    }
-                    return lost(attempts);
-                }
+                _ => match self.book.settle(&id, &mut rx) {
+                    Some(a) => a,
+                    None => return lost(attempts),
+                },
             };
             let outcome = classify_payload(&arrival.payload, json || looks_like_json(&arrival));
             if let (Outcome::Error(code), Some(policy)) = (outcome, &config.retries) {
@@ -426,4 +452,52 @@ pub(super) async fn execute(
         counters,
         interrupted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book() -> Book {
+        Book {
+            filter: String::new(),
+            ledger: Mutex::default(),
+            sub: watch::Sender::new(SubStatus::Waiting),
+            duplicates: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            strays: AtomicU64::new(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_landing_as_the_deadline_fires_is_answered() {
+        let b = book();
+        let (tx, mut rx) = oneshot::channel();
+        lock(&b.ledger).pending.insert("r1".into(), tx);
+        // The poll loop takes the reply; the request's timer fires before
+        // it reads its channel.
+        b.deliver("p/assistant_response/s/c/r1", Bytes::from_static(b"hi"));
+        let a = b.settle("r1", &mut rx).expect("the reply is not lost");
+        assert_eq!(&a.payload[..], b"hi");
+        let ledger = lock(&b.ledger);
+        assert!(ledger.answered.contains("r1") && ledger.lost.is_empty());
+        drop(ledger);
+        // Nothing else counted it.
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(
+            (get(&b.late), get(&b.strays), get(&b.duplicates)),
+            (0, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn no_reply_by_the_deadline_is_lost_and_a_later_one_late() {
+        let b = book();
+        let (tx, mut rx) = oneshot::channel();
+        lock(&b.ledger).pending.insert("r2".into(), tx);
+        assert!(b.settle("r2", &mut rx).is_none());
+        assert!(lock(&b.ledger).lost.contains("r2"));
+        b.deliver("p/assistant_response/s/c/r2", Bytes::from_static(b"hi"));
+        assert_eq!(b.late.load(Ordering::Relaxed), 1);
+    }
 }

@@ -140,9 +140,13 @@ pub struct Report {
     pub attempts: u64,
     /// Requests that got a final reply.
     pub answered: u64,
-    /// Answered requests per second of `elapsed`.
+    /// From the first send to the last reply: the span the throughput is
+    /// measured over. Shorter than `elapsed` by the time spent waiting
+    /// out `--reply-timeout` for requests that were lost.
+    pub active_ms: u64,
+    /// Answered requests per second of `active`.
     pub throughput: f64,
-    /// Successful requests per second of `elapsed`.
+    /// Successful requests per second of `active`.
     pub ok_throughput: f64,
     /// Requests by final outcome; every outcome is listed, zeros included,
     /// and the counts add up to `sent`.
@@ -159,6 +163,25 @@ pub struct Report {
     pub latency_ms: Latency,
     /// Latency of error replies (usually immediate rejections).
     pub error_latency_ms: Latency,
+}
+
+/// From the first send to the last reply, zero when nothing was answered.
+///
+/// Why not the run's elapsed time: that ends only once every lost request
+/// has waited out its reply timeout, so a run with a single loss would
+/// report its throughput diluted by up to a whole `--reply-timeout` of
+/// idle waiting.
+pub fn active_span(records: &[Record]) -> Duration {
+    let first = records.iter().map(|r| r.sent).min();
+    let last = records
+        .iter()
+        .filter(|r| r.outcome.answered())
+        .filter_map(|r| r.latency.map(|l| r.sent + l))
+        .max();
+    match (first, last) {
+        (Some(first), Some(last)) => last.saturating_sub(first),
+        _ => Duration::ZERO,
+    }
 }
 
 /// Reply counters kept by the connections, not per request.
@@ -188,10 +211,12 @@ impl Report {
         }
         let answered = records.iter().filter(|r| r.outcome.answered()).count() as u64;
         let ok = records.iter().filter(|r| r.outcome == Outcome::Ok).count() as u64;
-        let secs = elapsed.as_secs_f64().max(1e-9);
+        let active = active_span(records);
+        let secs = active.as_secs_f64().max(1e-9);
         Report {
             settings,
             elapsed_ms: elapsed.as_millis() as u64,
+            active_ms: active.as_millis() as u64,
             sent: records.len() as u64,
             attempts: records.iter().map(|r| u64::from(r.attempts)).sum(),
             answered,
@@ -262,8 +287,10 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "throughput  {:.1} req/s answered, {:.1} req/s ok",
-            self.throughput, self.ok_throughput
+            "throughput  {:.1} req/s answered, {:.1} req/s ok, over {:.2} s from first send to last reply",
+            self.throughput,
+            self.ok_throughput,
+            self.active_ms as f64 / 1000.0
         );
         let _ = writeln!(out);
         let _ = writeln!(out, "{:<22}{:>9}{:>9}", "outcome", "count", "%");
@@ -349,8 +376,10 @@ mod tests {
         assert_eq!(r.outcomes["rate_limited"], 0);
         assert_eq!(r.lost(), 1);
         assert_eq!(r.answered, 4);
-        assert_eq!(r.throughput, 2.0);
-        assert_eq!(r.ok_throughput, 1.0);
+        // Over the 20 ms from the first send to the last reply.
+        assert_eq!(r.active_ms, 20);
+        assert!((r.throughput - 200.0).abs() < 1e-9, "{r:?}");
+        assert!((r.ok_throughput - 100.0).abs() < 1e-9, "{r:?}");
         assert_eq!(r.latency_ms.count, 2);
         assert_eq!(r.error_latency_ms.count, 2);
         assert_eq!(r.duplicates, 3);
@@ -361,6 +390,37 @@ mod tests {
         assert_eq!(json["outcomes"]["lost"], 1);
         assert_eq!(json["latencyMs"]["count"], 2);
         assert!(json["latencyMs"]["p99_9"].is_number());
+    }
+
+    #[test]
+    fn throughput_does_not_count_the_wait_for_lost_requests() {
+        let at = |sent_ms: u64, latency_ms: Option<u64>, outcome| Record {
+            sent: Duration::from_millis(sent_ms),
+            ..rec(latency_ms, outcome)
+        };
+        // Four answers between 100 ms (first send) and 600 ms (last
+        // reply); one request lost, so the run lasted until its 30 s
+        // reply timeout.
+        let records = vec![
+            at(100, Some(100), Outcome::Ok),
+            at(200, Some(100), Outcome::Ok),
+            at(300, Some(300), Outcome::Ok),
+            at(400, Some(1), Outcome::Error(ErrorCode::Overloaded)),
+            at(500, None, Outcome::Lost),
+        ];
+        assert_eq!(active_span(&records), Duration::from_millis(500));
+        let r = Report::new(
+            Settings::default(),
+            &records,
+            Duration::from_millis(30_500),
+            ReplyCounters::default(),
+            false,
+        );
+        assert_eq!((r.elapsed_ms, r.active_ms), (30_500, 500));
+        assert_eq!(r.throughput, 8.0);
+        assert_eq!(r.ok_throughput, 6.0);
+        assert_eq!(active_span(&[at(0, None, Outcome::Lost)]), Duration::ZERO);
+        assert_eq!(active_span(&[]), Duration::ZERO);
     }
 
     #[test]

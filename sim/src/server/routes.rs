@@ -241,9 +241,10 @@ async fn chat_inner(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if req.model != sh.config.model {
+    // Like vLLM: a missing or empty `model` means the served model, and the
+    // 404 for another one names no `param` (clients match on its body).
+    if !req.model.is_empty() && req.model != sh.config.model {
         return ApiError::new(404, format!("The model `{}` does not exist.", req.model))
-            .param("model")
             .into_response();
     }
     if sh.config.enforce_max_model_len {
