@@ -228,7 +228,7 @@ async fn call_backend(
     let mut shrunk = false;
     let mut reset_retried = false;
     loop {
-        let permit = match shared.breaker.acquire() {
+        let mut permit = match shared.breaker.acquire() {
             Ok(p) => p,
             Err(retry_after) => {
                 shared.stats.emit(Event::CircuitRejected);
@@ -239,7 +239,9 @@ async fn call_backend(
                 .retry_after(retry_after));
             }
         };
+        // A deadline that passes here drops an unstarted permit: neutral.
         let slot = shared.budget.acquire().await;
+        permit.start();
         let started = Instant::now();
         let result = shared.backend.chat(model, prompt, req.sampling).await;
         drop(slot);

@@ -316,6 +316,8 @@ async fn rate_budget_waits_within_the_deadline() {
     let mut w = world(&fake.base_url(), |c| {
         c.backend.rpm = 1;
         c.backend.request_timeout = Duration::from_millis(800);
+        // One counted failure would open this breaker.
+        c.backend.breaker_threshold = 1;
     })
     .await;
     assert_eq!(w.ask("first").await["text"], "echo: first");
@@ -323,6 +325,10 @@ async fn rate_budget_waits_within_the_deadline() {
     // it, and vLLM never sees it.
     let v = w.ask("second").await;
     assert_eq!(v["error"]["code"], "timeout");
+    // Waiting for our own budget says nothing about vLLM's health: the
+    // circuit stays closed, so the next request waits too, not fails fast.
+    let v = w.ask("third").await;
+    assert_eq!(v["error"]["code"], "timeout", "{v}");
     assert_eq!(fake.chat_calls(), 1);
     w.daemon.stop().await.unwrap();
 }

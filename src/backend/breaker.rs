@@ -11,8 +11,8 @@
 //!
 //! [`Breaker`] is the pure core (callers pass `now` and an RNG);
 //! [`SharedBreaker`] wraps it for the workers, hands out [`Permit`]s that
-//! count as a failure if dropped without an outcome (a request cancelled by
-//! its deadline), and publishes state changes on a watch channel for the
+//! count as a failure if dropped without an outcome once the call went out
+//! (a request cancelled by its deadline), and publishes state changes on a watch channel for the
 //! health prober, the stats and the status topic.
 
 use std::sync::{Arc, Mutex};
@@ -240,6 +240,7 @@ impl SharedBreaker {
         Ok(Permit {
             breaker: self.clone(),
             grant,
+            started: false,
             done: false,
         })
     }
@@ -252,20 +253,29 @@ impl SharedBreaker {
     }
 }
 
-/// Leave to call the backend once. Report how it went with
-/// [`Permit::record`]; dropped without a report (the request's deadline
-/// cancelled the call), it counts as a failure: the backend did not answer
-/// in time.
+/// Leave to call the backend once. Call [`Permit::start`] when the call
+/// goes out and report how it went with [`Permit::record`]. Dropped
+/// without a report after the start (the request's deadline cancelled the
+/// call), it counts as a failure: the backend did not answer in time.
+/// Dropped before the start (the deadline passed while the request waited
+/// for the backend budget), it is neutral: the backend was never asked,
+/// so its health is unknown, and a half-open probe slot is given back.
 #[derive(Debug)]
 pub struct Permit {
     breaker: Arc<SharedBreaker>,
     grant: Grant,
+    started: bool,
     done: bool,
 }
 
 impl Permit {
     pub fn grant(&self) -> Grant {
         self.grant
+    }
+
+    /// The backend call is going out now.
+    pub fn start(&mut self) {
+        self.started = true;
     }
 
     pub fn record(mut self, outcome: Outcome) {
@@ -277,7 +287,12 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker.record(self.grant, Outcome::Failed);
+            let outcome = if self.started {
+                Outcome::Failed
+            } else {
+                Outcome::Neutral
+            };
+            self.breaker.record(self.grant, outcome);
         }
     }
 }
@@ -373,7 +388,12 @@ mod tests {
     async fn dropped_permit_counts_as_failure() {
         let shared = SharedBreaker::new(Breaker::new(2, S(10)));
         let mut rx = shared.subscribe();
-        drop(shared.acquire().unwrap());
+        // Never started (it waited for budget): not held against anyone.
+        for _ in 0..5 {
+            drop(shared.acquire().unwrap());
+        }
+        assert_eq!(shared.circuit(), Circuit::Closed);
+        shared.acquire().unwrap().start();
         assert_eq!(shared.circuit(), Circuit::Closed);
         shared.acquire().unwrap().record(Outcome::Failed);
         assert_eq!(shared.circuit(), Circuit::Open);
