@@ -217,3 +217,44 @@ async fn acks_in_completion_order_keep_the_connection() {
     assert_eq!(fake.requests().len(), 2);
     daemon.stop().await.unwrap();
 }
+
+/// A device that re-sends an in-flight request publishes a new packet each
+/// time, which no later ack would settle: each is acknowledged at once.
+/// Otherwise each holds one of the broker's in-flight slots for the daemon
+/// until the next reconnect, and once all are taken (4096 on the embedded
+/// broker, 32 by default on EMQX) nothing more is delivered.
+#[tokio::test]
+async fn republished_duplicates_do_not_fill_the_in_flight_window() {
+    let fake = FakeVllm::builder().gated().run().await;
+    let (v4, v5) = (free_port(), free_port());
+    let mut c = config("unused.invalid", 1, &fake.base_url());
+    c.embedded_broker.enabled = true;
+    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
+    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
+    let daemon = Daemon::start(c).await;
+    let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("dev")).await;
+    dev.subscribe("maze/assistant_response/#").await;
+    let req = json!({"sessionId": "d", "requestId": "r1", "message": "once"}).to_string();
+    dev.publish("maze/user_input", req.clone(), 1).await;
+    assert!(fake.wait_for_calls(1, WAIT).await);
+    for _ in 0..4100 {
+        dev.publish("maze/user_input", req.clone(), 1).await;
+    }
+    // While r1 is still in flight, another session's request gets through.
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "e", "message": "next"}).to_string(),
+        1,
+    )
+    .await;
+    assert!(
+        fake.wait_for_calls(2, WAIT).await,
+        "the daemon stopped receiving"
+    );
+    fake.release(2);
+    let mut got = vec![dev.expect(WAIT).await.text(), dev.expect(WAIT).await.text()];
+    got.sort();
+    assert_eq!(got, ["echo: next", "echo: once"]);
+    assert_eq!(fake.requests().len(), 2);
+    daemon.stop().await.unwrap();
+}

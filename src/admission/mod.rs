@@ -64,9 +64,18 @@ impl Admission {
                 self.stats.emit(Event::Duplicate {
                     project: &req.key.project,
                 });
-                if answered {
-                    // Its reply went out but our ack did not reach the
-                    // broker (we reconnected): acknowledge this delivery.
+                // Which packet does this delivery's ack settle?
+                // - answered: the reply went out but our ack did not reach
+                //   the broker (we reconnected): acknowledge it now;
+                // - in flight, and a broker redelivery (DUP set, after a
+                //   reconnect): it carries the original's packet id, which
+                //   the original's ack settles once its reply is out; an
+                //   ack now would settle it before the reply;
+                // - in flight, and a fresh publish (a device re-sent the same
+                //   requestId): a new packet id nothing else will ever ack.
+                //   Acknowledge it now, or it holds one of the broker's
+                //   in-flight slots for us until the next reconnect.
+                if answered || !req.dup {
                     self.egress
                         .send(Outbound {
                             reply: None,
@@ -74,10 +83,6 @@ impl Admission {
                         })
                         .await;
                 }
-                // Still in flight: the original's ack will carry the same
-                // packet id when a broker redelivered it. A client that
-                // republished it under a new packet id gets that one
-                // acknowledged on the next redelivery, once it is answered.
                 return;
             }
             // A broker redelivery (after a reconnect) of a request with no
