@@ -370,6 +370,43 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     env.stop().await;
 }
 
+/// While the broker is away rumqttc's request channel (1024 requests)
+/// fills up and queuing a PUBLISH waits for room until the broker is back.
+/// Every call must still end by its timeout, typed, not hang.
+#[tokio::test]
+async fn calls_end_by_their_timeout_while_the_broker_is_down() {
+    let mut broker = Mosquitto::start().await;
+    let timeout = Duration::from_secs(1);
+    let opts = ClientOptions::new(broker.host(), broker.port())
+        .min_interval(Duration::ZERO)
+        .timeout(timeout)
+        .reply_timeout(timeout);
+    let client = Client::connect(opts).await.unwrap();
+    // Nobody answers, but the reply subscription is now active, so the
+    // calls below go as far as publishing.
+    let err = client.chat("maze", "warm", "hi").await.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
+    broker.stop();
+    let calls: Vec<_> = (0..1100)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.chat("maze", &format!("s{i}"), "hi").await })
+        })
+        .collect();
+    let all = async {
+        for call in calls {
+            let err = call.await.unwrap().unwrap_err();
+            assert!(
+                matches!(err, ClientError::Timeout(_) | ClientError::Connection(_)),
+                "{err:?}"
+            );
+        }
+    };
+    tokio::time::timeout(timeout + WAIT, all)
+        .await
+        .expect("every call ends by its timeout");
+}
+
 /// TLS for real: a private CA, a Mosquitto TLS listener, the daemon on the
 /// plain listener, and the client on the TLS one over both protocol
 /// versions. A broker certificate from another CA is a typed refusal, not

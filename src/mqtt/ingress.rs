@@ -178,7 +178,9 @@ impl Ingress {
 }
 
 /// Errors that retrying would only hide: the broker refused our
-/// credentials, or TLS could not verify it.
+/// credentials, or TLS could not verify it. A connection reset or EOF in
+/// the middle of a TLS handshake (a broker restarting, a load balancer
+/// closing a fresh connection) is retried like any network error.
 fn fatal(e: &ConnectionError) -> Option<AppError> {
     match e {
         ConnectionError::ConnectionRefused(
@@ -188,8 +190,23 @@ fn fatal(e: &ConnectionError) -> Option<AppError> {
             | ConnectReturnCode::BadAuthenticationMethod
             | ConnectReturnCode::ClientIdentifierNotValid),
         ) => Some(AppError::BrokerRefused(format!("{code:?}"))),
-        ConnectionError::Tls(t) => Some(AppError::BrokerRefused(format!("TLS: {t}"))),
+        ConnectionError::Tls(t) if tls_is_fatal(t) => {
+            Some(AppError::BrokerRefused(format!("TLS: {t}")))
+        }
         _ => None,
+    }
+}
+
+/// TLS failures that are about the certificate or the configuration, not
+/// the network. tokio-rustls reports every handshake failure as an
+/// `io::Error`; the ones rustls decided (a certificate from another CA, a
+/// name mismatch, an alert) carry a `rustls::Error` inside.
+fn tls_is_fatal(e: &rumqttc::TlsError) -> bool {
+    match e {
+        rumqttc::TlsError::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => true,
     }
 }
 
@@ -315,5 +332,29 @@ impl Handoff<'_> {
                 reason: "bad request while shutting down",
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn only_tls_failures_decided_by_rustls_are_fatal() {
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer");
+        let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+        let cert = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(fatal(&ConnectionError::Tls(rumqttc::TlsError::Io(reset))).is_none());
+        assert!(fatal(&ConnectionError::Tls(rumqttc::TlsError::Io(eof))).is_none());
+        assert!(fatal(&ConnectionError::Tls(rumqttc::TlsError::Io(cert))).is_some());
+        assert!(fatal(&ConnectionError::Tls(rumqttc::TlsError::NoValidCertInChain)).is_some());
+        assert!(fatal(&ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword
+        ))
+        .is_some());
     }
 }
