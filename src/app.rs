@@ -417,8 +417,14 @@ impl App {
                 .await?;
             client.disconnect().await
         };
-        if let Err(e) = offline.await {
-            tracing::warn!(error = %e, "cannot publish the offline status");
+        // Bounded: with the broker unreachable and rumqttc's request
+        // channel full, these awaits would never return.
+        match tokio::time::timeout(DISCONNECT_TIMEOUT, offline).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish the offline status"),
+            Err(_) => tracing::warn!(
+                "cannot publish the offline status: the broker is not taking requests"
+            ),
         }
         if tokio::time::timeout(DISCONNECT_TIMEOUT, &mut ingress)
             .await

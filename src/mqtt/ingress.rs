@@ -125,17 +125,12 @@ impl Ingress {
                     });
                     // Subscribing again is idempotent, and needed whenever
                     // the broker lost our session.
-                    if let Err(e) = client.try_subscribe_many(filters.clone()) {
-                        tracing::error!(error = %e, "cannot queue SUBSCRIBE");
-                    }
-                    if let Err(e) = client.try_publish(
+                    announce(
+                        &client,
+                        &filters,
                         status.topic.clone(),
-                        QoS::AtLeastOnce,
-                        true,
                         status.online(circuit.circuit()),
-                    ) {
-                        tracing::warn!(error = %e, "cannot queue the online status");
-                    }
+                    );
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
@@ -175,6 +170,35 @@ impl Ingress {
             }
         }
     }
+}
+
+/// Queues SUBSCRIBE, then the retained online status (in that order: a
+/// watcher that sees "online" may rely on the subscription). The poll loop
+/// must never await rumqttc's request channel, so it tries without
+/// waiting; when the channel is full (replies piled up while we were
+/// disconnected), a task waits for room instead. Losing the SUBSCRIBE
+/// there would leave the daemon connected and deaf.
+fn announce(client: &AsyncClient, filters: &[Filter], topic: String, online: Vec<u8>) {
+    let full = match client.try_subscribe_many(filters.to_vec()) {
+        Ok(()) => match client.try_publish(topic.clone(), QoS::AtLeastOnce, true, online.clone()) {
+            Ok(()) => return,
+            Err(_) => None,
+        },
+        Err(_) => Some(filters.to_vec()),
+    };
+    tracing::warn!("the MQTT request channel is full: SUBSCRIBE and status wait for room");
+    let client = client.clone();
+    tokio::spawn(async move {
+        if let Some(filters) = full {
+            if let Err(e) = client.subscribe_many(filters).await {
+                tracing::error!(error = %e, "cannot SUBSCRIBE: the connection is gone");
+                return;
+            }
+        }
+        if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, online).await {
+            tracing::warn!(error = %e, "cannot publish the online status");
+        }
+    });
 }
 
 /// Errors that retrying would only hide: the broker refused our

@@ -490,6 +490,50 @@ mod tests {
         );
     }
 
+    /// With the broker away rumqttc's request channel fills up and a
+    /// PUBLISH cannot even be queued: the request is lost at its deadline
+    /// instead of waiting for the broker (and the run never ending).
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_be_queued_in_time_is_lost() {
+        use rumqttc::v5::{AsyncClient, MqttOptions};
+        // Room for one request, and an event loop that never runs.
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 1);
+        let conn = Conn {
+            link: Link::V5(client),
+            client_id: "c".into(),
+            book: Arc::new(book()),
+            task: tokio::spawn(async {}),
+        };
+        let config = StressConfig {
+            broker: crate::ClientOptions::new("127.0.0.1", 1),
+            project: "maze".into(),
+            load: Load::Closed {
+                clients: 1,
+                messages: 2,
+                interval: Duration::ZERO,
+            },
+            format: ReplyFormat::Json,
+            reply_timeout: Duration::from_secs(1),
+            retries: None,
+            connections: 1,
+            message: "hi".into(),
+        };
+        let t0 = Instant::now();
+        // Queued, never answered.
+        let first = conn.request(&config, "s", 0, t0).await;
+        // The channel is full.
+        let second =
+            tokio::time::timeout(Duration::from_secs(60), conn.request(&config, "s", 1, t0))
+                .await
+                .expect("the request ends at its deadline");
+        assert_eq!(
+            (first.outcome, second.outcome),
+            (Outcome::Lost, Outcome::Lost)
+        );
+        assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+        assert!(lock(&conn.book.ledger).pending.is_empty());
+    }
+
     #[tokio::test]
     async fn no_reply_by_the_deadline_is_lost_and_a_later_one_late() {
         let b = book();
