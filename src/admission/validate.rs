@@ -131,6 +131,18 @@ pub fn parse(
             request_id: None,
             client_id: None,
         };
+        // As for JSON requests: a refused Response Topic is a bad_request,
+        // answered on the (generated) session's default topic.
+        if let Some(Err(e)) = inbound
+            .response_topic
+            .as_deref()
+            .map(|t| validate_reply_topic(project_name, t))
+        {
+            return Err(Box::new(bad(
+                Some(reply),
+                format!("Response Topic refused: {e}"),
+            )));
+        }
         return Ok(finish(
             inbound,
             project,
@@ -524,6 +536,18 @@ mod tests {
         let e = err(i);
         assert!(e.failure.message.contains("Response Topic"));
         assert_eq!(e.reply.unwrap().topic, "maze/assistant_response/s1");
+
+        // The same for a plain-text payload, on its generated session.
+        let mut i = inbound("maze", "plain words");
+        i.response_topic = Some("other/assistant_response/x".into());
+        let e = err(i);
+        assert!(e.failure.message.contains("Response Topic"));
+        let to = e.reply.unwrap();
+        assert!(
+            to.topic.starts_with("maze/assistant_response/default-"),
+            "{}",
+            to.topic
+        );
     }
 
     #[tokio::test]
