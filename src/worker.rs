@@ -10,10 +10,13 @@
 //! redelivery is never acknowledged ahead of the reply it is waiting for).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +30,7 @@ use crate::config::ProjectConfig;
 use crate::history::{build_prompt, shrink};
 use crate::mqtt::egress::Egress;
 use crate::queue::QueueRx;
-use crate::request::{Answer, Failure, Outbound, ReplyBody, Request};
+use crate::request::{Answer, Failure, Outbound, ReplyBody, Request, SessionKey};
 use crate::session::SessionStore;
 use crate::telemetry::{Event, Stats};
 
@@ -81,7 +84,7 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
         let body = tokio::select! {
             biased;
             _ = abandon.cancelled() => None,
-            b = process(&shared, &req) => Some(b),
+            b = guarded(process(&shared, &req), &req.key) => Some(b),
         };
         shared.running.fetch_sub(1, Ordering::Relaxed);
         let Some(body) = body else {
@@ -117,6 +120,28 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
             _ = shared.egress.send(handed) => {}
         }
         shared.store.finish(&key, request_id.as_deref()).await;
+    }
+}
+
+/// Runs `work`, turning a panic (a bug) into an error reply: the request
+/// is still answered and acknowledged, its session freed, and the worker
+/// kept. Without this, one panic would leave the session `session_busy`
+/// for good and the pool a worker short.
+async fn guarded(work: impl Future<Output = ReplyBody>, key: &SessionKey) -> ReplyBody {
+    match AssertUnwindSafe(work).catch_unwind().await {
+        Ok(body) => body,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(session = %key, panic = %what, "BUG: a request panicked; answering it with an error");
+            ReplyBody::Failure(Failure::new(
+                ErrorCode::BackendError,
+                "internal error in vllm-mqttd (logged); try again",
+            ))
+        }
     }
 }
 
@@ -294,5 +319,32 @@ async fn call_backend(
             delay,
         });
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_error_reply() {
+        let key = SessionKey {
+            project: Arc::from("maze"),
+            session: "s1".into(),
+        };
+        let body = guarded(async { panic!("a bug") }, &key).await;
+        match body {
+            ReplyBody::Failure(f) => {
+                assert_eq!(f.code, ErrorCode::BackendError);
+                assert!(f.message.contains("internal error"), "{}", f.message);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        let ok = guarded(
+            async { ReplyBody::Failure(Failure::new(ErrorCode::Timeout, "t")) },
+            &key,
+        )
+        .await;
+        assert!(matches!(ok, ReplyBody::Failure(f) if f.code == ErrorCode::Timeout));
     }
 }
