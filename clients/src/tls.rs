@@ -1,6 +1,8 @@
-//! CA files for TLS to the broker, read the same way by the daemon and the
-//! clients: a PEM bundle that must hold at least one certificate, so a
-//! wrong file is reported as such rather than as a failed handshake later.
+//! TLS to the broker, the same way for the daemon and the clients: CA
+//! files are a PEM bundle that must hold at least one certificate, so a
+//! wrong file is reported as such rather than as a failed handshake later;
+//! and [`is_fatal`] tells a TLS failure retrying cannot fix from a network
+//! one.
 
 use std::path::Path;
 
@@ -49,5 +51,41 @@ mod tests {
         let e = load_ca_pem(Some(&dir.join("missing.pem"))).unwrap_err();
         assert!(e.contains("cannot read"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Whether a TLS failure is about the certificate or the configuration
+/// (fatal: retrying only hides it) rather than the network. tokio-rustls
+/// reports every handshake failure as an `io::Error`; the ones rustls
+/// decided (a certificate from another CA, a name mismatch, an alert)
+/// carry a `rustls::Error` inside. A reset or EOF mid-handshake (a broker
+/// restarting, a load balancer closing a fresh connection) does not.
+pub fn is_fatal(e: &rumqttc::TlsError) -> bool {
+    match e {
+        rumqttc::TlsError::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod fatal_tests {
+    use super::is_fatal;
+    use rumqttc::TlsError;
+    use std::io;
+
+    #[test]
+    fn only_failures_rustls_decided_are_fatal() {
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer");
+        let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+        let cert = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(!is_fatal(&TlsError::Io(reset)));
+        assert!(!is_fatal(&TlsError::Io(eof)));
+        assert!(is_fatal(&TlsError::Io(cert)));
+        assert!(is_fatal(&TlsError::NoValidCertInChain));
     }
 }

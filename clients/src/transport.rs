@@ -179,7 +179,7 @@ fn refusal_v5(e: &rumqttc::v5::ConnectionError) -> Option<String> {
             | C::ClientIdentifierNotValid
             | C::UnsupportedProtocolVersion),
         ) => Some(format!("{code:?}")),
-        E::Tls(t) => Some(format!("TLS: {t}")),
+        E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
         _ => None,
     }
 }
@@ -194,7 +194,7 @@ fn refusal_v4(e: &rumqttc::ConnectionError) -> Option<String> {
             | C::BadClientId
             | C::RefusedProtocolVersion),
         ) => Some(format!("{code:?}")),
-        E::Tls(t) => Some(format!("TLS: {t}")),
+        E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
         _ => None,
     }
 }

@@ -202,9 +202,8 @@ fn announce(client: &AsyncClient, filters: &[Filter], topic: String, online: Vec
 }
 
 /// Errors that retrying would only hide: the broker refused our
-/// credentials, or TLS could not verify it. A connection reset or EOF in
-/// the middle of a TLS handshake (a broker restarting, a load balancer
-/// closing a fresh connection) is retried like any network error.
+/// credentials, or TLS could not verify it ([`vllm_chat::tls::is_fatal`]:
+/// a reset or EOF mid-handshake is retried like any network error).
 fn fatal(e: &ConnectionError) -> Option<AppError> {
     match e {
         ConnectionError::ConnectionRefused(
@@ -214,23 +213,10 @@ fn fatal(e: &ConnectionError) -> Option<AppError> {
             | ConnectReturnCode::BadAuthenticationMethod
             | ConnectReturnCode::ClientIdentifierNotValid),
         ) => Some(AppError::BrokerRefused(format!("{code:?}"))),
-        ConnectionError::Tls(t) if tls_is_fatal(t) => {
+        ConnectionError::Tls(t) if vllm_chat::tls::is_fatal(t) => {
             Some(AppError::BrokerRefused(format!("TLS: {t}")))
         }
         _ => None,
-    }
-}
-
-/// TLS failures that are about the certificate or the configuration, not
-/// the network. tokio-rustls reports every handshake failure as an
-/// `io::Error`; the ones rustls decided (a certificate from another CA, a
-/// name mismatch, an alert) carry a `rustls::Error` inside.
-fn tls_is_fatal(e: &rumqttc::TlsError) -> bool {
-    match e {
-        rumqttc::TlsError::Io(io) => io
-            .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
-        _ => true,
     }
 }
 
