@@ -15,15 +15,20 @@ use support::daemon::{config, unique, Daemon, WAIT};
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::{TestClient, TestClientV4};
 
-#[tokio::test]
-async fn devices_on_both_listeners_are_served() {
-    let fake = FakeVllm::builder().run().await;
+/// The daemon with its embedded broker on two free ports (3.1.1, 5).
+async fn embedded(fake: &FakeVllm) -> (Daemon, u16, u16) {
     let (v4, v5) = (free_port(), free_port());
     let mut c = config("unused.invalid", 1, &fake.base_url());
     c.embedded_broker.enabled = true;
     c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
     c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
-    let daemon = Daemon::start(c).await;
+    (Daemon::start(c).await, v4, v5)
+}
+
+#[tokio::test]
+async fn devices_on_both_listeners_are_served() {
+    let fake = FakeVllm::builder().run().await;
+    let (daemon, v4, v5) = embedded(&fake).await;
 
     // An MQTT 3.1.1 device, like the original paho clients.
     let mut old = TestClientV4::connect("127.0.0.1", v4, &unique("v4")).await;
@@ -95,12 +100,7 @@ async fn clean_disconnects_never_drop_other_connections() {
     const ROUNDS: usize = 80;
     const PAIRS: usize = 8;
     let fake = FakeVllm::builder().run().await;
-    let (v4, v5) = (free_port(), free_port());
-    let mut c = config("unused.invalid", 1, &fake.base_url());
-    c.embedded_broker.enabled = true;
-    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
-    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
-    let daemon = Daemon::start(c).await;
+    let (daemon, v4, v5) = embedded(&fake).await;
 
     // The race is a few microseconds wide unless the broker's threads are
     // preempted, as on a busy 2-core machine: make them so.
@@ -164,12 +164,7 @@ async fn clean_disconnects_never_drop_other_connections() {
 #[tokio::test]
 async fn acks_in_completion_order_keep_the_connection() {
     let fake = FakeVllm::builder().gated().run().await;
-    let (v4, v5) = (free_port(), free_port());
-    let mut c = config("unused.invalid", 1, &fake.base_url());
-    c.embedded_broker.enabled = true;
-    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
-    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
-    let daemon = Daemon::start(c).await;
+    let (daemon, v4, _) = embedded(&fake).await;
     let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("dev")).await;
     dev.subscribe("maze/assistant_response/#").await;
     let send = |session: &str, message: &str| {
@@ -226,12 +221,7 @@ async fn acks_in_completion_order_keep_the_connection() {
 #[tokio::test]
 async fn republished_duplicates_do_not_fill_the_in_flight_window() {
     let fake = FakeVllm::builder().gated().run().await;
-    let (v4, v5) = (free_port(), free_port());
-    let mut c = config("unused.invalid", 1, &fake.base_url());
-    c.embedded_broker.enabled = true;
-    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
-    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
-    let daemon = Daemon::start(c).await;
+    let (daemon, v4, _) = embedded(&fake).await;
     let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("dev")).await;
     dev.subscribe("maze/assistant_response/#").await;
     let req = json!({"sessionId": "d", "requestId": "r1", "message": "once"}).to_string();
