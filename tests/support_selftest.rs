@@ -58,7 +58,7 @@ async fn fake_vllm_echoes_and_records() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["message"], "The model `other` does not exist.");
     assert_eq!(v["error"]["type"], "NotFoundError");
-    assert_eq!(v["error"]["param"], "model");
+    assert_eq!(v["error"]["param"], Value::Null); // as vLLM sends it
     assert_eq!(v["error"]["code"], 404);
 
     // Invalid JSON -> 400.
