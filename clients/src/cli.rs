@@ -49,6 +49,22 @@ pub fn parse_args<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
     })
 }
 
+/// Logs to stderr: warnings by default, the library's info with `-v` and
+/// debug with `-vv`; `RUST_LOG` overrides.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "vllm_chat=info",
+        _ => "vllm_chat=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Parses `500ms`, `30s`, `2m`, ...
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write it like 500ms, 30s, 2m)"))

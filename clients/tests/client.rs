@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::env::Env;
+
 use std::future::Future;
 use std::pin::pin;
 use std::task::Poll;
@@ -14,27 +16,8 @@ use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use vllm_chat::protocol::ErrorCode;
 use vllm_chat::{ChatRequest, Client, ClientError, ClientOptions, ClientStats, Protocol};
-use vllm_mqttd::Config;
-
-struct Env {
-    broker: Mosquitto,
-    fake: FakeVllm,
-    daemon: Daemon,
-}
 
 impl Env {
-    async fn start(fake: FakeVllm, tweak: impl FnOnce(&mut Config)) -> Env {
-        let broker = Mosquitto::start().await;
-        let mut c = config(broker.host(), broker.port(), &fake.base_url());
-        tweak(&mut c);
-        let daemon = Daemon::start(c).await;
-        Env {
-            broker,
-            fake,
-            daemon,
-        }
-    }
-
     /// Client options for this broker, without pacing (tests that need it
     /// set it).
     fn options(&self) -> ClientOptions {
@@ -46,12 +29,6 @@ impl Env {
 
     async fn client(&self) -> Client {
         Client::connect(self.options()).await.expect("connect")
-    }
-
-    async fn stop(self) {
-        self.daemon.stop().await.expect("daemon stops cleanly");
-        drop(self.fake);
-        drop(self.broker);
     }
 }
 

@@ -3,41 +3,23 @@
 
 mod support;
 
+use support::env::Env;
+
 use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::broker::Mosquitto;
-use support::daemon::{config, unique, Daemon, WAIT};
+use support::daemon::{unique, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use tokio::process::Command;
-use vllm_mqttd::Config;
 
 const CHAT: &str = env!("CARGO_BIN_EXE_vllm-chat");
 const STRESS: &str = env!("CARGO_BIN_EXE_vllm-stress");
 /// Bound on one binary run.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
-struct Env {
-    broker: Mosquitto,
-    fake: FakeVllm,
-    daemon: Daemon,
-}
-
 impl Env {
-    async fn start(fake: FakeVllm, tweak: impl FnOnce(&mut Config)) -> Env {
-        let broker = Mosquitto::start().await;
-        let mut c = config(broker.host(), broker.port(), &fake.base_url());
-        tweak(&mut c);
-        let daemon = Daemon::start(c).await;
-        Env {
-            broker,
-            fake,
-            daemon,
-        }
-    }
-
     /// Runs `bin` with the broker flags and `args`, with no `VLLM_MQTTD_*`
     /// variables from the environment running the tests.
     async fn run(&self, bin: &str, args: &[&str]) -> Output {
@@ -45,12 +27,6 @@ impl Env {
         let mut all = vec!["--mqtt-host", self.broker.host(), "--mqtt-port", &port];
         all.extend_from_slice(args);
         run(bin, &all).await
-    }
-
-    async fn stop(self) {
-        self.daemon.stop().await.expect("daemon stops cleanly");
-        drop(self.fake);
-        drop(self.broker);
     }
 }
 

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(cli.verbose);
+    cli::init_logging(cli.verbose);
     let options = match cli.broker.options(cli.mqtt_version.into()) {
         Ok(mut o) => {
             o.timeout = cli.timeout;
@@ -110,20 +110,6 @@ fn main() -> ExitCode {
     };
     runtime.block_on(client.disconnect());
     code
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "vllm_chat=info",
-        _ => "vllm_chat=debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {

@@ -128,20 +128,6 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "vllm_chat=info",
-        _ => "vllm_chat=debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn config(cli: &Cli) -> Result<StressConfig, vllm_chat::ClientError> {
     let format = match cli.format {
         Format::Json => ReplyFormat::Json,
@@ -224,7 +210,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(cli.verbose);
+    cli::init_logging(cli.verbose);
     let config = match config(&cli) {
         Ok(c) => c,
         Err(e) => return fail(cli::exit_code(&e), &e),

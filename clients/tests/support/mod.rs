@@ -7,6 +7,7 @@
 pub mod broker;
 #[path = "../../../tests/support/daemon.rs"]
 pub mod daemon;
+pub mod env;
 #[path = "../../../tests/support/fake_vllm.rs"]
 pub mod fake_vllm;
 #[path = "../../../tests/support/mqtt_client.rs"]
