@@ -75,7 +75,8 @@ impl Admission {
                 //   requestId): a new packet id nothing else will ever ack.
                 //   Acknowledge it now, or it holds one of the broker's
                 //   in-flight slots for us until the next reconnect.
-                if answered || !req.dup {
+                // (QoS 0 deliveries have nothing to acknowledge.)
+                if req.ack.is_some() && (answered || !req.dup) {
                     self.egress
                         .send(Outbound {
                             reply: None,
