@@ -240,9 +240,9 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
 ///    deadline (the whole loop also runs under the deadline: `process`).
 ///
 /// Two failures skip the delay: a context-length refusal (the prompt
-/// shrinks and is sent once more) and a reset before any byte (a stale
-/// pooled connection: retried at once, once, and not held against the
-/// backend).
+/// shrinks and is sent once more) and a reset before any byte that may
+/// have hit a stale pooled connection (retried at once, once, and not held
+/// against the backend; any other reset counts as a failure).
 async fn call_backend(
     shared: &Shared,
     req: &Request,
@@ -290,7 +290,11 @@ async fn call_backend(
                 shrunk = true;
                 continue;
             }
-            BackendError::Reset(_) if !reset_retried => {
+            // A pooled connection the server closed while idle: retried at
+            // once and not held against the backend, once per request. A
+            // reset on a fresh connection, or a second one, is counted
+            // (a backend that resets everything must open the circuit).
+            e if e.is_stale_pooled_reset() && !reset_retried => {
                 permit.record(Outcome::Neutral);
                 shared.stats.emit(Event::Retry {
                     reason: &err.to_string(),

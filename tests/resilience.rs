@@ -12,6 +12,7 @@ use support::broker::{free_port, Mosquitto};
 use support::daemon::{config, device, unique, Daemon, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
+use support::raw_http::{RawBackend, ResetMode};
 use vllm_mqttd::Config;
 
 struct World {
@@ -160,6 +161,71 @@ async fn reset_before_any_byte_is_retried_at_once_and_not_held_against_the_backe
     assert_eq!(fake.chat_calls(), 2);
     // Still closed: the next request goes through.
     assert_eq!(w.ask("n").await["text"], "echo: n");
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_that_resets_every_connection_opens_the_circuit() {
+    // Reads each request and closes the connection unanswered, /health
+    // included: what a proxy with no healthy upstream looks like.
+    let backend = RawBackend::start(ResetMode::Every).await;
+    let mut w = world(&backend.base_url(), |c| {
+        c.backend.breaker_threshold = 3;
+        c.backend.max_retries = 0;
+        c.backend.breaker_cooldown = Duration::from_secs(60);
+    })
+    .await;
+    let (mut status, topic) = w.status_watcher().await;
+    // Each request: the first reset (the pool is empty: no response ever
+    // came back) is already counted, so `threshold` requests open it.
+    for i in 0..3 {
+        let v = w.ask("m").await;
+        assert_eq!(
+            v["error"]["code"], "backend_unavailable",
+            "request {i}: {v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("reset"),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        backend.chat_calls(),
+        3,
+        "one attempt per request, no free retry"
+    );
+    wait_circuit(&mut status, &topic, "open").await;
+
+    // From now on: fail fast with the time to the probe, no backend call.
+    for _ in 0..3 {
+        let v = w.ask("m").await;
+        assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
+        let retry = v["error"]["retryAfterMs"].as_u64().expect("retryAfterMs");
+        assert!(retry > 1_000 && retry <= 72_000, "retryAfterMs {retry}");
+    }
+    assert_eq!(backend.chat_calls(), 3);
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn resets_of_stale_pooled_connections_are_retried_silently() {
+    // Fresh connections always answer; one reused from the pool is closed
+    // when its next request arrives (a server's idle close racing ours).
+    let backend = RawBackend::start(ResetMode::Reused).await;
+    let mut w = world(&backend.base_url(), |c| {
+        // One counted failure would open this breaker.
+        c.backend.breaker_threshold = 1;
+        c.backend.max_retries = 0;
+    })
+    .await;
+    for _ in 0..4 {
+        let v = w.ask("m").await;
+        assert_eq!(v["text"], "fresh", "{v}");
+    }
+    // Every request after the first found a pooled connection, was reset
+    // on it, and retried at once on a fresh one.
+    assert!(backend.resets() >= 3, "resets: {}", backend.resets());
+    assert_eq!(backend.chat_calls(), 4 + backend.resets());
     w.daemon.stop().await.unwrap();
 }
 

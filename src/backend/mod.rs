@@ -20,10 +20,11 @@ pub mod openai;
 pub mod retry;
 pub mod sse;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
+use tokio::time::Instant;
 use vllm_chat::protocol::{ErrorCode, Usage};
 
 use crate::config::BackendConfig;
@@ -44,10 +45,17 @@ pub enum BackendError {
     /// timeout): nothing reached the backend.
     #[error("cannot connect to the backend: {0}")]
     Connect(String),
-    /// The connection failed before any response byte (typically a pooled
-    /// connection the server had closed).
-    #[error("the connection to the backend was reset: {0}")]
-    Reset(String),
+    /// The connection failed before any response byte. On a pooled
+    /// connection the server had closed this is harmless (`maybe_pooled`);
+    /// on a fresh one it is the backend failing (a proxy with no healthy
+    /// upstream, a server that crashes on every request).
+    #[error("the connection to the backend was reset: {message}")]
+    Reset {
+        message: String,
+        /// The pool could have held an idle connection for this call (see
+        /// [`Backend::pool_may_hold_idle`]): the reset may be a stale one.
+        maybe_pooled: bool,
+    },
     /// The request timed out at the transport level.
     #[error("the backend timed out")]
     Timeout,
@@ -74,13 +82,16 @@ const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 const RETRYABLE_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
 
 impl BackendError {
-    fn from_reqwest(e: reqwest::Error) -> Self {
+    fn from_reqwest(e: reqwest::Error, maybe_pooled: bool) -> Self {
         if e.is_connect() {
             BackendError::Connect(root_cause(&e))
         } else if e.is_timeout() {
             BackendError::Timeout
         } else if e.is_request() {
-            BackendError::Reset(root_cause(&e))
+            BackendError::Reset {
+                message: root_cause(&e),
+                maybe_pooled,
+            }
         } else {
             BackendError::Protocol(root_cause(&e))
         }
@@ -89,10 +100,22 @@ impl BackendError {
     /// Can the same request succeed if sent again?
     pub fn is_retryable(&self) -> bool {
         match self {
-            BackendError::Connect(_) | BackendError::Reset(_) | BackendError::Timeout => true,
+            BackendError::Connect(_) | BackendError::Reset { .. } | BackendError::Timeout => true,
             BackendError::Status { status, .. } => RETRYABLE_STATUS.contains(status),
             BackendError::ContextLength(_) | BackendError::Protocol(_) => false,
         }
+    }
+
+    /// A reset that may have hit a pooled connection the server had closed
+    /// while it sat idle: worth one immediate, uncounted retry.
+    pub fn is_stale_pooled_reset(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Reset {
+                maybe_pooled: true,
+                ..
+            }
+        )
     }
 
     /// The server's `Retry-After`, if it sent one.
@@ -104,15 +127,16 @@ impl BackendError {
     }
 
     /// What this says about the backend's health, for the breaker. A
-    /// refusal (4xx) proves the backend is up; a reset before any byte
-    /// says nothing (a stale pooled connection).
+    /// refusal (4xx) proves the backend is up. A reset is a failure: the
+    /// worker forgives one per request, and only when it may have been a
+    /// stale pooled connection ([`BackendError::is_stale_pooled_reset`]).
     pub fn outcome(&self) -> breaker::Outcome {
         use breaker::Outcome;
         match self {
-            BackendError::Reset(_) => Outcome::Neutral,
-            BackendError::Connect(_) | BackendError::Timeout | BackendError::Protocol(_) => {
-                Outcome::Failed
-            }
+            BackendError::Connect(_)
+            | BackendError::Reset { .. }
+            | BackendError::Timeout
+            | BackendError::Protocol(_) => Outcome::Failed,
             BackendError::Status { .. } if self.is_retryable() => Outcome::Failed,
             BackendError::Status { .. } | BackendError::ContextLength(_) => Outcome::Healthy,
         }
@@ -159,6 +183,15 @@ pub struct Backend {
     chat_url: Arc<Url>,
     models_url: Arc<Url>,
     health_url: Arc<Url>,
+    /// How long reqwest keeps an idle connection.
+    pool_idle: Duration,
+    /// When the backend last sent a response head. hyper pools a
+    /// connection only after a response on it, and drops it after
+    /// `pool_idle`; so with no response for that long the pool is empty
+    /// and a reset can only have been on a fresh connection. reqwest does
+    /// not say whether a failed request used a pooled connection; this is
+    /// the exact bound we can observe. A `std` mutex: held for a copy.
+    last_response: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Backend {
@@ -195,17 +228,39 @@ impl Backend {
             chat_url: Arc::new(parse(format!("{base}/chat/completions"))?),
             models_url: Arc::new(parse(format!("{base}/models"))?),
             health_url: Arc::new(health),
+            pool_idle: cfg.pool_idle_timeout,
+            last_response: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Could the pool hold an idle connection to the backend now? Only if
+    /// a response arrived within the pool's idle timeout.
+    pub fn pool_may_hold_idle(&self) -> bool {
+        let last = *self
+            .last_response
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.is_some_and(|t| t.elapsed() < self.pool_idle)
+    }
+
+    /// Sends `req`, noting when a response head arrives and whether a
+    /// reset may have been on a pooled connection.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, BackendError> {
+        let maybe_pooled = self.pool_may_hold_idle();
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| BackendError::from_reqwest(e, maybe_pooled))?;
+        *self
+            .last_response
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+        Ok(resp)
     }
 
     /// Asks `GET /models` for the served model (the first one listed).
     pub async fn discover_model(&self) -> Result<String, BackendError> {
-        let resp = self
-            .http
-            .get((*self.models_url).clone())
-            .send()
-            .await
-            .map_err(BackendError::from_reqwest)?;
+        let resp = self.send(self.http.get((*self.models_url).clone())).await?;
         let status = resp.status();
         if !status.is_success() {
             return Err(status_error(status, resp).await);
@@ -223,12 +278,7 @@ impl Backend {
 
     /// `GET /health` at the server's origin: is it up?
     pub async fn health(&self) -> Result<(), BackendError> {
-        let resp = self
-            .http
-            .get((*self.health_url).clone())
-            .send()
-            .await
-            .map_err(BackendError::from_reqwest)?;
+        let resp = self.send(self.http.get((*self.health_url).clone())).await?;
         let status = resp.status();
         if status.is_success() {
             Ok(())
@@ -262,12 +312,8 @@ impl Backend {
             },
         };
         let resp = self
-            .http
-            .post((*self.chat_url).clone())
-            .json(&body)
-            .send()
-            .await
-            .map_err(BackendError::from_reqwest)?;
+            .send(self.http.post((*self.chat_url).clone()).json(&body))
+            .await?;
         let status = resp.status();
         if !status.is_success() {
             return Err(status_error(status, resp).await);
@@ -440,10 +486,16 @@ mod tests {
             assert_eq!(e.outcome(), breaker::Outcome::Failed);
         }
         assert!(!BackendError::ContextLength("x".into()).is_retryable());
-        assert_eq!(
-            BackendError::Reset("x".into()).outcome(),
-            breaker::Outcome::Neutral
-        );
+        for maybe_pooled in [false, true] {
+            let reset = BackendError::Reset {
+                message: "x".into(),
+                maybe_pooled,
+            };
+            // Counted either way; only the worker forgives one stale reset.
+            assert_eq!(reset.outcome(), breaker::Outcome::Failed);
+            assert!(reset.is_retryable());
+            assert_eq!(reset.is_stale_pooled_reset(), maybe_pooled);
+        }
         assert_eq!(
             BackendError::Connect("refused".into()).to_failure().code,
             ErrorCode::BackendUnavailable

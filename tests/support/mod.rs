@@ -9,3 +9,4 @@ pub mod fake_vllm;
 pub mod mqtt_client;
 pub mod pki;
 pub mod process;
+pub mod raw_http;
