@@ -1,4 +1,6 @@
-//! Wires the stages together and runs them until shutdown.
+//! Wires the stages together and runs them until shutdown, in four steps:
+//! [`App::run`] builds the parts, spawns the stages and the periodic tasks,
+//! waits for a signal (or a fatal MQTT error), then drains.
 //!
 //! ```text
 //! broker ──> ingress ──try_send──> admission ──try_send──> queue ──> workers ──> backend (vLLM)
@@ -7,11 +9,15 @@
 //!              └──────────try_send─────────┴──────────send──────> egress ──> broker
 //! ```
 //!
-//! Shutdown (the token passed to [`App::run`]): ingress stops taking
-//! requests but keeps polling; admission drains its channel and closes the
-//! queue; workers drain the queue within the grace period (then abandon
-//! what is left, unacknowledged, for redelivery); egress publishes what it
-//! holds; the `offline` status goes out; we disconnect.
+//! The drain follows the phases of [`Shutdown`]: admission takes nothing
+//! new and closes the queue; workers drain it within the grace period
+//! (then abandon what is left, unacknowledged, for redelivery); egress
+//! publishes what it holds; periodic tasks stop; the `offline` status and
+//! the DISCONNECT go out; the poll loop, which kept polling all along so
+//! that every reply and ack was written, ends when DISCONNECT is sent.
+//! Each periodic task lives beside the state it reads (stats, metrics,
+//! sessions, status, model discovery, health); this module only starts
+//! them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +27,8 @@ use std::time::{Duration, SystemTime};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,24 +36,24 @@ use crate::admission::validate::Limits;
 use crate::admission::Admission;
 use crate::backend::breaker::{Breaker, SharedBreaker};
 use crate::backend::budget::Budget;
+use crate::backend::model::{self, ModelState};
 use crate::backend::{health, Backend};
 use crate::config::Config;
-use crate::error::AppError;
+use crate::error::{AppError, ConfigError};
 use crate::mqtt::egress::{self, Egress};
 use crate::mqtt::ingress::{Ingress, Project};
-use crate::mqtt::status::{stats_topic, StatusMessages};
+use crate::mqtt::status::{self, stats_topic, StatusMessages};
 use crate::mqtt::{self, Secret};
 use crate::queue;
-use crate::session::{MemoryStore, SessionStore, StoreLimits};
-use crate::telemetry::{Gauges, Stats};
-use crate::worker::{self, ModelState, Shared};
+use crate::request::{Outbound, Request};
+use crate::session::{self, MemoryStore, SessionStore, StoreLimits};
+use crate::shutdown::{within, Shutdown};
+use crate::telemetry::{self, Gauges, Sampler, Stats};
+use crate::worker::{self, Shared};
 
-/// Capacity of rumqttc's request channel (publishes and acks waiting for
-/// the event loop).
-const MQTT_REQUEST_CHANNEL: usize = 4096;
 /// How long egress may take to flush at shutdown before we give up on it.
 const EGRESS_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the DISCONNECT may take.
+/// How long the offline status and the DISCONNECT may take to go out.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Environment variable that may hold the backend API key.
@@ -79,32 +86,58 @@ impl App {
     /// Runs until `shutdown` is cancelled (then drains and returns `Ok`) or
     /// a fatal error (the broker refused our credentials).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
+        let parts = self.build().await?;
+        let mut running = parts.spawn();
+        let fatal = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = &mut running.ingress => Some(r),
+        };
+        match fatal {
+            None => {
+                running.drain().await;
+                Ok(())
+            }
+            Some(ended) => {
+                running.phases.stop_all();
+                Err(match ended {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => AppError::BrokerRefused("the MQTT connection ended".into()),
+                    Err(join) => AppError::BrokerRefused(format!("ingress task failed: {join}")),
+                })
+            }
+        }
+    }
+
+    /// Everything that can fail is done here, before any task starts: the
+    /// embedded broker, the MQTT options, the HTTP client, the metrics
+    /// port, the retry policy.
+    async fn build(self) -> Result<Parts, AppError> {
         let cfg = self.config;
         let instance = cfg.instance();
-        let stats = Arc::new(Stats::new());
         let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let status = StatusMessages::new(&instance, &cfg.projects, &started_at);
-
         let (host, port) = if cfg.embedded_broker.enabled {
             mqtt::broker::start(&cfg.embedded_broker, &cfg).await?;
             let v5 = cfg.embedded_broker.listen_v5;
-            let ip = if v5.ip().is_unspecified() {
-                "127.0.0.1".to_owned()
-            } else {
-                v5.ip().to_string()
+            let ip = match v5.ip().is_unspecified() {
+                true => "127.0.0.1".to_owned(),
+                false => v5.ip().to_string(),
             };
             (ip, v5.port())
         } else {
             (cfg.mqtt.host.clone(), cfg.mqtt.port)
         };
         let options = mqtt::options(&cfg, &host, port, self.password.as_ref(), &status)?;
-        let (client, eventloop) = AsyncClient::new(options, MQTT_REQUEST_CHANNEL);
+        let (client, eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
         let backend = Backend::new(&cfg.backend, self.api_key.as_ref())?;
-        // Before any task starts, so a busy port fails start-up cleanly.
         let exporter = match cfg.stats.metrics_addr {
-            Some(addr) => Some(crate::telemetry::metrics::install(addr)?),
+            Some(addr) => Some(telemetry::metrics::install(addr)?),
             None => None,
         };
+        let retry = cfg.retry_policy().map_err(|e| ConfigError::Invalid {
+            field: "backend.retry_base".into(),
+            reason: e.to_string(),
+        })?;
         tracing::info!(
             broker = %format!("{host}:{port}"),
             tls = cfg.mqtt.tls,
@@ -115,7 +148,7 @@ impl App {
             instance = %instance,
             "starting vllm-mqttd"
         );
-
+        let stats = Arc::new(Stats::new());
         let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new(StoreLimits {
             rate_limit: cfg.admission.rate_limit,
             rate_window: cfg.admission.rate_window,
@@ -131,14 +164,11 @@ impl App {
             cfg.admission.max_queue_size + cfg.workers.num_workers + 1024,
             stats.clone(),
         );
-        let configured = !cfg.backend.model.is_empty();
-        let (model_tx, model_rx) = watch::channel(if configured {
-            ModelState::Ready(Arc::from(cfg.backend.model.as_str()))
-        } else {
-            ModelState::Discovering
-        });
-        let model_tx = Arc::new(model_tx);
-
+        let (model_tx, model_rx) = model::channel(&cfg.backend.model);
+        let breaker = SharedBreaker::new(Breaker::new(
+            cfg.backend.breaker_threshold,
+            cfg.backend.breaker_cooldown,
+        ));
         let projects: Vec<Project> = cfg
             .projects
             .iter()
@@ -147,240 +177,236 @@ impl App {
                 settings: cfg.project_settings(p),
             })
             .collect();
-        let project_settings: HashMap<Arc<str>, _> = projects
-            .iter()
-            .map(|p| (p.name.clone(), p.settings.clone()))
-            .collect();
-
-        let breaker = SharedBreaker::new(Breaker::new(
-            cfg.backend.breaker_threshold,
-            cfg.backend.breaker_cooldown,
-        ));
-
-        // Tokens, one per shutdown step.
-        let accept = CancellationToken::new();
-        let abort_ingress = CancellationToken::new();
-        let abandon = CancellationToken::new();
-        let egress_close = CancellationToken::new();
-        let background = CancellationToken::new();
-
-        let mut ingress = tokio::spawn(
-            Ingress {
-                client: client.clone(),
-                eventloop,
-                projects: Ingress::project_table(projects),
-                limits: Limits {
-                    max_payload_bytes: cfg.admission.max_payload_bytes,
-                    request_timeout: cfg.backend.request_timeout,
-                },
-                admission: admission_tx,
-                egress: egress.clone(),
-                stats: stats.clone(),
-                status: status.clone(),
-                circuit: breaker.clone(),
-                reconnect_min: cfg.mqtt.reconnect_min,
-                reconnect_max: cfg.mqtt.reconnect_max,
-            }
-            .run(accept.clone(), abort_ingress.clone()),
-        );
-        let admission = tokio::spawn(
-            Admission {
-                store: store.clone(),
-                queue: queue_tx,
-                egress: egress.clone(),
-                stats: stats.clone(),
-            }
-            .run(admission_rx),
-        );
-        let shared = Arc::new(Shared {
-            queue: queue_rx.clone(),
+        let workers = Arc::new(Shared {
+            queue: queue_rx,
             store: store.clone(),
             backend: backend.clone(),
-            retry: cfg.retry_policy().map_err(|e| {
-                AppError::Config(crate::error::ConfigError::Invalid {
-                    field: "backend.retry_base".into(),
-                    reason: e.to_string(),
-                })
-            })?,
+            retry,
             breaker: breaker.clone(),
             budget: Arc::new(Budget::new(cfg.backend.rpm, cfg.backend_max_concurrent())),
             egress: egress.clone(),
             stats: stats.clone(),
             model: model_rx,
-            projects: project_settings,
+            projects: projects
+                .iter()
+                .map(|p| (p.name.clone(), p.settings.clone()))
+                .collect::<HashMap<_, _>>(),
             history_token_budget: cfg.sessions.history_token_budget,
             running: AtomicUsize::new(0),
         });
+        let ingress = Ingress {
+            client: client.clone(),
+            eventloop,
+            projects: Ingress::project_table(projects),
+            limits: Limits {
+                max_payload_bytes: cfg.admission.max_payload_bytes,
+                request_timeout: cfg.backend.request_timeout,
+            },
+            admission: admission_tx,
+            egress: egress.clone(),
+            stats: stats.clone(),
+            status: status.clone(),
+            circuit: breaker.subscribe(),
+            reconnect_min: cfg.mqtt.reconnect_min,
+            reconnect_max: cfg.mqtt.reconnect_max,
+        };
+        let admission = Admission {
+            store,
+            queue: queue_tx,
+            egress,
+            stats,
+        };
+        Ok(Parts {
+            ingress,
+            admission,
+            admission_rx,
+            workers,
+            egress_rx,
+            client,
+            status,
+            backend,
+            breaker,
+            model_tx,
+            exporter: exporter.map(|f| Box::pin(f) as _),
+            cfg,
+            instance,
+        })
+    }
+}
+
+/// What [`App::build`] made, ready to spawn.
+struct Parts {
+    ingress: Ingress,
+    admission: Admission,
+    admission_rx: mpsc::Receiver<Request>,
+    workers: Arc<Shared>,
+    egress_rx: mpsc::Receiver<Outbound>,
+    client: AsyncClient,
+    status: StatusMessages,
+    backend: Backend,
+    breaker: Arc<SharedBreaker>,
+    model_tx: watch::Sender<ModelState>,
+    exporter: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    cfg: Config,
+    instance: String,
+}
+
+/// The running stages, and what the drain needs of them.
+struct Running {
+    phases: Shutdown,
+    ingress: JoinHandle<Result<(), AppError>>,
+    admission: JoinHandle<()>,
+    workers: TaskTracker,
+    shared: Arc<Shared>,
+    egress: JoinHandle<()>,
+    background: TaskTracker,
+    client: AsyncClient,
+    status: StatusMessages,
+    grace: Duration,
+    /// Kept so workers never see the model channel closed.
+    _model: Option<watch::Sender<ModelState>>,
+}
+
+impl Parts {
+    /// Starts the pipeline's stages, then the periodic tasks.
+    fn spawn(self) -> Running {
+        let Parts {
+            ingress,
+            admission,
+            admission_rx,
+            workers: shared,
+            egress_rx,
+            client,
+            status,
+            backend,
+            breaker,
+            model_tx,
+            exporter,
+            cfg,
+            instance,
+        } = self;
+        let phases = Shutdown::new();
+        let ingress = tokio::spawn(ingress.run(phases.accept.clone(), phases.abort_mqtt.clone()));
+        let admission = tokio::spawn(admission.run(admission_rx, phases.accept.clone()));
         let workers = TaskTracker::new();
         for _ in 0..cfg.workers.num_workers {
-            workers.spawn(worker::run(shared.clone(), abandon.clone()));
+            workers.spawn(worker::run(shared.clone(), phases.abandon.clone()));
         }
         workers.close();
-        let reply_qos = if cfg.mqtt.reply_qos == 1 {
-            QoS::AtLeastOnce
-        } else {
-            QoS::AtMostOnce
+        let reply_qos = match cfg.mqtt.reply_qos {
+            1 => QoS::AtLeastOnce,
+            _ => QoS::AtMostOnce,
         };
-        let egress_task = tokio::spawn(egress::run(
+        let egress = tokio::spawn(egress::run(
             client.clone(),
             egress_rx,
             reply_qos,
-            egress_close.clone(),
+            phases.flush.clone(),
         ));
-        drop(egress);
 
-        let tasks = TaskTracker::new();
+        let stop = &phases.background;
+        let background = TaskTracker::new();
+        let gauges = sampler(&shared, cfg.admission.max_queue_size);
         if let Some(exporter) = exporter {
-            let stop = background.clone();
-            tasks.spawn(async move {
+            let until = stop.clone();
+            background.spawn(async move {
                 tokio::select! {
-                    _ = stop.cancelled() => {}
+                    _ = until.cancelled() => {}
                     _ = exporter => {}
                 }
             });
-            // Gauges are sampled each second; counters and histograms are
-            // recorded as events happen.
-            let (stats, store, shared, stop) = (
-                stats.clone(),
-                store.clone(),
-                shared.clone(),
-                background.clone(),
-            );
-            let capacity = cfg.admission.max_queue_size;
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
-                    stats.record_gauges(&Gauges {
-                        queue_len: shared.queue.len(),
-                        queue_capacity: capacity,
-                        in_flight: shared.running.load(Ordering::Relaxed),
-                        sessions: store.sessions(),
-                        circuit: shared.breaker.circuit(),
-                    });
-                }
-            });
-        }
-        if !configured {
-            tasks.spawn(discover_model(
-                backend.clone(),
-                model_tx.clone(),
-                background.clone(),
+            background.spawn(telemetry::metrics::sample_every_second(
+                shared.stats.clone(),
+                gauges.clone(),
+                stop.clone(),
             ));
         }
-        {
-            let (stats, store, shared, client) =
-                (stats.clone(), store.clone(), shared.clone(), client.clone());
-            let topic = stats_topic(&instance);
-            let capacity = cfg.admission.max_queue_size;
-            let every = cfg.stats.interval;
-            let stop = background.clone();
-            let instance = instance.clone();
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
-                    let snap = stats.snapshot(Gauges {
-                        queue_len: shared.queue.len(),
-                        queue_capacity: capacity,
-                        in_flight: shared.running.load(Ordering::Relaxed),
-                        sessions: store.sessions(),
-                        circuit: shared.breaker.circuit(),
-                    });
-                    snap.log();
-                    let mut json = serde_json::to_value(&snap).unwrap_or_default();
-                    json["instance"] = instance.as_str().into();
-                    json["at"] = humantime::format_rfc3339_seconds(SystemTime::now())
-                        .to_string()
-                        .into();
-                    // Best effort: stats are not worth queueing behind replies.
-                    let _ =
-                        client.try_publish(topic.clone(), QoS::AtMostOnce, false, json.to_string());
-                }
-            });
-        }
-        {
-            let (store, stop) = (store.clone(), background.clone());
-            let every = cfg.sessions.sweep_interval;
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
-                    let n = store.sweep(Instant::now()).await;
-                    if n > 0 {
-                        tracing::debug!(sessions = n, "idle sessions forgotten");
-                    }
-                }
-            });
-        }
-        tasks.spawn(health::run(
-            backend.clone(),
-            breaker.clone(),
-            background.clone(),
+        let stats_client = client.clone();
+        let topic = stats_topic(&instance);
+        background.spawn(telemetry::stats::report_every(
+            shared.stats.clone(),
+            gauges,
+            cfg.stats.interval,
+            instance,
+            // Best effort: stats are not worth queueing behind replies.
+            move |json| {
+                let _ = stats_client.try_publish(topic.clone(), QoS::AtMostOnce, false, json);
+            },
+            stop.clone(),
         ));
-        {
-            // The status topic follows the circuit: republish on each change.
-            let (client, status, stop) = (client.clone(), status.clone(), background.clone());
-            let mut circuit = breaker.subscribe();
-            tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        changed = circuit.changed() => if changed.is_err() { return },
-                    }
-                    let now = *circuit.borrow_and_update();
-                    let _ = client.try_publish(
-                        status.topic.clone(),
-                        QoS::AtLeastOnce,
-                        true,
-                        status.online(now),
-                    );
-                }
-            });
-        }
-        tasks.close();
-
-        // Run until asked to stop, or until ingress fails for good.
-        let fatal = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            r = &mut ingress => Some(r),
+        background.spawn(session::sweep_every(
+            shared.store.clone(),
+            cfg.sessions.sweep_interval,
+            stop.clone(),
+        ));
+        background.spawn(health::run(backend.clone(), breaker.clone(), stop.clone()));
+        background.spawn(status::follow_circuit(
+            client.clone(),
+            status.clone(),
+            breaker.subscribe(),
+            stop.clone(),
+        ));
+        let model = if cfg.backend.model.is_empty() {
+            background.spawn(model::discover(backend, model_tx, stop.clone()));
+            None
+        } else {
+            Some(model_tx)
         };
-        if let Some(result) = fatal {
-            background.cancel();
-            abandon.cancel();
-            egress_close.cancel();
-            return match result {
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(())) => Err(AppError::BrokerRefused("the MQTT connection ended".into())),
-                Err(join) => Err(AppError::BrokerRefused(format!(
-                    "ingress task failed: {join}"
-                ))),
-            };
+        background.close();
+        Running {
+            phases,
+            ingress,
+            admission,
+            workers,
+            shared,
+            egress,
+            background,
+            client,
+            status,
+            grace: cfg.workers.shutdown_grace,
+            _model: model,
         }
+    }
+}
 
+/// The gauges, read from the stages' state.
+fn sampler(shared: &Arc<Shared>, queue_capacity: usize) -> Sampler {
+    let shared = shared.clone();
+    Arc::new(move || Gauges {
+        queue_len: shared.queue.len(),
+        queue_capacity,
+        in_flight: shared.running.load(Ordering::Relaxed),
+        sessions: shared.store.sessions(),
+        circuit: shared.breaker.circuit(),
+    })
+}
+
+impl Running {
+    /// The graceful stop, phase by phase; see the module doc.
+    async fn drain(self) {
+        let Running {
+            phases,
+            mut ingress,
+            mut admission,
+            workers,
+            shared,
+            egress,
+            background,
+            client,
+            status,
+            grace,
+            _model,
+        } = self;
         tracing::info!(
             queued = shared.queue.len(),
-            grace = ?cfg.workers.shutdown_grace,
+            ?grace,
             "shutting down: draining the queue"
         );
-        accept.cancel();
-        let grace_end = Instant::now() + cfg.workers.shutdown_grace;
-        let mut admission = admission;
-        if tokio::time::timeout_at(grace_end, &mut admission)
+        let grace_end = Instant::now() + grace;
+        phases.accept.cancel();
+        if within("admission", grace_end, &mut admission)
             .await
-            .is_err()
+            .is_none()
         {
             // Stuck handing a rejection to egress: dropping it closes the queue.
             admission.abort();
@@ -394,82 +420,50 @@ impl App {
                 left,
                 "shutdown grace over: unanswered requests stay unacknowledged for redelivery"
             );
-            abandon.cancel();
+            phases.abandon.cancel();
             workers.wait().await;
         }
-        egress_close.cancel();
-        if tokio::time::timeout(EGRESS_FLUSH_TIMEOUT, egress_task)
+        phases.flush.cancel();
+        let flushed = Instant::now() + EGRESS_FLUSH_TIMEOUT;
+        // On time out the replies left are unacknowledged: redelivered.
+        let _ = within("egress (broker unreachable?)", flushed, egress).await;
+        phases.background.cancel();
+        background.wait().await;
+        say_offline(&client, &status).await;
+        // The poll loop writes everything queued before the DISCONNECT,
+        // then ends; cut it short only if the broker takes nothing.
+        let disconnected = Instant::now() + DISCONNECT_TIMEOUT;
+        if within("MQTT disconnect", disconnected, &mut ingress)
             .await
-            .is_err()
+            .is_none()
         {
-            tracing::warn!("egress did not flush in time (broker unreachable?)");
-        }
-        background.cancel();
-        tasks.wait().await;
-        let offline = async {
-            client
-                .publish(
-                    status.topic.clone(),
-                    QoS::AtLeastOnce,
-                    true,
-                    status.offline.clone(),
-                )
-                .await?;
-            client.disconnect().await
-        };
-        // Bounded: with the broker unreachable and rumqttc's request
-        // channel full, these awaits would never return.
-        match tokio::time::timeout(DISCONNECT_TIMEOUT, offline).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish the offline status"),
-            Err(_) => tracing::warn!(
-                "cannot publish the offline status: the broker is not taking requests"
-            ),
-        }
-        if tokio::time::timeout(DISCONNECT_TIMEOUT, &mut ingress)
-            .await
-            .is_err()
-        {
-            abort_ingress.cancel();
+            phases.abort_mqtt.cancel();
             let _ = ingress.await;
         }
-        drop(model_tx);
         tracing::info!("stopped");
-        Ok(())
     }
 }
 
-/// Asks the backend for its model until it answers, without holding up
-/// MQTT: requests meanwhile wait for it within their deadlines.
-async fn discover_model(
-    backend: Backend,
-    model: Arc<watch::Sender<ModelState>>,
-    stop: CancellationToken,
-) {
-    let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
-    let mut delay = min;
-    let mut warned = false;
-    loop {
-        match backend.discover_model().await {
-            Ok(name) => {
-                tracing::info!(model = %name, "model discovered");
-                model.send_replace(ModelState::Ready(Arc::from(name)));
-                return;
-            }
-            Err(e) => {
-                if warned {
-                    tracing::debug!(error = %e, "model discovery failed");
-                } else {
-                    tracing::warn!(error = %e, "cannot discover the model yet; retrying");
-                    warned = true;
-                }
-                model.send_replace(ModelState::Unreachable(e.to_string()));
-            }
+/// Publishes the retained `offline` status and sends DISCONNECT, bounded:
+/// with the broker unreachable and rumqttc's request channel full, these
+/// awaits would never return.
+async fn say_offline(client: &AsyncClient, status: &StatusMessages) {
+    let offline = async {
+        client
+            .publish(
+                status.topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                status.offline.clone(),
+            )
+            .await?;
+        client.disconnect().await
+    };
+    match tokio::time::timeout(DISCONNECT_TIMEOUT, offline).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish the offline status"),
+        Err(_) => {
+            tracing::warn!("cannot publish the offline status: the broker is not taking requests")
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = mqtt::next_backoff(delay, min, max);
     }
 }

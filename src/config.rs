@@ -166,6 +166,10 @@ pub struct MqttConfig {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Capacity of the MQTT client's outgoing request channel: replies and
+    /// acks waiting for the connection. Replies finished while the broker
+    /// is away wait here; when it is full, workers wait for room.
+    pub request_channel: usize,
 }
 
 impl Default for MqttConfig {
@@ -184,6 +188,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 1024 * 1024,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            request_channel: 4096,
         }
     }
 }
@@ -550,6 +555,9 @@ impl Config {
                 "mqtt.reconnect_min",
                 "must be above 0 and at most mqtt.reconnect_max".into(),
             );
+        }
+        if self.mqtt.request_channel == 0 {
+            return bad("mqtt.request_channel", "must be at least 1".into());
         }
         if (self.mqtt.max_packet_bytes as usize) < self.admission.max_payload_bytes + 1024 {
             return bad(

@@ -28,6 +28,8 @@
 pub mod admission;
 pub mod app;
 pub mod backend;
+pub mod backoff;
+pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -37,6 +39,7 @@ pub mod queue;
 pub mod request;
 pub mod secret;
 pub mod session;
+pub mod shutdown;
 pub mod telemetry;
 pub mod worker;
 

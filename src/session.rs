@@ -26,6 +26,27 @@ use crate::request::SessionKey;
 /// acknowledged: a few per session are plenty.
 const ANSWERED_IDS: usize = 8;
 
+/// The store could not do what was asked. The in-memory store never
+/// fails; a shared store fails when it cannot be reached or answers
+/// nonsense. Each caller decides what that means for its request: admission
+/// answers `unavailable` at once, a worker that cannot read the context
+/// fails the request, one that cannot record history still delivers the
+/// answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached (or timed out).
+    #[error("the session store is unreachable: {0}")]
+    Unreachable(String),
+    /// The store answered something we cannot use.
+    #[error("the session store failed: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// How long a device should wait before trying again.
+    pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+}
+
 /// Outcome of rules 2-4 for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
@@ -64,29 +85,39 @@ pub struct StoreLimits {
 pub trait SessionStore: Send + Sync + 'static {
     /// Rules 2 (duplicate), 3 (exclusivity) and 4 (sliding window), in that
     /// order and atomically.
-    async fn admit(&self, key: &SessionKey, request_id: Option<&str>, now: Instant) -> Admit;
+    async fn admit(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        now: Instant,
+    ) -> Result<Admit, StoreError>;
     /// Undoes an `Admitted` whose request was then refused (queue full):
     /// frees the session and gives the window slot back.
-    async fn cancel(&self, key: &SessionKey);
+    async fn cancel(&self, key: &SessionKey) -> Result<(), StoreError>;
     /// The request's reply is about to be handed to egress: free the
     /// session for its next request (a device may send it the moment the
     /// reply arrives), while deliveries of `request_id` still count as in
     /// flight.
-    async fn release(&self, key: &SessionKey, request_id: Option<&str>);
+    async fn release(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError>;
     /// The reply is with egress, ahead of anything enqueued later: remember
     /// `request_id` as answered (its redeliveries are then acknowledged).
     /// Call after `release`.
-    async fn finish(&self, key: &SessionKey, request_id: Option<&str>);
+    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError>;
     /// System prompt override and history, for building a prompt.
-    async fn context(&self, key: &SessionKey) -> Context;
+    async fn context(&self, key: &SessionKey) -> Result<Context, StoreError>;
     /// Clears the history and the system prompt override.
-    async fn reset(&self, key: &SessionKey);
+    async fn reset(&self, key: &SessionKey) -> Result<(), StoreError>;
     /// Sets the session's system prompt override.
-    async fn set_system_prompt(&self, key: &SessionKey, prompt: String);
+    async fn set_system_prompt(&self, key: &SessionKey, prompt: String) -> Result<(), StoreError>;
     /// Appends an answered exchange to the history.
-    async fn record(&self, key: &SessionKey, user: Arc<str>, assistant: Arc<str>);
+    async fn record(
+        &self,
+        key: &SessionKey,
+        user: Arc<str>,
+        assistant: Arc<str>,
+    ) -> Result<(), StoreError>;
     /// Forgets sessions idle for the TTL; returns how many.
-    async fn sweep(&self, now: Instant) -> usize;
+    async fn sweep(&self, now: Instant) -> Result<usize, StoreError>;
     /// Sessions held.
     fn sessions(&self) -> usize;
     /// Requests admitted and not finished.
@@ -145,7 +176,71 @@ impl MemoryStore {
 
 #[async_trait]
 impl SessionStore for MemoryStore {
-    async fn admit(&self, key: &SessionKey, request_id: Option<&str>, now: Instant) -> Admit {
+    async fn admit(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        now: Instant,
+    ) -> Result<Admit, StoreError> {
+        Ok(self.admit_now(key, request_id, now))
+    }
+
+    async fn cancel(&self, key: &SessionKey) -> Result<(), StoreError> {
+        self.cancel_now(key);
+        Ok(())
+    }
+
+    async fn release(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
+        self.release_now(key, request_id);
+        Ok(())
+    }
+
+    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
+        self.finish_now(key, request_id);
+        Ok(())
+    }
+
+    async fn context(&self, key: &SessionKey) -> Result<Context, StoreError> {
+        Ok(self.context_now(key))
+    }
+
+    async fn reset(&self, key: &SessionKey) -> Result<(), StoreError> {
+        self.reset_now(key);
+        Ok(())
+    }
+
+    async fn set_system_prompt(&self, key: &SessionKey, prompt: String) -> Result<(), StoreError> {
+        self.set_system_prompt_now(key, prompt);
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        key: &SessionKey,
+        user: Arc<str>,
+        assistant: Arc<str>,
+    ) -> Result<(), StoreError> {
+        self.record_now(key, user, assistant);
+        Ok(())
+    }
+
+    async fn sweep(&self, now: Instant) -> Result<usize, StoreError> {
+        Ok(self.sweep_now(now))
+    }
+
+    fn sessions(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    fn busy(&self) -> usize {
+        self.lock().busy.len()
+    }
+}
+
+/// The in-memory operations, infallible and synchronous: the trait's
+/// methods wrap them.
+impl MemoryStore {
+    fn admit_now(&self, key: &SessionKey, request_id: Option<&str>, now: Instant) -> Admit {
         let mut g = self.lock();
         let inner = &mut *g;
         if let Some(id) = request_id {
@@ -182,7 +277,7 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    async fn cancel(&self, key: &SessionKey) {
+    fn cancel_now(&self, key: &SessionKey) {
         let mut g = self.lock();
         g.busy.remove(key);
         if let Some(s) = g.sessions.peek_mut(key) {
@@ -190,7 +285,7 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    async fn release(&self, key: &SessionKey, request_id: Option<&str>) {
+    fn release_now(&self, key: &SessionKey, request_id: Option<&str>) {
         let mut g = self.lock();
         g.busy.remove(key);
         if let (Some(id), Some(s)) = (request_id, g.sessions.peek_mut(key)) {
@@ -198,7 +293,7 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) {
+    fn finish_now(&self, key: &SessionKey, request_id: Option<&str>) {
         // Exclusivity was given up by `release`; a newer request may hold it.
         let mut g = self.lock();
         if let Some(s) = g.sessions.peek_mut(key) {
@@ -214,7 +309,7 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    async fn context(&self, key: &SessionKey) -> Context {
+    fn context_now(&self, key: &SessionKey) -> Context {
         let mut g = self.lock();
         match g.sessions.get(key) {
             Some(s) => Context {
@@ -225,27 +320,27 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    async fn reset(&self, key: &SessionKey) {
+    fn reset_now(&self, key: &SessionKey) {
         if let Some(s) = self.lock().sessions.peek_mut(key) {
             s.history.clear();
             s.system_prompt = None;
         }
     }
 
-    async fn set_system_prompt(&self, key: &SessionKey, prompt: String) {
+    fn set_system_prompt_now(&self, key: &SessionKey, prompt: String) {
         let mut g = self.lock();
         let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
         s.system_prompt = Some(prompt);
     }
 
-    async fn record(&self, key: &SessionKey, user: Arc<str>, assistant: Arc<str>) {
+    fn record_now(&self, key: &SessionKey, user: Arc<str>, assistant: Arc<str>) {
         let max = self.limits.history_messages;
         let mut g = self.lock();
         let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
         push_exchange(&mut s.history, user, assistant, max);
     }
 
-    async fn sweep(&self, now: Instant) -> usize {
+    fn sweep_now(&self, now: Instant) -> usize {
         let ttl = self.limits.idle_ttl;
         let mut g = self.lock();
         let inner = &mut *g;
@@ -263,13 +358,26 @@ impl SessionStore for MemoryStore {
         }
         removed
     }
+}
 
-    fn sessions(&self) -> usize {
-        self.lock().sessions.len()
-    }
-
-    fn busy(&self) -> usize {
-        self.lock().busy.len()
+/// Forgets idle sessions every `every` until `stop`.
+pub async fn sweep_every(
+    store: Arc<dyn SessionStore>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep(Instant::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sessions = n, "idle sessions forgotten"),
+            Err(e) => tracing::warn!(error = %e, "cannot sweep idle sessions"),
+        }
     }
 }
 
@@ -299,25 +407,31 @@ mod tests {
         let st = store(10);
         let k = key("s");
         let now = Instant::now();
-        assert_eq!(st.admit(&k, Some("r1"), now).await, Admit::Admitted);
         assert_eq!(
-            st.admit(&k, Some("r1"), now).await,
+            st.admit(&k, Some("r1"), now).await.unwrap(),
+            Admit::Admitted
+        );
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await.unwrap(),
             Admit::Duplicate { answered: false }
         );
-        assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Busy);
-        st.release(&k, Some("r1")).await;
-        st.release(&k, Some("r1")).await;
-        st.finish(&k, Some("r1")).await;
+        assert_eq!(st.admit(&k, Some("r2"), now).await.unwrap(), Admit::Busy);
+        st.release(&k, Some("r1")).await.unwrap();
+        st.release(&k, Some("r1")).await.unwrap();
+        st.finish(&k, Some("r1")).await.unwrap();
         assert_eq!(
-            st.admit(&k, Some("r1"), now).await,
+            st.admit(&k, Some("r1"), now).await.unwrap(),
             Admit::Duplicate { answered: true }
         );
-        assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Admitted);
-        st.release(&k, Some("r2")).await;
-        st.finish(&k, Some("r2")).await;
+        assert_eq!(
+            st.admit(&k, Some("r2"), now).await.unwrap(),
+            Admit::Admitted
+        );
+        st.release(&k, Some("r2")).await.unwrap();
+        st.finish(&k, Some("r2")).await.unwrap();
         let later = now + Duration::from_secs(10);
         assert_eq!(
-            st.admit(&k, Some("r3"), later).await,
+            st.admit(&k, Some("r3"), later).await.unwrap(),
             Admit::RateLimited {
                 retry_after: Duration::from_secs(50)
             }
@@ -329,20 +443,26 @@ mod tests {
         let st = store(10);
         let k = key("s");
         let now = Instant::now();
-        assert_eq!(st.admit(&k, Some("r1"), now).await, Admit::Admitted);
-        st.release(&k, Some("r1")).await;
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await.unwrap(),
+            Admit::Admitted
+        );
+        st.release(&k, Some("r1")).await.unwrap();
         // A redelivery of r1 now is still in flight: dropped, not acked.
         assert_eq!(
-            st.admit(&k, Some("r1"), now).await,
+            st.admit(&k, Some("r1"), now).await.unwrap(),
             Admit::Duplicate { answered: false }
         );
         // The device's next request is admitted at once.
-        assert_eq!(st.admit(&k, Some("r2"), now).await, Admit::Admitted);
-        // Finishing r1 must not free r2's exclusivity.
-        st.finish(&k, Some("r1")).await;
-        assert_eq!(st.admit(&k, Some("r3"), now).await, Admit::Busy);
         assert_eq!(
-            st.admit(&k, Some("r1"), now).await,
+            st.admit(&k, Some("r2"), now).await.unwrap(),
+            Admit::Admitted
+        );
+        // Finishing r1 must not free r2's exclusivity.
+        st.finish(&k, Some("r1")).await.unwrap();
+        assert_eq!(st.admit(&k, Some("r3"), now).await.unwrap(), Admit::Busy);
+        assert_eq!(
+            st.admit(&k, Some("r1"), now).await.unwrap(),
             Admit::Duplicate { answered: true }
         );
     }
@@ -352,17 +472,17 @@ mod tests {
         let st = store(10);
         let k = key("s");
         let now = Instant::now();
-        assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
-        st.cancel(&k).await;
+        assert_eq!(st.admit(&k, None, now).await.unwrap(), Admit::Admitted);
+        st.cancel(&k).await.unwrap();
         assert_eq!(st.busy(), 0);
-        assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
-        st.release(&k, None).await;
-        st.finish(&k, None).await;
-        assert_eq!(st.admit(&k, None, now).await, Admit::Admitted);
-        st.release(&k, None).await;
-        st.finish(&k, None).await;
+        assert_eq!(st.admit(&k, None, now).await.unwrap(), Admit::Admitted);
+        st.release(&k, None).await.unwrap();
+        st.finish(&k, None).await.unwrap();
+        assert_eq!(st.admit(&k, None, now).await.unwrap(), Admit::Admitted);
+        st.release(&k, None).await.unwrap();
+        st.finish(&k, None).await.unwrap();
         assert!(matches!(
-            st.admit(&k, None, now).await,
+            st.admit(&k, None, now).await.unwrap(),
             Admit::RateLimited { .. }
         ));
     }
@@ -371,12 +491,21 @@ mod tests {
     async fn lru_bound_never_breaks_exclusivity() {
         let st = store(2);
         let now = Instant::now();
-        assert_eq!(st.admit(&key("a"), None, now).await, Admit::Admitted);
-        assert_eq!(st.admit(&key("b"), None, now).await, Admit::Admitted);
-        assert_eq!(st.admit(&key("c"), None, now).await, Admit::Admitted);
+        assert_eq!(
+            st.admit(&key("a"), None, now).await.unwrap(),
+            Admit::Admitted
+        );
+        assert_eq!(
+            st.admit(&key("b"), None, now).await.unwrap(),
+            Admit::Admitted
+        );
+        assert_eq!(
+            st.admit(&key("c"), None, now).await.unwrap(),
+            Admit::Admitted
+        );
         assert_eq!(st.sessions(), 2);
         // "a" was evicted from the LRU but is still busy.
-        assert_eq!(st.admit(&key("a"), None, now).await, Admit::Busy);
+        assert_eq!(st.admit(&key("a"), None, now).await.unwrap(), Admit::Busy);
     }
 
     #[tokio::test(start_paused = true)]
@@ -384,22 +513,22 @@ mod tests {
         let st = store(10);
         let k = key("s");
         let t0 = Instant::now();
-        st.admit(&k, None, t0).await;
-        st.record(&k, "u1".into(), "a1".into()).await;
-        st.record(&k, "u2".into(), "a2".into()).await;
-        st.record(&k, "u3".into(), "a3".into()).await;
-        st.set_system_prompt(&k, "pirate".into()).await;
-        let c = st.context(&k).await;
+        st.admit(&k, None, t0).await.unwrap();
+        st.record(&k, "u1".into(), "a1".into()).await.unwrap();
+        st.record(&k, "u2".into(), "a2".into()).await.unwrap();
+        st.record(&k, "u3".into(), "a3".into()).await.unwrap();
+        st.set_system_prompt(&k, "pirate".into()).await.unwrap();
+        let c = st.context(&k).await.unwrap();
         assert_eq!(c.history.len(), 4);
         assert_eq!(&*c.history[0].content, "u2");
         assert_eq!(c.system_prompt.as_deref(), Some("pirate"));
-        st.reset(&k).await;
-        let c = st.context(&k).await;
+        st.reset(&k).await.unwrap();
+        let c = st.context(&k).await.unwrap();
         assert!(c.history.is_empty() && c.system_prompt.is_none());
-        st.release(&k, None).await;
-        st.finish(&k, None).await;
-        assert_eq!(st.sweep(t0 + Duration::from_secs(3599)).await, 0);
-        assert_eq!(st.sweep(t0 + Duration::from_secs(3600)).await, 1);
+        st.release(&k, None).await.unwrap();
+        st.finish(&k, None).await.unwrap();
+        assert_eq!(st.sweep(t0 + Duration::from_secs(3599)).await.unwrap(), 0);
+        assert_eq!(st.sweep(t0 + Duration::from_secs(3600)).await.unwrap(), 1);
         assert_eq!(st.sessions(), 0);
     }
 }

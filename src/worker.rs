@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::ErrorCode;
 
 use crate::backend::breaker::{Outcome, SharedBreaker};
 use crate::backend::budget::Budget;
+use crate::backend::model::{ModelRx, ModelState};
 use crate::backend::retry::RetryPolicy;
 use crate::backend::{Backend, BackendError};
 use crate::config::ProjectConfig;
@@ -31,21 +31,8 @@ use crate::history::{build_prompt, shrink};
 use crate::mqtt::egress::Egress;
 use crate::queue::QueueRx;
 use crate::request::{Answer, Failure, Outbound, ReplyBody, Request, SessionKey};
-use crate::session::SessionStore;
+use crate::session::{SessionStore, StoreError};
 use crate::telemetry::{Event, Stats};
-
-/// Where the model name stands: configured, discovered, or not yet known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelState {
-    /// The first discovery attempt is under way: requests wait for it.
-    Discovering,
-    /// Discovery failed (backend down); it is being retried. Requests are
-    /// answered `backend_unavailable` at once rather than left hanging.
-    Unreachable(String),
-    Ready(Arc<str>),
-}
-
-pub type ModelRx = watch::Receiver<ModelState>;
 
 /// What every worker shares.
 pub struct Shared {
@@ -108,7 +95,10 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
         let request_id = req.reply.request_id.clone();
         // Free the session before the reply can reach the device, or a
         // device that answers at once would be told session_busy.
-        shared.store.release(&key, request_id.as_deref()).await;
+        if let Err(e) = shared.store.release(&key, request_id.as_deref()).await {
+            // A shared store's lease expires by itself; the reply goes out.
+            tracing::warn!(session = %key, error = %e, "cannot release the session");
+        }
         let handed = Outbound {
             reply: Some((req.reply, body)),
             ack: req.ack,
@@ -119,7 +109,9 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
             _ = abandon.cancelled() => return,
             _ = shared.egress.send(handed) => {}
         }
-        shared.store.finish(&key, request_id.as_deref()).await;
+        if let Err(e) = shared.store.finish(&key, request_id.as_deref()).await {
+            tracing::warn!(session = %key, error = %e, "cannot record the request as answered");
+        }
     }
 }
 
@@ -196,13 +188,21 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
         }
     };
     let store = &shared.store;
+    // Without its history the answer would be wrong, not just late: a
+    // store failure here fails the request (`unavailable`, retry soon).
+    let unavailable = |e: StoreError| {
+        Failure::new(ErrorCode::Unavailable, e.to_string()).retry_after(StoreError::RETRY_AFTER)
+    };
     if req.reset {
-        store.reset(&req.key).await;
+        store.reset(&req.key).await.map_err(unavailable)?;
     }
     if let Some(p) = &req.system_prompt {
-        store.set_system_prompt(&req.key, p.clone()).await;
+        store
+            .set_system_prompt(&req.key, p.clone())
+            .await
+            .map_err(unavailable)?;
     }
-    let ctx = store.context(&req.key).await;
+    let ctx = store.context(&req.key).await.map_err(unavailable)?;
     let project_prompt = shared
         .projects
         .get(&req.key.project)
@@ -216,13 +216,17 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
         shared.history_token_budget,
     );
     let answer = call_backend(shared, req, &model, &mut prompt).await?;
-    store
+    let recorded = store
         .record(
             &req.key,
             req.message.clone(),
             Arc::from(answer.text.as_str()),
         )
         .await;
+    if let Err(e) = recorded {
+        // The answer is good; only the next turn loses this exchange.
+        tracing::warn!(session = %req.key, error = %e, "cannot record the exchange in the history");
+    }
     Ok(answer)
 }
 

@@ -47,6 +47,8 @@ pub enum ReplyTopicError {
     Wildcard,
     /// It is longer than [`MAX_REPLY_TOPIC_BYTES`].
     TooLong,
+    /// It contains a control character or a Unicode noncharacter.
+    Unprintable,
 }
 
 impl std::fmt::Display for ReplyTopicError {
@@ -55,6 +57,9 @@ impl std::fmt::Display for ReplyTopicError {
             Self::OutsideNamespace => "reply topic must start with {project}/assistant_response/",
             Self::Wildcard => "reply topic must not contain '+', '#' or NUL",
             Self::TooLong => "reply topic is longer than 256 bytes",
+            Self::Unprintable => {
+                "reply topic must not contain control characters or Unicode noncharacters"
+            }
         })
     }
 }
@@ -63,13 +68,22 @@ impl std::fmt::Display for ReplyTopicError {
 ///
 /// Accepted only under `{project}/assistant_response/`, with no wildcard or
 /// NUL and at most 256 bytes, so a device can never make the daemon publish
-/// into another namespace (topic injection).
+/// into another namespace (topic injection); and only as printable text: no
+/// control character (general category Cc: U+0000-U+001F, U+007F-U+009F)
+/// and no Unicode noncharacter (U+FDD0-U+FDEF, U+xxFFFE, U+xxFFFF), which
+/// brokers such as Mosquitto answer by dropping the publisher's connection.
 pub fn validate_reply_topic(project: &str, topic: &str) -> Result<(), ReplyTopicError> {
+    // Noncharacters: U+FDD0-U+FDEF and the last two code points of each plane.
+    let noncharacter =
+        |c: char| matches!(c, '\u{FDD0}'..='\u{FDEF}') || u32::from(c) & 0xFFFE == 0xFFFE;
     if topic.len() > MAX_REPLY_TOPIC_BYTES {
         return Err(ReplyTopicError::TooLong);
     }
     if topic.contains(['+', '#', '\0']) {
         return Err(ReplyTopicError::Wildcard);
+    }
+    if topic.chars().any(|c| c.is_control() || noncharacter(c)) {
+        return Err(ReplyTopicError::Unprintable);
     }
     let prefix_ok = topic
         .strip_prefix(project)
@@ -126,11 +140,16 @@ pub enum ErrorCode {
     BackendError,
     /// The daemon is shutting down and did not take the request.
     ShuttingDown,
+    /// v1.1: a request cancelled on `{project}/cancel`.
+    Cancelled,
+    /// v1.1: the daemon cannot serve now for a reason of its own (its
+    /// session store is unreachable); retry after `retryAfterMs`.
+    Unavailable,
 }
 
 impl ErrorCode {
     /// Every code, for tables and metrics.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::RateLimited,
         ErrorCode::SessionBusy,
@@ -139,6 +158,8 @@ impl ErrorCode {
         ErrorCode::BackendUnavailable,
         ErrorCode::BackendError,
         ErrorCode::ShuttingDown,
+        ErrorCode::Cancelled,
+        ErrorCode::Unavailable,
     ];
 
     /// The wire name, e.g. `rate_limited`.
@@ -152,6 +173,8 @@ impl ErrorCode {
             Self::BackendUnavailable => "backend_unavailable",
             Self::BackendError => "backend_error",
             Self::ShuttingDown => "shutting_down",
+            Self::Cancelled => "cancelled",
+            Self::Unavailable => "unavailable",
         }
     }
 
@@ -182,6 +205,7 @@ impl ErrorCode {
                 | Self::Overloaded
                 | Self::BackendUnavailable
                 | Self::ShuttingDown
+                | Self::Unavailable
         )
     }
 }
@@ -356,6 +380,33 @@ mod tests {
             validate_reply_topic("maze", &long),
             Err(ReplyTopicError::TooLong)
         );
+    }
+
+    #[test]
+    fn reply_topic_is_printable_text() {
+        // Control characters (Cc, C1 included) and noncharacters.
+        let bad = [
+            0x01, 0x0a, 0x1f, 0x7f, 0x85, 0x9f, 0xfdd0, 0xfdef, 0xfffe, 0xffff, 0x1fffe, 0x10ffff,
+        ];
+        for c in bad.map(|u| char::from_u32(u).unwrap()) {
+            let topic = format!("maze/assistant_response/s1/{c}x");
+            assert_eq!(
+                validate_reply_topic("maze", &topic),
+                Err(ReplyTopicError::Unprintable),
+                "{topic:?}"
+            );
+        }
+        // Their neighbours, and other non-ASCII text, are fine.
+        let good = [
+            0x20, 0x7e, 0xa0, 0xe9, 0xfdcf, 0xfdf0, 0xfffd, 0x1fffd, 0x20000, 0x1f916,
+        ];
+        for c in good.map(|u| char::from_u32(u).unwrap()) {
+            let topic = format!("maze/assistant_response/s1/{c}x");
+            assert!(validate_reply_topic("maze", &topic).is_ok(), "{topic:?}");
+        }
+        assert!(ReplyTopicError::Unprintable
+            .to_string()
+            .contains("control characters"));
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub fn is_retryable(code: ErrorCode) -> bool {
             | ErrorCode::SessionBusy
             | ErrorCode::RateLimited
             | ErrorCode::BackendUnavailable
+            | ErrorCode::Unavailable
     )
 }
 
@@ -211,7 +212,8 @@ mod tests {
                 ErrorCode::RateLimited,
                 ErrorCode::SessionBusy,
                 ErrorCode::Overloaded,
-                ErrorCode::BackendUnavailable
+                ErrorCode::BackendUnavailable,
+                ErrorCode::Unavailable
             ]
         );
         for code in [
@@ -219,6 +221,7 @@ mod tests {
             ErrorCode::BackendError,
             ErrorCode::Timeout,
             ErrorCode::ShuttingDown,
+            ErrorCode::Cancelled,
         ] {
             assert_eq!(
                 policy().decide(1, code, None, MS(60_000), &mut rng()),

@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::ErrorCode;
 
 use crate::mqtt::egress::Egress;
 use crate::queue::QueueTx;
 use crate::request::{Failure, Outbound, ReplyBody, Request};
-use crate::session::{Admit, SessionStore};
+use crate::session::{Admit, SessionStore, StoreError};
 use crate::telemetry::{Event, Stats};
 
 /// The admission task's parts.
@@ -33,26 +34,52 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Admits requests until ingress closes its side; then drops the queue
-    /// sender, which closes the queue once workers have drained it.
-    pub async fn run(self, mut rx: mpsc::Receiver<Request>) {
-        while let Some(req) = rx.recv().await {
-            self.admit(req).await;
+    /// Admits requests until `accept` is cancelled (shutdown) or ingress
+    /// goes away; then admits what is already in the channel and drops the
+    /// queue sender, which closes the queue once workers have drained it.
+    ///
+    /// Shutdown is noticed here rather than by ingress dropping its sender:
+    /// the poll loop must never stop polling mid-write to react to it.
+    pub async fn run(self, mut rx: mpsc::Receiver<Request>, accept: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                r = rx.recv() => match r {
+                    Some(req) => self.admit(req).await,
+                    None => break,
+                },
+                _ = accept.cancelled() => {
+                    // From now on ingress's try_send finds the channel closed.
+                    rx.close();
+                    while let Some(req) = rx.recv().await {
+                        self.admit(req).await;
+                    }
+                    break;
+                }
+            }
         }
         tracing::debug!("admission closed");
     }
 
     async fn admit(&self, req: Request) {
         let request_id = req.reply.request_id.as_deref();
-        let failure = match self.store.admit(&req.key, request_id, Instant::now()).await {
-            Admit::Admitted => match self.queue.try_send(req) {
+        let admitted = self.store.admit(&req.key, request_id, Instant::now()).await;
+        let failure = match admitted {
+            // No request waits on a store that cannot answer: it is told at
+            // once when to try again (and a QoS 1 one is acknowledged with
+            // that reply, like any answered request).
+            Err(e) => Failure::new(ErrorCode::Unavailable, e.to_string())
+                .retry_after(StoreError::RETRY_AFTER),
+            Ok(Admit::Admitted) => match self.queue.try_send(req) {
                 Ok(()) => return,
                 Err(e) => {
                     let (req, code) = match e {
                         async_channel::TrySendError::Full(r) => (r, ErrorCode::Overloaded),
                         async_channel::TrySendError::Closed(r) => (r, ErrorCode::ShuttingDown),
                     };
-                    self.store.cancel(&req.key).await;
+                    if let Err(e) = self.store.cancel(&req.key).await {
+                        tracing::warn!(session = %req.key, error = %e, "cannot free a session after a refusal");
+                    }
                     let f = match code {
                         ErrorCode::Overloaded => Failure::fixed(code),
                         _ => Failure::new(code, "the daemon is shutting down; try again shortly"),
@@ -60,7 +87,7 @@ impl Admission {
                     return self.reject(req, f).await;
                 }
             },
-            Admit::Duplicate { answered } => {
+            Ok(Admit::Duplicate { answered }) => {
                 self.stats.emit(Event::Duplicate {
                     project: &req.key.project,
                 });
@@ -90,14 +117,14 @@ impl Admission {
             // requestId, while its session is busy, is almost surely the
             // request in flight: the original's ack (same packet id) will
             // cover it, and a session_busy would confuse the device.
-            Admit::Busy if req.dup && request_id.is_none() => {
+            Ok(Admit::Busy) if req.dup && request_id.is_none() => {
                 self.stats.emit(Event::Duplicate {
                     project: &req.key.project,
                 });
                 return;
             }
-            Admit::Busy => Failure::fixed(ErrorCode::SessionBusy),
-            Admit::RateLimited { retry_after } => {
+            Ok(Admit::Busy) => Failure::fixed(ErrorCode::SessionBusy),
+            Ok(Admit::RateLimited { retry_after }) => {
                 Failure::fixed(ErrorCode::RateLimited).retry_after(retry_after)
             }
         };
@@ -116,5 +143,138 @@ impl Admission {
                 ack: req.ack,
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::validate::Limits;
+    use crate::config::ProjectConfig;
+    use crate::request::{AckToken, Inbound};
+    use crate::session::Context;
+    use std::time::Duration;
+
+    /// A shared store that cannot be reached.
+    struct Down;
+
+    fn down() -> StoreError {
+        StoreError::Unreachable("connection refused".into())
+    }
+
+    #[async_trait::async_trait]
+    impl SessionStore for Down {
+        async fn admit(
+            &self,
+            _: &crate::request::SessionKey,
+            _: Option<&str>,
+            _: Instant,
+        ) -> Result<Admit, StoreError> {
+            Err(down())
+        }
+        async fn cancel(&self, _: &crate::request::SessionKey) -> Result<(), StoreError> {
+            Err(down())
+        }
+        async fn release(
+            &self,
+            _: &crate::request::SessionKey,
+            _: Option<&str>,
+        ) -> Result<(), StoreError> {
+            Err(down())
+        }
+        async fn finish(
+            &self,
+            _: &crate::request::SessionKey,
+            _: Option<&str>,
+        ) -> Result<(), StoreError> {
+            Err(down())
+        }
+        async fn context(&self, _: &crate::request::SessionKey) -> Result<Context, StoreError> {
+            Err(down())
+        }
+        async fn reset(&self, _: &crate::request::SessionKey) -> Result<(), StoreError> {
+            Err(down())
+        }
+        async fn set_system_prompt(
+            &self,
+            _: &crate::request::SessionKey,
+            _: String,
+        ) -> Result<(), StoreError> {
+            Err(down())
+        }
+        async fn record(
+            &self,
+            _: &crate::request::SessionKey,
+            _: Arc<str>,
+            _: Arc<str>,
+        ) -> Result<(), StoreError> {
+            Err(down())
+        }
+        async fn sweep(&self, _: Instant) -> Result<usize, StoreError> {
+            Err(down())
+        }
+        fn sessions(&self) -> usize {
+            0
+        }
+        fn busy(&self) -> usize {
+            0
+        }
+    }
+
+    fn request(session: &str, pkid: u16) -> Request {
+        let inbound = Inbound {
+            project: Arc::from("maze"),
+            payload: bytes::Bytes::from(format!(
+                r#"{{"sessionId":"{session}","message":"hi","format":"json"}}"#
+            )),
+            response_topic: None,
+            correlation: None,
+            expiry: None,
+            ack: Some(AckToken { pkid }),
+            dup: false,
+            received_at: Instant::now(),
+        };
+        let limits = Limits {
+            max_payload_bytes: 65536,
+            request_timeout: Duration::from_secs(60),
+        };
+        validate::parse(&inbound, &ProjectConfig::default(), &limits).expect("a valid request")
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_answer_means_unavailable_at_once_and_an_ack() {
+        let stats = Arc::new(Stats::new());
+        let (queue, queued) = crate::queue::bounded(4);
+        let (egress, mut out) = Egress::channel(4, stats.clone());
+        let admission = Admission {
+            store: Arc::new(Down),
+            queue,
+            egress,
+            stats,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let accept = CancellationToken::new();
+        let task = tokio::spawn(admission.run(rx, accept.clone()));
+        tx.send(request("s1", 7)).await.unwrap();
+        let o = out.recv().await.expect("an answer");
+        match o.reply {
+            Some((to, ReplyBody::Failure(f))) => {
+                assert_eq!(to.topic, "maze/assistant_response/s1");
+                assert_eq!(f.code, ErrorCode::Unavailable);
+                assert_eq!(f.retry_after, Some(StoreError::RETRY_AFTER));
+                assert!(f.message.contains("unreachable"), "{}", f.message);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        // Answered, so acknowledged like any answered request.
+        assert_eq!(o.ack.map(|a| a.pkid), Some(7));
+        assert!(queued.is_empty(), "nothing reached the queue");
+
+        // Shutdown: admission closes its channel itself (ingress never
+        // stops polling to drop its sender) and closes the queue.
+        accept.cancel();
+        task.await.unwrap();
+        assert!(tx.try_send(request("s2", 8)).is_err());
+        assert!(queued.is_closed());
     }
 }

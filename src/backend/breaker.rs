@@ -19,32 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+pub use crate::circuit::Circuit;
 
 /// Retry-after given to callers while the probe is in flight: it usually
 /// answers within a request's time.
 const PROBE_IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
-
-/// The circuit's state, as reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Circuit {
-    Closed,
-    Open,
-    HalfOpen,
-}
-
-impl Circuit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Circuit::Closed => "closed",
-            Circuit::Open => "open",
-            Circuit::HalfOpen => "half_open",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

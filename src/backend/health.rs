@@ -41,7 +41,7 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
             _ = state.changed() => {}
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = crate::mqtt::next_backoff(delay, min, max);
+        delay = crate::backoff::next_backoff(delay, min, max);
     }
 
     // Then: probe whenever the circuit is open and its cool-down is over.

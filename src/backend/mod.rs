@@ -16,6 +16,7 @@
 pub mod breaker;
 pub mod budget;
 pub mod health;
+pub mod model;
 pub mod openai;
 pub mod retry;
 pub mod sse;

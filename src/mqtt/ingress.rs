@@ -20,20 +20,24 @@ use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use rumqttc::Outgoing;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::{request_topic, ErrorCode};
 
 use crate::admission::validate::{self, Limits};
-use crate::backend::breaker::SharedBreaker;
+use crate::backoff::Reconnect;
+use crate::circuit::Circuit;
 use crate::config::ProjectConfig;
 use crate::error::AppError;
 use crate::mqtt::egress::Egress;
-use crate::mqtt::next_backoff;
 use crate::mqtt::status::StatusMessages;
 use crate::request::{AckToken, Failure, Inbound, Outbound, ReplyBody, Request};
 use crate::telemetry::{Event as Ev, Stats};
+
+/// How long a connection must stay up before the reconnect delay starts
+/// over from its minimum.
+const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 
 /// A served project: its settings, by request topic.
 #[derive(Debug)]
@@ -54,7 +58,7 @@ pub struct Ingress {
     pub stats: Arc<Stats>,
     pub status: StatusMessages,
     /// The backend circuit, for the status published on (re)connect.
-    pub circuit: Arc<SharedBreaker>,
+    pub circuit: watch::Receiver<Circuit>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
 }
@@ -70,10 +74,17 @@ impl Ingress {
             .collect()
     }
 
-    /// Polls until the client disconnects (after `abort`, or after the app
-    /// sent DISCONNECT). `accept` cancelled means shutting down: stop taking
+    /// Polls until the client disconnects (after the app sent DISCONNECT,
+    /// or `abort`). `accept` cancelled means shutting down: stop taking
     /// requests (QoS 1 ones stay unacknowledged for redelivery, QoS 0 ones
-    /// are answered `shutting_down`) but keep polling so replies go out.
+    /// are answered `shutting_down`) but keep polling so that replies, acks
+    /// and the DISCONNECT go out.
+    ///
+    /// `poll()` is not cancel-safe: a request it has taken from rumqttc's
+    /// channel is lost if the future is dropped before it is written (a
+    /// reply or an ack, at shutdown). So it is raced only against `abort`,
+    /// the last resort once the drain's deadline has passed; `accept` is
+    /// read, not awaited.
     pub async fn run(
         self,
         accept: CancellationToken,
@@ -92,8 +103,14 @@ impl Ingress {
             reconnect_min,
             reconnect_max,
         } = self;
-        let mut admission = Some(admission);
-        let mut backoff = reconnect_min;
+        // Stable after a minute, or after the longest delay if that is
+        // longer: a poison message that gets us dropped right after each
+        // CONNACK must not become a reconnect storm.
+        let mut reconnect = Reconnect::new(
+            reconnect_min,
+            reconnect_max,
+            reconnect_max.max(STABLE_CONNECTION),
+        );
         let mut failing = false;
         let filters: Vec<Filter> = projects
             .keys()
@@ -109,16 +126,11 @@ impl Ingress {
             let event = tokio::select! {
                 biased;
                 _ = abort.cancelled() => return Ok(()),
-                _ = accept.cancelled(), if admission.is_some() => {
-                    // Dropping the sender lets admission drain and close the queue.
-                    admission = None;
-                    continue;
-                }
                 ev = eventloop.poll() => ev,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = reconnect_min;
+                    reconnect.connected(Instant::now());
                     failing = false;
                     stats.emit(Ev::MqttConnected {
                         session_present: ack.session_present,
@@ -129,7 +141,7 @@ impl Ingress {
                         &client,
                         &filters,
                         status.topic.clone(),
-                        status.online(circuit.circuit()),
+                        status.online(*circuit.borrow()),
                     );
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -146,7 +158,8 @@ impl Ingress {
                     tracing::info!(topics = ?projects.keys().collect::<Vec<_>>(), "subscribed");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    handoff.publish(p, admission.as_ref());
+                    let open = (!accept.is_cancelled()).then_some(&admission);
+                    handoff.publish(p, open);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
                 Ok(_) => {}
@@ -161,11 +174,11 @@ impl Ingress {
                         stats.emit(Ev::MqttDisconnected { error: &error });
                         failing = true;
                     }
+                    let wait = reconnect.failed(Instant::now());
                     tokio::select! {
                         _ = abort.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
-                    backoff = next_backoff(backoff, reconnect_min, reconnect_max);
                 }
             }
         }

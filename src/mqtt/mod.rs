@@ -10,8 +10,6 @@ pub mod egress;
 pub mod ingress;
 pub mod status;
 
-use std::time::Duration;
-
 use rumqttc::v5::mqttbytes::v5::LastWill;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
@@ -104,27 +102,9 @@ pub fn options(
     Ok(o)
 }
 
-/// Exponential reconnect delay: doubles from `min` up to `max`. Pure, so
-/// the poll loop only sleeps on what it returns.
-pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
-    (current.max(min) * 2).min(max)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_cap() {
-        let (min, max) = (Duration::from_millis(500), Duration::from_secs(4));
-        let mut d = min;
-        let mut seen = vec![];
-        for _ in 0..5 {
-            seen.push(d.as_millis());
-            d = next_backoff(d, min, max);
-        }
-        assert_eq!(seen, vec![500, 1000, 2000, 4000, 4000]);
-    }
 
     #[test]
     fn receive_maximum_covers_queue() {

@@ -1,9 +1,13 @@
 //! The retained status message (`online`, and `offline` as the last will
 //! and on clean shutdown) and the daemon's own topics.
 
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::backend::breaker::Circuit;
+use crate::circuit::Circuit;
 
 /// `vllm-mqttd/{instance}/status`
 pub fn status_topic(instance: &str) -> String {
@@ -69,5 +73,27 @@ impl StatusMessages {
     /// The `online` payload with the backend circuit's current state.
     pub fn online(&self, circuit: Circuit) -> Vec<u8> {
         self.payload("online", Some(circuit))
+    }
+}
+/// Republishes the retained `online` status whenever the circuit changes,
+/// until `stop` (best effort: a status is not worth waiting for room).
+pub async fn follow_circuit(
+    client: AsyncClient,
+    status: StatusMessages,
+    mut circuit: watch::Receiver<Circuit>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = circuit.changed() => if changed.is_err() { return },
+        }
+        let now = *circuit.borrow_and_update();
+        let _ = client.try_publish(
+            status.topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            status.online(now),
+        );
     }
 }

@@ -40,6 +40,24 @@ pub fn install(addr: SocketAddr) -> Result<impl Future<Output = ()> + Send, AppE
     })
 }
 
+/// Samples the gauges into the recorder each second (counters and
+/// histograms are recorded as events happen) until `stop`.
+pub async fn sample_every_second(
+    stats: std::sync::Arc<Stats>,
+    gauges: Sampler,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        stats.record_gauges(&gauges());
+    }
+}
+
 fn describe() {
     describe_counter!(
         M_REQUESTS,

@@ -3,7 +3,7 @@
 pub mod metrics;
 pub mod stats;
 
-pub use stats::{Event, Gauges, Snapshot, Stats};
+pub use stats::{Event, Gauges, Sampler, Snapshot, Stats};
 
 use tracing_subscriber::EnvFilter;
 

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use vllm_chat::protocol::ErrorCode;
 
-use crate::backend::breaker::Circuit;
+use crate::circuit::Circuit;
 
 /// Something that happened, to log and count.
 #[derive(Debug)]
@@ -286,7 +286,7 @@ impl Stats {
             h.reset();
             l
         };
-        let by_code = |arr: &[AtomicU64; 8]| {
+        let by_code = |arr: &[AtomicU64; ErrorCode::ALL.len()]| {
             ErrorCode::ALL
                 .iter()
                 .zip(arr)
@@ -449,6 +449,40 @@ impl Snapshot {
             Some(w) => line!(warn, w),
             None => line!(info, "stats"),
         }
+    }
+}
+
+/// Reads the gauges (queue, in flight, sessions, circuit) when a report
+/// or a metrics sample is due; the app builds it over the stages' state.
+pub type Sampler = Arc<dyn Fn() -> Gauges + Send + Sync>;
+
+/// Every `every`: logs the stats line (a warning over 70 % queue) and hands
+/// its JSON, with `instance` and `at`, to `publish` (best effort: the app
+/// publishes on the stats topic without queueing behind replies).
+pub async fn report_every(
+    stats: Arc<Stats>,
+    gauges: Sampler,
+    every: Duration,
+    instance: String,
+    publish: impl Fn(String) + Send,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::time::{Instant, MissedTickBehavior};
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snap = stats.snapshot(gauges());
+        snap.log();
+        let mut json = serde_json::to_value(&snap).unwrap_or_default();
+        json["instance"] = instance.as_str().into();
+        json["at"] = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .into();
+        publish(json.to_string());
     }
 }
 

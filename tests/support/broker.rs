@@ -248,6 +248,56 @@ impl Mosquitto {
         }
     }
 
+    /// Freezes the broker (SIGSTOP): its sockets stay open but nothing is
+    /// read, so a client's writes back up until its send buffer is full.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a [`pause`](Self::pause)d broker (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("mosquitto is running");
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} mosquitto failed");
+    }
+
+    /// Bytes clients have written to the broker that it has not read yet
+    /// (its sockets' receive queues plus the clients' send queues, from
+    /// /proc/net/tcp).
+    pub fn unread_bytes(&self) -> u64 {
+        let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let port = format!("{:04X}", self.port);
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (local, remote, queues) = (f.get(1)?, f.get(2)?, f.get(4)?);
+                let (tx, rx) = queues.split_once(':')?;
+                let (tx, rx) = (
+                    u64::from_str_radix(tx, 16).ok()?,
+                    u64::from_str_radix(rx, 16).ok()?,
+                );
+                if local.ends_with(&format!(":{port}")) {
+                    Some(rx)
+                } else if remote.ends_with(&format!(":{port}")) {
+                    Some(tx)
+                } else {
+                    None
+                }
+            })
+            .sum()
+    }
+
     /// Kill now (SIGKILL + wait). Idempotent.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
