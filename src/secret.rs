@@ -11,6 +11,7 @@ use crate::error::ConfigError;
 pub struct Secret(String);
 
 impl Secret {
+    #[cfg(test)]
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }

@@ -25,7 +25,7 @@ async fn a_stop_while_the_broker_is_slow_loses_no_reply_and_no_ack() {
     let word = "x".repeat(REPLY_BYTES / 8);
     let fake = FakeVllm::builder()
         .gated()
-        .reply_with(move |_| vec![word.as_str(); 8].join(" "))
+        .reply_with(move |_| [word.as_str(); 8].join(" "))
         .run()
         .await;
     let mut c = config(broker.host(), broker.port(), &fake.base_url());

@@ -251,10 +251,6 @@ pub struct Permit {
 }
 
 impl Permit {
-    pub fn grant(&self) -> Grant {
-        self.grant
-    }
-
     /// The backend call is going out now.
     pub fn start(&mut self) {
         self.started = true;

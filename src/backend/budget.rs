@@ -74,6 +74,7 @@ impl Budget {
     }
 
     /// Calls in progress.
+    #[cfg(test)]
     pub fn in_use(&self, max_concurrent: usize) -> usize {
         max_concurrent.max(1) - self.slots.available_permits()
     }
