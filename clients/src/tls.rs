@@ -36,6 +36,43 @@ pub fn load_ca_pem(path: Option<&Path>) -> Result<Vec<u8>, String> {
     Ok(pem)
 }
 
+/// Why an MQTT 5 connection attempt failed for good, or `None` when
+/// retrying may help: the broker refused who we are (credentials,
+/// authorisation, client id, protocol version), or TLS could not verify
+/// it ([`is_fatal`]). The one classifier for the daemon and the clients.
+pub fn refusal_v5(e: &rumqttc::v5::ConnectionError) -> Option<String> {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    use rumqttc::v5::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(
+            code @ (C::BadUserNamePassword
+            | C::NotAuthorized
+            | C::Banned
+            | C::BadAuthenticationMethod
+            | C::ClientIdentifierNotValid
+            | C::UnsupportedProtocolVersion),
+        ) => Some(format!("{code:?}")),
+        E::Tls(t) if is_fatal(t) => Some(format!("TLS: {t}")),
+        _ => None,
+    }
+}
+
+/// [`refusal_v5`] for an MQTT 3.1.1 connection.
+pub fn refusal_v4(e: &rumqttc::ConnectionError) -> Option<String> {
+    use rumqttc::ConnectReturnCode as C;
+    use rumqttc::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(
+            code @ (C::BadUserNamePassword
+            | C::NotAuthorized
+            | C::BadClientId
+            | C::RefusedProtocolVersion),
+        ) => Some(format!("{code:?}")),
+        E::Tls(t) if is_fatal(t) => Some(format!("TLS: {t}")),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use rumqttc::Outgoing;
@@ -214,23 +214,11 @@ fn announce(client: &AsyncClient, filters: &[Filter], topic: String, online: Vec
     });
 }
 
-/// Errors that retrying would only hide: the broker refused our
-/// credentials, or TLS could not verify it ([`vllm_chat::tls::is_fatal`]:
-/// a reset or EOF mid-handshake is retried like any network error).
+/// Errors that retrying would only hide: the broker refused who we are,
+/// or TLS could not verify it. One classifier with the clients:
+/// [`vllm_chat::tls::refusal_v5`].
 fn fatal(e: &ConnectionError) -> Option<AppError> {
-    match e {
-        ConnectionError::ConnectionRefused(
-            code @ (ConnectReturnCode::BadUserNamePassword
-            | ConnectReturnCode::NotAuthorized
-            | ConnectReturnCode::Banned
-            | ConnectReturnCode::BadAuthenticationMethod
-            | ConnectReturnCode::ClientIdentifierNotValid),
-        ) => Some(AppError::BrokerRefused(format!("{code:?}"))),
-        ConnectionError::Tls(t) if vllm_chat::tls::is_fatal(t) => {
-            Some(AppError::BrokerRefused(format!("TLS: {t}")))
-        }
-        _ => None,
-    }
+    vllm_chat::tls::refusal_v5(e).map(AppError::BrokerRefused)
 }
 
 /// The decode-and-hand-off half of the poll loop.
@@ -361,6 +349,7 @@ impl Handoff<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
     use std::io;
 
     /// Which TLS failures are fatal is `vllm_chat::tls::is_fatal`'s test;
@@ -370,9 +359,15 @@ mod tests {
         let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer");
         assert!(fatal(&ConnectionError::Tls(rumqttc::TlsError::Io(reset))).is_none());
         assert!(fatal(&ConnectionError::Tls(rumqttc::TlsError::NoValidCertInChain)).is_some());
+        for refused in [
+            ConnectReturnCode::BadUserNamePassword,
+            ConnectReturnCode::UnsupportedProtocolVersion,
+        ] {
+            assert!(fatal(&ConnectionError::ConnectionRefused(refused)).is_some());
+        }
         assert!(fatal(&ConnectionError::ConnectionRefused(
-            ConnectReturnCode::BadUserNamePassword
+            ConnectReturnCode::ServerUnavailable
         ))
-        .is_some());
+        .is_none());
     }
 }
