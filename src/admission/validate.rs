@@ -1,9 +1,13 @@
 //! Rule 1 of admission: parse and validate a payload into a [`Request`].
 //!
-//! Fields are read one by one from a JSON map (not derived with serde) so a
-//! `bad_request` names the field at fault, unknown fields are ignored, and
-//! the reply address is resolved from whatever parts of a bad request are
-//! sound: an error reply reaches the device whenever a topic can be found.
+//! A request object is read by a field cursor (`Fields`, after mini-redis's
+//! `Parse`) into `RequestParts`, one line per protocol rule in
+//! `parse_object`. Not serde derive: it stops at the first bad field, names
+//! no rule a device can act on, and loses the sound fields with the bad one.
+//! The cursor reads every field whatever the others hold, so a `bad_request`
+//! names the field and the rule, unknown fields are ignored, and the reply
+//! address is resolved from whatever parts of a bad request are sound: an
+//! error reply reaches the device whenever a topic can be found.
 //!
 //! Payload classes:
 //! - a JSON object: the protocol's request;
@@ -12,7 +16,12 @@
 //! - text that starts like JSON (`{` or `[`) but does not parse: a broken
 //!   request, `bad_request` (sending it to the model would only waste GPU);
 //! - any other UTF-8 text: plain text.
+//!
+//! Plain text and requests without a `sessionId` get a generated
+//! `default-<8 hex>` session.
 
+use std::fmt::Display;
+use std::ops::{Bound, RangeBounds, RangeInclusive};
 use std::time::Duration;
 
 use rand::Rng;
@@ -61,12 +70,17 @@ pub fn parse(
     limits: &Limits,
 ) -> Result<Request, Box<Invalid>> {
     let project_name = &inbound.project;
-    // The v5 Response Topic is usable for errors even before the payload is
-    // read, if it is in the project's namespace.
-    let v5_topic = inbound
+    // The v5 Response Topic, checked first: a valid one can carry an error
+    // even before the payload is read.
+    let v5 = inbound
         .response_topic
         .as_deref()
-        .filter(|t| validate_reply_topic(project_name, t).is_ok());
+        .map(|t| match validate_reply_topic(project_name, t) {
+            Ok(()) => Ok(t),
+            Err(e) => Err(FieldError(format!("Response Topic refused: {e}"))),
+        })
+        .transpose();
+    let v5_topic = v5.clone().unwrap_or(None);
     let early_reply = |format: ReplyFormat| {
         v5_topic.map(|t| ReplyTo {
             topic: t.to_owned(),
@@ -111,271 +125,147 @@ pub fn parse(
         None
     };
 
-    let Some(map) = map else {
-        // Plain text: the whole payload is the message.
-        if text.trim().is_empty() {
-            // No session to answer on: only a v5 Response Topic can carry it.
+    let (parts, error) = match &map {
+        Some(map) => parse_object(map, project, project_name, v5),
+        // No session to answer on: only a v5 Response Topic can carry it.
+        None if text.trim().is_empty() => {
             return Err(Box::new(bad(
                 early_reply(project.format),
                 "message is empty",
-            )));
+            )))
         }
-        let session_id = generated_session_id();
-        let reply = ReplyTo {
-            topic: v5_topic
-                .map(str::to_owned)
-                .unwrap_or_else(|| default_reply_topic(project_name, &session_id)),
-            format: project.format,
-            correlation: inbound.correlation.clone(),
-            session_id,
-            request_id: None,
-            client_id: None,
-        };
-        // As for JSON requests: a refused Response Topic is a bad_request,
-        // answered on the (generated) session's default topic.
-        if let Some(Err(e)) = inbound
-            .response_topic
-            .as_deref()
-            .map(|t| validate_reply_topic(project_name, t))
-        {
-            return Err(Box::new(bad(
-                Some(reply),
-                format!("Response Topic refused: {e}"),
-            )));
+        // Plain text: the whole payload is the message, on a generated
+        // session; a refused Response Topic is a bad_request, as for objects.
+        None => {
+            let parts = RequestParts {
+                session_id: Some(generated_session_id()),
+                reply_topic: v5_topic,
+                message: text,
+                ..Default::default()
+            };
+            (parts, v5.err())
         }
-        return Ok(finish(
-            inbound,
-            project,
-            limits,
+    };
+    let reply = parts.reply_to(inbound, project, v5_topic);
+    match (error, reply) {
+        (None, Some(reply)) => Ok(finish(inbound, project, limits, reply, parts)),
+        (error, reply) => Err(Box::new(bad(
             reply,
-            text.to_owned(),
-            None,
-            None,
-            None,
-            None,
-            false,
-        ));
-    };
-
-    parse_object(inbound, project, limits, v5_topic, &map)
-}
-
-/// Parses a JSON-object request. Addressing fields come first so that a
-/// later field's error can still be answered.
-fn parse_object(
-    inbound: &Inbound,
-    project: &ProjectConfig,
-    limits: &Limits,
-    v5_topic: Option<&str>,
-    map: &Map<String, Value>,
-) -> Result<Request, Box<Invalid>> {
-    let project_name = &inbound.project;
-    let mut first_error: Option<String> = None;
-    let mut fail = |msg: String| {
-        if first_error.is_none() {
-            first_error = Some(msg);
-        }
-    };
-
-    let format = match map.get("format") {
-        None | Some(Value::Null) => project.format,
-        Some(Value::String(s)) if s == "text" => ReplyFormat::Text,
-        Some(Value::String(s)) if s == "json" => ReplyFormat::Json,
-        Some(_) => {
-            fail("`format` must be \"text\" or \"json\"".into());
-            project.format
-        }
-    };
-
-    let session_id = match map.get("sessionId") {
-        None | Some(Value::Null) => Some(generated_session_id()),
-        Some(Value::String(s)) if is_valid_session_id(s) => Some(s.clone()),
-        Some(Value::String(_)) => {
-            fail("`sessionId` must be 1..128 bytes of [A-Za-z0-9_.:@-]".into());
-            None
-        }
-        Some(_) => {
-            fail("`sessionId` must be a string".into());
-            None
-        }
-    };
-
-    let request_id = match map.get("requestId") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_REQUEST_ID_BYTES => {
-            Some(s.clone())
-        }
-        Some(Value::String(_)) => {
-            fail("`requestId` must be 1..128 bytes".into());
-            None
-        }
-        Some(_) => {
-            fail("`requestId` must be a string".into());
-            None
-        }
-    };
-
-    let client_id = match map.get("clientId") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= MAX_CLIENT_ID_BYTES => Some(s.clone()),
-        Some(Value::String(_)) => {
-            fail("`clientId` must be at most 256 bytes".into());
-            None
-        }
-        Some(_) => {
-            fail("`clientId` must be a string".into());
-            None
-        }
-    };
-
-    // Reply topic resolution: v5 Response Topic, then `replyTopic`, then the
-    // session's default topic. A chosen topic that breaks the rules is an
-    // error answered on the default topic.
-    let mut topic_error = None;
-    if let Some(raw) = inbound.response_topic.as_deref() {
-        if let Err(e) = validate_reply_topic(project_name, raw) {
-            topic_error = Some(format!("Response Topic refused: {e}"));
-        }
-    }
-    let payload_topic = match map.get("replyTopic") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(t)) => match validate_reply_topic(project_name, t) {
-            Ok(()) => Some(t.as_str()),
-            Err(e) => {
-                topic_error.get_or_insert_with(|| format!("`replyTopic` refused: {e}"));
-                None
-            }
-        },
-        Some(_) => {
-            topic_error.get_or_insert_with(|| "`replyTopic` must be a string".into());
-            None
-        }
-    };
-    let chosen = if topic_error.is_some() {
-        None
-    } else {
-        v5_topic.or(payload_topic)
-    };
-    let topic = match (chosen, &session_id) {
-        (Some(t), _) => Some(t.to_owned()),
-        (None, Some(s)) => Some(default_reply_topic(project_name, s)),
-        // No usable session id: only a valid v5 topic can carry the error.
-        (None, None) => v5_topic.map(str::to_owned),
-    };
-    let reply = topic.map(|topic| ReplyTo {
-        topic,
-        format,
-        correlation: inbound.correlation.clone(),
-        session_id: session_id.clone().unwrap_or_default(),
-        request_id: request_id.clone(),
-        client_id: client_id.clone(),
-    });
-    if let Some(e) = topic_error {
-        fail(e);
-    }
-
-    let message = match map.get("message") {
-        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
-        Some(Value::String(_)) => {
-            fail("`message` is empty".into());
-            None
-        }
-        None | Some(Value::Null) => {
-            fail("`message` is required".into());
-            None
-        }
-        Some(_) => {
-            fail("`message` must be a string".into());
-            None
-        }
-    };
-
-    let temperature = match map.get("temperature") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_f64() {
-            Some(t) if (0.0..=2.0).contains(&t) => Some(t),
-            _ => {
-                fail("`temperature` must be a number in [0, 2]".into());
-                None
-            }
-        },
-    };
-    let top_p = match map.get("topP") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_f64() {
-            Some(p) if p > 0.0 && p <= 1.0 => Some(p),
-            _ => {
-                fail("`topP` must be a number in (0, 1]".into());
-                None
-            }
-        },
-    };
-    let max_tokens = match map.get("maxTokens") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64() {
-            Some(n) if n >= 1 && n <= u64::from(project.max_tokens_limit) => Some(n as u32),
-            _ => {
-                fail(format!(
-                    "`maxTokens` must be an integer in [1, {}]",
-                    project.max_tokens_limit
-                ));
-                None
-            }
-        },
-    };
-    let system_prompt = match map.get("systemPrompt") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(_)) if !project.allow_system_prompt => {
-            fail("`systemPrompt` is not allowed for this project".into());
-            None
-        }
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => {
-            fail("`systemPrompt` must be a string".into());
-            None
-        }
-    };
-    let reset = match map.get("reset") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            fail("`reset` must be a boolean".into());
-            false
-        }
-    };
-
-    match (first_error, reply, message) {
-        (None, Some(reply), Some(message)) => Ok(finish(
-            inbound,
-            project,
-            limits,
-            reply,
-            message,
-            temperature,
-            top_p,
-            max_tokens,
-            system_prompt,
-            reset,
-        )),
-        (err, reply, _) => Err(Box::new(bad(
-            reply,
-            err.unwrap_or_else(|| "request cannot be answered".into()),
+            error.map_or_else(|| "request cannot be answered".into(), |e| e.0),
         ))),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The protocol's request fields, one rule a line. They are read in this
+/// order (addressing first) and the first one refused is the request's
+/// error; a refused field reads as absent, so the address is still resolved
+/// from the sound ones.
+fn parse_object<'a>(
+    map: &'a Map<String, Value>,
+    project: &ProjectConfig,
+    project_name: &str,
+    v5: Result<Option<&'a str>, FieldError>,
+) -> (RequestParts<'a>, Option<FieldError>) {
+    use Bound::{Excluded, Included};
+    let formats = [("text", ReplyFormat::Text), ("json", ReplyFormat::Json)];
+    let topic_rule = |t: &str| validate_reply_topic(project_name, t);
+    let mut f = Fields::new(map);
+    let parts = RequestParts {
+        format: f.keep(f.opt_enum("format", &formats)),
+        session_id: f.keep(
+            f.opt_str_where("sessionId", SESSION_ID_RULE, is_valid_session_id)
+                .map(or_generated),
+        ),
+        request_id: f.keep(f.opt_str("requestId", 1..=MAX_REQUEST_ID_BYTES)),
+        client_id: f.keep(f.opt_str("clientId", 0..=MAX_CLIENT_ID_BYTES)),
+        reply_topic: f.keep(v5_first(v5, f.opt_str_checked("replyTopic", topic_rule))),
+        message: f.keep(f.text("message")),
+        temperature: f.keep(f.opt_f64_in("temperature", 0.0..=2.0)),
+        top_p: f.keep(f.opt_f64_in("topP", (Excluded(0.0), Included(1.0)))),
+        max_tokens: f.keep(f.opt_u32_in("maxTokens", 1..=project.max_tokens_limit)),
+        system_prompt: f.keep(f.opt_str_if("systemPrompt", project.allow_system_prompt)),
+        reset: f.keep(f.opt_bool("reset")),
+    };
+    (parts, f.first_error)
+}
+
+const SESSION_ID_RULE: &str = "1..128 bytes of [A-Za-z0-9_.:@-]";
+
+/// A sound or absent `sessionId` as the session's id, generated when absent
+/// (a refused one reads as `None`: it has no default topic).
+fn or_generated(id: Option<&str>) -> Option<String> {
+    Some(id.map_or_else(generated_session_id, str::to_owned))
+}
+
+/// The client-chosen reply topic: the v5 Response Topic wins over
+/// `replyTopic`. If either is refused (the Response Topic's error first),
+/// neither is used and the error is answered on the default topic.
+fn v5_first<'a>(
+    v5: Result<Option<&'a str>, FieldError>,
+    payload: Result<Option<&'a str>, FieldError>,
+) -> Result<Option<&'a str>, FieldError> {
+    Ok(v5?.or(payload?))
+}
+
+/// What a request says, before the project's defaults: `None` is absent.
+#[derive(Debug, Default)]
+struct RequestParts<'a> {
+    /// The project's format if absent.
+    format: Option<ReplyFormat>,
+    /// The session's id (generated if the request had none); `None` only if
+    /// the request's was refused.
+    session_id: Option<String>,
+    request_id: Option<&'a str>,
+    client_id: Option<&'a str>,
+    /// The client-chosen reply topic, already checked.
+    reply_topic: Option<&'a str>,
+    /// Not blank, unless refused.
+    message: &'a str,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    max_tokens: Option<u32>,
+    system_prompt: Option<&'a str>,
+    reset: Option<bool>,
+}
+
+impl RequestParts<'_> {
+    /// Where to answer, from whatever parts are sound: the client-chosen
+    /// topic, else the session's default topic, else (no sound session) a
+    /// valid v5 Response Topic, else nowhere.
+    fn reply_to(
+        &self,
+        inbound: &Inbound,
+        project: &ProjectConfig,
+        v5_topic: Option<&str>,
+    ) -> Option<ReplyTo> {
+        let topic = match (self.reply_topic, &self.session_id) {
+            (Some(t), _) => t.to_owned(),
+            // No control character or noncharacter (brokers drop a
+            // connection that publishes one) comes in with the session: its
+            // id is ASCII `[A-Za-z0-9_.:@-]` (`is_valid_session_id`, or
+            // `default-<8 hex>`). The project name is the operator's,
+            // checked when the configuration is validated.
+            (None, Some(session)) => default_reply_topic(&inbound.project, session),
+            (None, None) => v5_topic?.to_owned(),
+        };
+        Some(ReplyTo {
+            topic,
+            format: self.format.unwrap_or(project.format),
+            correlation: inbound.correlation.clone(),
+            session_id: self.session_id.clone().unwrap_or_default(),
+            request_id: self.request_id.map(str::to_owned),
+            client_id: self.client_id.map(str::to_owned),
+        })
+    }
+}
+
+/// The request, with the project's defaults for what `parts` leave out.
 fn finish(
     inbound: &Inbound,
     project: &ProjectConfig,
     limits: &Limits,
     reply: ReplyTo,
-    message: String,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    max_tokens: Option<u32>,
-    system_prompt: Option<String>,
-    reset: bool,
+    parts: RequestParts<'_>,
 ) -> Request {
     let timeout = match inbound.expiry {
         Some(e) => e.min(limits.request_timeout),
@@ -386,19 +276,224 @@ fn finish(
             project: inbound.project.clone(),
             session: reply.session_id.clone().into_boxed_str(),
         },
-        message: message.into(),
+        message: parts.message.into(),
         sampling: Sampling {
-            temperature: temperature.unwrap_or(project.temperature),
-            top_p: top_p.unwrap_or(project.top_p),
-            max_tokens: max_tokens.unwrap_or(project.max_tokens),
+            temperature: parts.temperature.unwrap_or(project.temperature),
+            top_p: parts.top_p.unwrap_or(project.top_p),
+            max_tokens: parts.max_tokens.unwrap_or(project.max_tokens),
         },
-        system_prompt,
-        reset,
+        system_prompt: parts.system_prompt.map(str::to_owned),
+        reset: parts.reset.unwrap_or(false),
         reply,
         ack: inbound.ack,
         dup: inbound.dup,
         received_at: inbound.received_at,
         deadline: inbound.received_at + timeout,
+    }
+}
+
+/// A field refused by its rule; the message names both, e.g.
+/// "`temperature` must be a number in [0, 2]".
+#[derive(Debug, Clone)]
+struct FieldError(String);
+
+impl FieldError {
+    fn new(field: &str, rule: impl Display) -> Self {
+        Self(format!("`{field}` {rule}"))
+    }
+}
+
+/// A cursor over a request object's fields: each accessor reads one field
+/// by one rule, `Ok(None)` when it is absent (`null` counts as absent).
+/// Fields the protocol does not name are never looked at.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    /// The first field refused, in reading order: the request's error.
+    first_error: Option<FieldError>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(map: &'a Map<String, Value>) -> Self {
+        Self {
+            map,
+            first_error: None,
+        }
+    }
+
+    /// `read`'s value; a refused field reads as absent (`T::default()`) and
+    /// its error is kept if it is the first.
+    fn keep<T: Default>(&mut self, read: Result<T, FieldError>) -> T {
+        read.unwrap_or_else(|e| {
+            self.first_error.get_or_insert(e);
+            T::default()
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.map.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A string.
+    fn opt_string(&self, name: &str) -> Result<Option<&'a str>, FieldError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(FieldError::new(name, "must be a string")),
+        }
+    }
+
+    /// A string whose length in bytes is in `bytes`.
+    fn opt_str(
+        &self,
+        name: &str,
+        bytes: RangeInclusive<usize>,
+    ) -> Result<Option<&'a str>, FieldError> {
+        match self.opt_string(name)? {
+            Some(s) if !bytes.contains(&s.len()) => Err(FieldError::new(
+                name,
+                match bytes.start() {
+                    0 => format!("must be at most {} bytes", bytes.end()),
+                    min => format!("must be {min}..{} bytes", bytes.end()),
+                },
+            )),
+            s => Ok(s),
+        }
+    }
+
+    /// A string `ok` accepts; `rule` says which ("must be {rule}").
+    fn opt_str_where(
+        &self,
+        name: &str,
+        rule: &str,
+        ok: impl Fn(&str) -> bool,
+    ) -> Result<Option<&'a str>, FieldError> {
+        match self.opt_string(name)? {
+            Some(s) if !ok(s) => Err(FieldError::new(name, format_args!("must be {rule}"))),
+            s => Ok(s),
+        }
+    }
+
+    /// A string `check` accepts; its error says why not ("refused: {e}").
+    fn opt_str_checked<E: Display>(
+        &self,
+        name: &str,
+        check: impl Fn(&str) -> Result<(), E>,
+    ) -> Result<Option<&'a str>, FieldError> {
+        match self.opt_string(name)? {
+            Some(s) => match check(s) {
+                Ok(()) => Ok(Some(s)),
+                Err(e) => Err(FieldError::new(name, format_args!("refused: {e}"))),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// A string, if the project allows the field at all.
+    fn opt_str_if(&self, name: &str, allowed: bool) -> Result<Option<&'a str>, FieldError> {
+        match self.opt_string(name)? {
+            Some(_) if !allowed => Err(FieldError::new(name, "is not allowed for this project")),
+            s => Ok(s),
+        }
+    }
+
+    /// A required string, not blank after trim.
+    fn text(&self, name: &str) -> Result<&'a str, FieldError> {
+        match self.opt_string(name)? {
+            None => Err(FieldError::new(name, "is required")),
+            Some(s) if s.trim().is_empty() => Err(FieldError::new(name, "is empty")),
+            Some(s) => Ok(s),
+        }
+    }
+
+    /// A number in `range`, e.g. `0.0..=2.0` or `(Excluded(0.0), Included(1.0))`.
+    fn opt_f64_in(
+        &self,
+        name: &str,
+        range: impl RangeBounds<f64>,
+    ) -> Result<Option<f64>, FieldError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        match v.as_f64() {
+            Some(x) if range.contains(&x) => Ok(Some(x)),
+            _ => Err(FieldError::new(
+                name,
+                format_args!("must be a number in {}", interval(&range)),
+            )),
+        }
+    }
+
+    /// An integer in `range`.
+    fn opt_u32_in(
+        &self,
+        name: &str,
+        range: RangeInclusive<u32>,
+    ) -> Result<Option<u32>, FieldError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if range.contains(&n) => Ok(Some(n)),
+            _ => Err(FieldError::new(
+                name,
+                format_args!("must be an integer in [{}, {}]", range.start(), range.end()),
+            )),
+        }
+    }
+
+    /// A boolean.
+    fn opt_bool(&self, name: &str) -> Result<Option<bool>, FieldError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(FieldError::new(name, "must be a boolean")),
+        }
+    }
+
+    /// One of the names in `choices`, read as its value.
+    fn opt_enum<T: Copy>(
+        &self,
+        name: &str,
+        choices: &[(&str, T)],
+    ) -> Result<Option<T>, FieldError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        match v
+            .as_str()
+            .and_then(|s| choices.iter().find(|(n, _)| *n == s))
+        {
+            Some(&(_, value)) => Ok(Some(value)),
+            None => Err(FieldError::new(
+                name,
+                format_args!("must be {}", one_of(choices)),
+            )),
+        }
+    }
+}
+
+/// `[0, 2]`, `(0, 1]`: a range as the protocol writes it.
+fn interval(range: &impl RangeBounds<f64>) -> String {
+    let start = match range.start_bound() {
+        Bound::Included(x) => format!("[{x}"),
+        Bound::Excluded(x) => format!("({x}"),
+        Bound::Unbounded => "(-inf".into(),
+    };
+    let end = match range.end_bound() {
+        Bound::Included(x) => format!("{x}]"),
+        Bound::Excluded(x) => format!("{x})"),
+        Bound::Unbounded => "inf)".into(),
+    };
+    format!("{start}, {end}")
+}
+
+/// The names of `choices`: `"a"`, `"a" or "b"`, `"a", "b" or "c"`.
+fn one_of<T>(choices: &[(&str, T)]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
@@ -598,14 +693,55 @@ mod properties {
         })
     }
 
-    /// Every reply address the parser produces stays in the namespace.
+    /// Every reply address the parser produces stays in the namespace and
+    /// is one a broker accepts.
     fn assert_safe_topic(topic: &str) {
         assert!(topic.starts_with(&reply_prefix("maze")), "{topic}");
         assert!(!topic.contains(['+', '#', '\0']), "{topic}");
+        assert!(!topic.contains(is_unprintable), "{topic:?}");
         assert!(
             topic.len() <= MAX_REPLY_TOPIC_BYTES.max("maze/assistant_response/".len() + 128),
             "{topic}"
         );
+    }
+
+    /// PROTOCOL.md v1.1, written out apart from `validate_reply_topic`:
+    /// control characters (Cc) and Unicode noncharacters.
+    fn is_unprintable(c: char) -> bool {
+        let u = u32::from(c);
+        u <= 0x1f
+            || (0x7f..=0x9f).contains(&u)
+            || (0xfdd0..=0xfdef).contains(&u)
+            || [0xfffe, 0xffff].contains(&(u & 0xffff))
+    }
+
+    /// Mostly the edges of the forbidden ranges, where an off-by-one hides.
+    fn unprintable_char() -> impl Strategy<Value = char> {
+        let edges = vec![
+            0x00, 0x01, 0x1f, 0x7f, 0x85, 0x9f, 0xfdd0, 0xfdef, 0xfffe, 0xffff, 0x1fffe, 0x10ffff,
+        ];
+        prop_oneof![
+            3 => prop::sample::select(edges),
+            1 => 0u32..=0x1f,
+            1 => 0x7fu32..=0x9f,
+            1 => 0xfdd0u32..=0xfdef,
+            1 => (0u32..=0x10, 0xfffeu32..=0xffff).prop_map(|(plane, low)| plane << 16 | low),
+        ]
+        .prop_map(|u| char::from_u32(u).unwrap())
+    }
+
+    /// A reply topic in the namespace, now and then with one unprintable
+    /// character in it.
+    fn topic_like() -> impl Strategy<Value = String> {
+        (
+            r"[ -~\u{a0}-\u{2ff}]{0,20}",
+            prop::option::of(unprintable_char()),
+            "[a-z]{0,8}",
+        )
+            .prop_map(|(head, c, tail)| {
+                let c = c.map(String::from).unwrap_or_default();
+                format!("maze/assistant_response/{head}{c}{tail}")
+            })
     }
 
     fn json_value() -> impl Strategy<Value = serde_json::Value> {
@@ -617,6 +753,7 @@ mod properties {
                 .prop_filter("finite", |f| f.is_finite())
                 .prop_map(serde_json::Value::from),
             ".{0,40}".prop_map(serde_json::Value::from),
+            topic_like().prop_map(serde_json::Value::from),
         ];
         leaf.prop_recursive(3, 16, 4, |inner| {
             prop_oneof![
@@ -633,7 +770,7 @@ mod properties {
         #[test]
         fn arbitrary_bytes_never_panic_and_replies_stay_in_namespace(
             payload in prop::collection::vec(any::<u8>(), 0..600),
-            rt in prop::option::of(".{0,300}"),
+            rt in prop::option::of(prop_oneof![".{0,300}", topic_like()]),
         ) {
             match run(payload, rt) {
                 Ok(r) => assert_safe_topic(&r.reply.topic),
@@ -705,13 +842,47 @@ mod properties {
             "maze/assistant_response/.{0,260}",
             "maze/assistant_response/[a-z/+#]{0,12}",
             "(maze|mazes|general|\\$SYS)/(assistant_response|user_input)/?[a-z]{0,4}",
+            topic_like(),
         ]) {
             let ok = validate_reply_topic("maze", &topic).is_ok();
             let expected = topic.len() <= MAX_REPLY_TOPIC_BYTES
                 && !topic.contains(['+', '#', '\0'])
+                && !topic.contains(is_unprintable)
                 && topic.starts_with("maze/assistant_response/")
                 && topic.len() > "maze/assistant_response/".len();
             prop_assert_eq!(ok, expected);
+        }
+
+        /// A chosen reply topic (v5 or `replyTopic`) with a control character
+        /// or noncharacter is a bad_request, answered on the default topic.
+        #[test]
+        fn unprintable_reply_topics_are_refused(
+            v5 in prop::option::of(topic_like()),
+            reply_topic in prop::option::of(topic_like()),
+        ) {
+            let mut obj = serde_json::json!({"sessionId": "s1", "message": "hi"});
+            if let Some(t) = &reply_topic {
+                obj["replyTopic"] = t.as_str().into();
+            }
+            let unprintable = [&v5, &reply_topic]
+                .into_iter()
+                .flatten()
+                .any(|t| t.contains(is_unprintable));
+            match run(obj.to_string().into_bytes(), v5) {
+                Ok(r) => {
+                    prop_assert!(!unprintable, "{:?}", r.reply.topic);
+                    assert_safe_topic(&r.reply.topic);
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.failure.code, ErrorCode::BadRequest);
+                    let to = e.reply.expect("the session's default topic");
+                    assert_safe_topic(&to.topic);
+                    if unprintable {
+                        prop_assert_eq!(to.topic, "maze/assistant_response/s1");
+                        prop_assert!(e.failure.message.contains("refused"));
+                    }
+                }
+            }
         }
     }
 }
