@@ -32,9 +32,7 @@ pub enum Command {
     GenerateConfig,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write it like 500ms, 30s, 2m)"))
-}
+use vllm_plumbing::parse_duration;
 
 /// Settings that may be given on the command line or in the environment.
 #[derive(Debug, Default, Clone, Args)]

@@ -3,13 +3,7 @@
 
 use std::path::PathBuf;
 
-/// Exit status for bad configuration or usage (BSD `EX_USAGE`).
-pub const EXIT_USAGE: i32 = 64;
-/// Exit status when the broker refuses us for good (bad credentials or TLS)
-/// (BSD `EX_NOPERM`).
-pub const EXIT_NOPERM: i32 = 77;
-/// Exit status for other start-up failures (BSD `EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: i32 = 69;
+pub use vllm_plumbing::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 /// The configuration cannot be used. Every variant names what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +43,7 @@ pub enum AppError {
 
 impl AppError {
     /// The process exit status for this error.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             AppError::Config(_) | AppError::Tls(_) => EXIT_USAGE,
             AppError::BrokerRefused(_) => EXIT_NOPERM,

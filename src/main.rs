@@ -4,26 +4,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vllm_mqttd::cli::{Cli, Command, RunArgs};
 use vllm_mqttd::config::DEFAULT_CONFIG_TOML;
-use vllm_mqttd::error::{AppError, EXIT_USAGE};
+use vllm_mqttd::error::{AppError, EXIT_UNAVAILABLE, EXIT_USAGE};
 use vllm_mqttd::{telemetry, App};
+use vllm_plumbing::Signals;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match vllm_plumbing::parse_args() {
         Ok(c) => c,
-        // --help and --version print and succeed; a bad flag is a usage
-        // error (64), like a bad config file.
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_USAGE as u8);
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Some(Command::GenerateConfig) => {
@@ -43,9 +34,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(code: i32, e: &dyn std::fmt::Display) -> ExitCode {
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("vllm-mqttd: {e}");
-    ExitCode::from(code as u8)
+    ExitCode::from(code)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -60,14 +51,19 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
-        Err(e) => return fail(vllm_mqttd::error::EXIT_UNAVAILABLE, &e),
+        Err(e) => return fail(EXIT_UNAVAILABLE, &e),
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         // Installed before anything is logged, so a SIGTERM sent as soon as
         // the first line appears is a graceful stop, not the default kill.
-        let signals = Signals::install()?;
-        tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+        let signals = Signals::install().map_err(|e| AppError::Signals(e.to_string()))?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let which = signals.wait().await;
+            tracing::info!("{which} received");
+            stop.cancel();
+        });
         app.run(shutdown).await
     });
     match result {
@@ -76,31 +72,5 @@ fn run(args: RunArgs) -> ExitCode {
             tracing::error!(error = %e, "vllm-mqttd stopped");
             fail(e.exit_code(), &e)
         }
-    }
-}
-
-/// SIGINT and SIGTERM handlers.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> Result<Signals, AppError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let handler = |kind| signal(kind).map_err(|e| AppError::Signals(e.to_string()));
-        Ok(Signals {
-            term: handler(SignalKind::terminate())?,
-            int: handler(SignalKind::interrupt())?,
-        })
-    }
-
-    /// Cancels `shutdown` on the first SIGINT or SIGTERM.
-    async fn cancel_on_signal(mut self, shutdown: CancellationToken) {
-        tokio::select! {
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-        }
-        shutdown.cancel();
     }
 }

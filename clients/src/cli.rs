@@ -11,20 +11,14 @@
 //! other off the broker).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::client::{ClientError, ClientOptions, Protocol};
 
 /// Environment variable that may hold the broker password.
 pub const PASSWORD_ENV: &str = "VLLM_MQTTD_MQTT_PASSWORD";
 
-/// Exit status for a bad flag or option (BSD `EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit status when the broker cannot be reached (BSD `EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: u8 = 69;
-/// Exit status when the broker refuses us: credentials or TLS (BSD
-/// `EX_NOPERM`).
-pub const EXIT_NOPERM: u8 = 77;
+/// The exit statuses, as the daemon's (one definition for all binaries).
+pub use vllm_plumbing::{parse_args, parse_duration, EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 /// The exit status for a failure to connect or start.
 pub fn exit_code(e: &ClientError) -> u8 {
@@ -35,20 +29,6 @@ pub fn exit_code(e: &ClientError) -> u8 {
     }
 }
 
-/// Parses the command line: `--help` and `--version` print and exit 0, a
-/// bad flag prints and exits 64 (EX_USAGE) rather than clap's 2, as the
-/// daemon does. `Err` is the exit code to return from `main`.
-pub fn parse_args<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
-    C::try_parse().map_err(|e| {
-        let _ = e.print();
-        if e.use_stderr() {
-            std::process::ExitCode::from(EXIT_USAGE)
-        } else {
-            std::process::ExitCode::SUCCESS
-        }
-    })
-}
-
 /// Logs to stderr: warnings by default, the library's info with `-v` and
 /// debug with `-vv`; `RUST_LOG` overrides.
 pub fn init_logging(verbose: u8) {
@@ -57,17 +37,7 @@ pub fn init_logging(verbose: u8) {
         1 => "vllm_chat=info",
         _ => "vllm_chat=debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-/// Parses `500ms`, `30s`, `2m`, ...
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write it like 500ms, 30s, 2m)"))
+    vllm_plumbing::init_logging(default, vllm_plumbing::LogFormat::Text);
 }
 
 /// MQTT protocol version flag values.
@@ -171,6 +141,7 @@ impl BrokerArgs {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::time::Duration;
 
     #[derive(Parser)]
     struct T {

@@ -6,27 +6,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use vllm_plumbing::{Signals, EXIT_UNAVAILABLE, EXIT_USAGE};
 use vllm_sim::cli::Cli;
 use vllm_sim::Sim;
 
-/// EX_USAGE: a bad flag or value.
-const EXIT_USAGE: u8 = 64;
-/// EX_UNAVAILABLE: the port cannot be bound, or no runtime.
-const EXIT_UNAVAILABLE: u8 = 69;
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match vllm_plumbing::parse_args() {
         Ok(c) => c,
-        // --help and --version print and succeed.
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     let config = match cli.into_config() {
         Ok(c) => c,
@@ -63,7 +50,7 @@ fn main() -> ExitCode {
             sim.seed(),
         );
         tokio::select! {
-            () = signals.wait() => {}
+            which = signals.wait() => eprintln!("vllm-sim: {which}, exiting"),
             () = log_stats(&sim) => {}
         }
         ExitCode::SUCCESS
@@ -73,30 +60,6 @@ fn main() -> ExitCode {
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("vllm-sim: {e}");
     ExitCode::from(code)
-}
-
-/// SIGINT and SIGTERM handlers.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    /// Resolves on the first SIGINT or SIGTERM.
-    async fn wait(mut self) {
-        tokio::select! {
-            _ = self.int.recv() => eprintln!("vllm-sim: SIGINT, exiting"),
-            _ = self.term.recv() => eprintln!("vllm-sim: SIGTERM, exiting"),
-        }
-    }
 }
 
 /// vLLM's periodic line, every 10 s while there is traffic.

@@ -5,8 +5,6 @@ pub mod stats;
 
 pub use stats::{Event, Gauges, Sampler, Snapshot, Stats};
 
-use tracing_subscriber::EnvFilter;
-
 use crate::config::LogFormat;
 
 /// Installs the global subscriber: `RUST_LOG` if set, else info, with
@@ -20,15 +18,9 @@ pub fn init(format: LogFormat, verbose: u8) {
         1 => "info,vllm_mqttd=debug,rumqttd=warn",
         _ => "debug,vllm_mqttd=trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, not in journald or files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second init (tests) is harmless: keep the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let format = match format {
+        LogFormat::Text => vllm_plumbing::LogFormat::Text,
+        LogFormat::Json => vllm_plumbing::LogFormat::Json,
     };
+    vllm_plumbing::init_logging(default, format);
 }
