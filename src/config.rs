@@ -234,6 +234,13 @@ pub struct BackendConfig {
     /// TCP connect timeout to the backend.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long the backend may take to send a response's head. vLLM sends
+    /// it as soon as it accepts a streamed request (generation follows), so
+    /// silence this long is the backend's fault and counts against its
+    /// circuit; a request whose own deadline is shorter is cancelled first,
+    /// which does not count.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
     /// How long an idle keep-alive connection is kept. Below vLLM's 5 s so
     /// we never reuse a connection the server is closing.
     #[serde(with = "humantime_serde")]
@@ -269,6 +276,7 @@ impl Default for BackendConfig {
             api_key_file: None,
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(4),
             max_retries: 3,
             retry_base: Duration::from_millis(500),
@@ -555,6 +563,9 @@ impl Config {
                 "mqtt.reconnect_min",
                 "must be above 0 and at most mqtt.reconnect_max".into(),
             );
+        }
+        if self.backend.first_byte_timeout.is_zero() {
+            return bad("backend.first_byte_timeout", "must be above 0".into());
         }
         if self.mqtt.request_channel == 0 {
             return bad("mqtt.request_channel", "must be at least 1".into());

@@ -257,7 +257,7 @@ async fn call_backend(
     let mut shrunk = false;
     let mut reset_retried = false;
     loop {
-        let mut permit = match shared.breaker.acquire() {
+        let permit = match shared.breaker.acquire() {
             Ok(p) => p,
             Err(retry_after) => {
                 shared.stats.emit(Event::CircuitRejected);
@@ -268,9 +268,10 @@ async fn call_backend(
                 .retry_after(retry_after));
             }
         };
-        // A deadline that passes here drops an unstarted permit: neutral.
+        // A deadline that passes from here on drops the permit: neutral
+        // (the device chose it); the backend's own silence is bounded by
+        // its first-byte timeout, which is counted.
         let slot = shared.budget.acquire().await;
-        permit.start();
         let started = Instant::now();
         let result = shared.backend.chat(model, prompt, req.sampling).await;
         drop(slot);

@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{json, Value};
 use support::broker::{free_port, Mosquitto};
 use support::daemon::{config, device, unique, Daemon, WAIT};
@@ -226,6 +227,81 @@ async fn resets_of_stale_pooled_connections_are_retried_silently() {
     // on it, and retried at once on a fresh one.
     assert!(backend.resets() >= 3, "resets: {}", backend.resets());
     assert_eq!(backend.chat_calls(), 4 + backend.resets());
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn deadlines_devices_choose_never_open_the_circuit() {
+    // A healthy backend that takes a second to answer, and devices that
+    // give their requests half a second (MQTT v5 message expiry rounds to
+    // whole seconds, so: 1 s against a 2 s answer).
+    let fake = FakeVllm::builder()
+        .latency(Duration::from_secs(2))
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.breaker_threshold = 2;
+        c.backend.max_retries = 0;
+    })
+    .await;
+    let (mut status, topic) = w.status_watcher().await;
+    wait_circuit(&mut status, &topic, "closed").await;
+    for i in 0..4 {
+        let s = format!("{}_{i}", unique("short").replace('-', "_"));
+        let props = PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        };
+        w.dev
+            .publish_with(
+                "maze/user_input",
+                json!({"sessionId": s, "message": "m", "format": "json", "maxTokens": 1000})
+                    .to_string(),
+                1,
+                props,
+            )
+            .await;
+        let v = w.dev.expect(WAIT).await.json();
+        assert_eq!(v["error"]["code"], "timeout", "{v}");
+    }
+    assert!(
+        fake.wait_for_disconnects(4, WAIT).await,
+        "the calls were cancelled"
+    );
+    // Still closed: a device with an ordinary deadline is served.
+    let v = w.ask("patient").await;
+    assert_eq!(v["text"], "echo: patient", "{v}");
+    w.daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_is_counted_at_the_first_byte_bound() {
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::Stall, Scripted::Stall])
+        .run()
+        .await;
+    let mut w = world(&fake.base_url(), |c| {
+        c.backend.breaker_threshold = 2;
+        c.backend.max_retries = 0;
+        c.backend.first_byte_timeout = Duration::from_millis(300);
+        c.backend.breaker_cooldown = Duration::from_secs(60);
+    })
+    .await;
+    for _ in 0..2 {
+        let v = w.ask("m").await;
+        assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("first-byte"),
+            "{v}"
+        );
+    }
+    // Two silent calls opened it: the third fails fast.
+    let v = w.ask("m").await;
+    assert!(v["error"]["retryAfterMs"].as_u64().unwrap() > 1_000, "{v}");
+    assert_eq!(fake.chat_calls(), 2);
     w.daemon.stop().await.unwrap();
 }
 

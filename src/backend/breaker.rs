@@ -11,8 +11,8 @@
 //!
 //! [`Breaker`] is the pure core (callers pass `now` and an RNG);
 //! [`SharedBreaker`] wraps it for the workers, hands out [`Permit`]s that
-//! count as a failure if dropped without an outcome once the call went out
-//! (a request cancelled by its deadline), and publishes state changes on a watch channel for the
+//! are neutral if dropped without an outcome (a request cancelled by its
+//! own deadline says nothing about the backend), and publishes state changes on a watch channel for the
 //! health prober, the stats and the status topic.
 
 use std::sync::{Arc, Mutex};
@@ -222,7 +222,6 @@ impl SharedBreaker {
         Ok(Permit {
             breaker: self.clone(),
             grant,
-            started: false,
             done: false,
         })
     }
@@ -235,27 +234,22 @@ impl SharedBreaker {
     }
 }
 
-/// Leave to call the backend once. Call [`Permit::start`] when the call
-/// goes out and report how it went with [`Permit::record`]. Dropped
-/// without a report after the start (the request's deadline cancelled the
-/// call), it counts as a failure: the backend did not answer in time.
-/// Dropped before the start (the deadline passed while the request waited
-/// for the backend budget), it is neutral: the backend was never asked,
-/// so its health is unknown, and a half-open probe slot is given back.
+/// Leave to call the backend once; report how the call went with
+/// [`Permit::record`]. Dropped
+/// without a report, it is neutral, started or not: the call was cancelled
+/// by the request's deadline, which the device chose (an MQTT v5 message
+/// expiry of one second says nothing about the backend), or the request
+/// never reached the backend. A half-open probe slot is given back. A
+/// backend that does not answer at all is caught by the backend's own
+/// first-byte bound, which ends the call with a counted `Timeout`.
 #[derive(Debug)]
 pub struct Permit {
     breaker: Arc<SharedBreaker>,
     grant: Grant,
-    started: bool,
     done: bool,
 }
 
 impl Permit {
-    /// The backend call is going out now.
-    pub fn start(&mut self) {
-        self.started = true;
-    }
-
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
         self.breaker.record(self.grant, outcome);
@@ -265,12 +259,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
-            let outcome = if self.started {
-                Outcome::Failed
-            } else {
-                Outcome::Neutral
-            };
-            self.breaker.record(self.grant, outcome);
+            self.breaker.record(self.grant, Outcome::Neutral);
         }
     }
 }
@@ -363,15 +352,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn dropped_permit_counts_as_failure() {
+    async fn dropped_permits_are_neutral() {
         let shared = SharedBreaker::new(Breaker::new(2, S(10)));
         let mut rx = shared.subscribe();
         // Never started (it waited for budget): not held against anyone.
         for _ in 0..5 {
             drop(shared.acquire().unwrap());
         }
+        // Started, then cancelled by a deadline the device chose: neither.
+        for _ in 0..5 {
+            let p = shared.acquire().unwrap();
+            drop(p);
+        }
         assert_eq!(shared.circuit(), Circuit::Closed);
-        shared.acquire().unwrap().start();
+        shared.acquire().unwrap().record(Outcome::Failed);
         assert_eq!(shared.circuit(), Circuit::Closed);
         shared.acquire().unwrap().record(Outcome::Failed);
         assert_eq!(shared.circuit(), Circuit::Open);

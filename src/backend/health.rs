@@ -24,7 +24,11 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
     let mut delay = min;
     let mut warned = false;
     while breaker.next_probe_at().is_none() {
-        match backend.health().await {
+        let probe = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = backend.health() => r,
+        };
+        match probe {
             Ok(()) => {
                 tracing::info!("backend is healthy");
                 break;

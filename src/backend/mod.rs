@@ -57,8 +57,9 @@ pub enum BackendError {
         /// [`Backend::pool_may_hold_idle`]): the reset may be a stale one.
         maybe_pooled: bool,
     },
-    /// The request timed out at the transport level.
-    #[error("the backend timed out")]
+    /// No response head within the first-byte bound (or a transport
+    /// timeout): the backend accepted the connection and said nothing.
+    #[error("the backend sent nothing within its first-byte timeout")]
     Timeout,
     /// The backend answered with an error status, or reported one in-band
     /// in the event stream.
@@ -186,6 +187,8 @@ pub struct Backend {
     health_url: Arc<Url>,
     /// How long reqwest keeps an idle connection.
     pool_idle: Duration,
+    /// How long a response's head may take.
+    first_byte: Duration,
     /// When the backend last sent a response head. hyper pools a
     /// connection only after a response on it, and drops it after
     /// `pool_idle`; so with no response for that long the pool is empty
@@ -230,6 +233,7 @@ impl Backend {
             models_url: Arc::new(parse(format!("{base}/models"))?),
             health_url: Arc::new(health),
             pool_idle: cfg.pool_idle_timeout,
+            first_byte: cfg.first_byte_timeout,
             last_response: Arc::new(Mutex::new(None)),
         })
     }
@@ -248,9 +252,9 @@ impl Backend {
     /// reset may have been on a pooled connection.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, BackendError> {
         let maybe_pooled = self.pool_may_hold_idle();
-        let resp = req
-            .send()
+        let resp = tokio::time::timeout(self.first_byte, req.send())
             .await
+            .map_err(|_| BackendError::Timeout)?
             .map_err(|e| BackendError::from_reqwest(e, maybe_pooled))?;
         *self
             .last_response

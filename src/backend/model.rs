@@ -41,7 +41,11 @@ pub async fn discover(backend: Backend, model: watch::Sender<ModelState>, stop: 
     let mut delay = min;
     let mut warned = false;
     loop {
-        match backend.discover_model().await {
+        let found = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = backend.discover_model() => r,
+        };
+        match found {
             Ok(name) => {
                 tracing::info!(model = %name, "model discovered");
                 model.send_replace(ModelState::Ready(Arc::from(name)));
