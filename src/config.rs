@@ -501,21 +501,17 @@ impl Config {
             return bad("projects", "at least one project must be enabled".into());
         }
         for p in &self.projects {
-            if p.is_empty()
-                || p.len() > 64
-                || p.contains(['/', '+', '#', '\0'])
-                || p.starts_with('$')
-                || p.chars().any(char::is_control)
-            {
-                return bad(
-                    "projects",
-                    format!("{p:?} is not a valid project name (no '/', '+', '#', '$' prefix, control characters; 1..64 bytes)"),
-                );
-            }
             if p == "vllm-mqttd" {
                 return bad(
                     "projects",
                     "\"vllm-mqttd\" is the daemon's own namespace".into(),
+                );
+            }
+            // The one rule, shared with the clients.
+            if !vllm_chat::protocol::is_valid_project(p) {
+                return bad(
+                    "projects",
+                    format!("{p:?} is not a valid project name (no '/', '+', '#', '$' prefix, control characters or noncharacters; 1..64 bytes)"),
                 );
             }
         }

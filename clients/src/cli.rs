@@ -12,7 +12,8 @@
 
 use std::path::PathBuf;
 
-use crate::client::{ClientError, ClientOptions, Protocol};
+use crate::error::ClientError;
+use crate::options::{ClientOptions, Protocol};
 
 /// Environment variable that may hold the broker password.
 pub const PASSWORD_ENV: &str = "VLLM_MQTTD_MQTT_PASSWORD";

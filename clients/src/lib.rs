@@ -10,7 +10,17 @@
 //! - [`client`] (feature `client`, on by default): [`Client`], one MQTT
 //!   connection shared by any number of tasks. It paces requests, keeps at
 //!   most one request per session outstanding, matches replies by request
-//!   id and retries the errors a retry can fix.
+//!   id, retries the errors a retry can fix and sends again what a lost
+//!   connection may have lost.
+//!
+//!   Its layers, each depending only on the ones before it:
+//!   [`ClientOptions`] and [`Protocol`] (`options`) and [`ClientError`]
+//!   (`error`); the MQTT connection of either version and its one poll
+//!   loop (`transport`); [`ChatRequest`] (`request`), [`ClientStats`]
+//!   (`stats`), the reply subscriptions (`subscriptions`) and the
+//!   matching of replies to waiting requests (`dispatch`); then
+//!   [`Client`], which only sequences them. The stress tool uses the same
+//!   transport.
 //! - [`pacing`] and [`retry`]: the client's two policies as pure cores
 //!   that take `now` (and an RNG) as arguments, unit-tested without a
 //!   broker or a clock.
@@ -57,9 +67,23 @@ pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "client")]
+mod dispatch;
+#[cfg(feature = "client")]
+mod error;
+#[cfg(feature = "client")]
+mod options;
+#[cfg(feature = "client")]
+mod request;
+#[cfg(feature = "client")]
 pub mod retry;
 #[cfg(feature = "client")]
+mod stats;
+#[cfg(feature = "client")]
 pub mod stress;
+#[cfg(feature = "client")]
+mod subscriptions;
+#[cfg(feature = "client")]
+mod sync;
 #[cfg(feature = "client")]
 mod transport;
 

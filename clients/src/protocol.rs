@@ -322,6 +322,32 @@ pub struct RequestPayload {
     pub reset: bool,
 }
 
+/// A project name is the first level of every topic of the project
+/// (`{project}/user_input`, `{project}/assistant_response/...`), so it is:
+///
+/// - 1..=64 bytes;
+/// - free of `/` (one level), `+` and `#` (wildcards);
+/// - not starting with `$` (topics the broker reserves: `$SYS`, `$share`);
+/// - printable text: no control character (Cc: U+0000-U+001F,
+///   U+007F-U+009F) and no Unicode noncharacter (U+FDD0-U+FDEF, U+xxFFFE,
+///   U+xxFFFF), which brokers answer by dropping the publisher's connection;
+/// - not `vllm-mqttd`, the daemon's own namespace (status and stats).
+///
+/// The daemon checks its configured projects with it and the client the
+/// project of every request, so the two cannot drift.
+pub fn is_valid_project(name: &str) -> bool {
+    const MAX_BYTES: usize = 64;
+    let unprintable = |c: char| {
+        c.is_control() || matches!(c, '\u{FDD0}'..='\u{FDEF}') || u32::from(c) & 0xFFFE == 0xFFFE
+    };
+    !name.is_empty()
+        && name.len() <= MAX_BYTES
+        && !name.contains(['/', '+', '#'])
+        && !name.starts_with('$')
+        && !name.chars().any(unprintable)
+        && name != "vllm-mqttd"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

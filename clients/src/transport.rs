@@ -1,10 +1,14 @@
 //! One MQTT connection of either protocol version, and its poll loop.
 //!
 //! rumqttc has two clients (`rumqttc::v5` and the 3.1.1 one at the crate
-//! root) with the same shape and different types. [`Link`] hides which one
-//! a connection uses, and the poll loop turns either's events into
-//! [`NetEvent`], so [`Client`](crate::Client) and the stress tool are
-//! written once.
+//! root) with the same shape and different types. Two small enums hide
+//! which one a connection uses: [`Link`], the sending half, and `Events`,
+//! the event loop, whose `poll` turns either version's events into one
+//! version-neutral `Polled`. The poll loop (`run`) is written once, over
+//! `Events`, and so are [`Client`](crate::Client) and the stress tool.
+//! What really differs per version (building the options, reading
+//! packets, which refusals are final) lives in the `v5` and `v4`
+//! submodules.
 //!
 //! The poll loop hands every event to a *synchronous* handler. Every
 //! outgoing packet travels through the event loop it polls, so a handler
@@ -12,16 +16,18 @@
 //! channel filled; making the handler a plain `FnMut` rules that out at
 //! compile time. It sleeps only while the broker is unreachable (between
 //! reconnect attempts), when nothing can flow anyway.
+//!
+//! It sits below the client: it knows options and errors, not requests.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::client::{ClientError, ClientOptions, Protocol};
+use crate::error::ClientError;
+use crate::options::{ClientOptions, Protocol};
 
 /// Capacity of rumqttc's request channel. Callers (never the poll loop)
 /// wait for room when it is full.
@@ -77,31 +83,13 @@ pub(crate) enum NetEvent {
     Lost(String),
 }
 
-fn qos1_v5() -> rumqttc::v5::mqttbytes::QoS {
-    rumqttc::v5::mqttbytes::QoS::AtLeastOnce
-}
-
-fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
-    match q {
-        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-    }
-}
-
-fn qos_v4(q: u8) -> rumqttc::QoS {
-    match q {
-        0 => rumqttc::QoS::AtMostOnce,
-        _ => rumqttc::QoS::AtLeastOnce,
-    }
-}
-
 impl Link {
     /// Queues a SUBSCRIBE at QoS 1 without waiting (the poll loop may call
     /// it). Fails only when the request channel is full or closed.
     pub fn try_subscribe(&self, filter: &str) -> Result<(), String> {
         match self {
             Link::V5(c) => c
-                .try_subscribe(filter, qos1_v5())
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
                 .map_err(|e| e.to_string()),
             Link::V4(c) => c
                 .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
@@ -120,21 +108,13 @@ impl Link {
     ) -> Result<(), String> {
         match self {
             Link::V5(c) => {
-                let properties = PublishProperties {
-                    response_topic: props.response_topic,
-                    correlation_data: props.correlation,
-                    message_expiry_interval: props
-                        .expiry
-                        .map(|d| d.as_secs_f64().ceil().clamp(1.0, u32::MAX as f64) as u32),
-                    content_type: Some(crate::protocol::JSON_CONTENT_TYPE.to_owned()),
-                    ..Default::default()
-                };
-                c.publish_with_properties(topic, qos_v5(qos), false, payload, properties)
+                let (qos, properties) = v5::publish_args(qos, props);
+                c.publish_with_properties(topic, qos, false, payload, properties)
                     .await
                     .map_err(|e| e.to_string())
             }
             Link::V4(c) => c
-                .publish(topic, qos_v4(qos), false, payload)
+                .publish(topic, v4::qos(qos), false, payload)
                 .await
                 .map_err(|e| e.to_string()),
         }
@@ -149,6 +129,39 @@ impl Link {
     }
 }
 
+/// The receiving half: rumqttc's event loop of either version (boxed: they
+/// are large, of different sizes, and there is one per connection).
+enum Events {
+    V5(Box<rumqttc::v5::EventLoop>),
+    V4(Box<rumqttc::EventLoop>),
+}
+
+/// One poll of the event loop, version-neutral.
+enum Polled {
+    /// An event for the handler ([`NetEvent::Connected`] included).
+    Event(NetEvent),
+    /// Nothing the handler cares about (PINGRESP, PUBACK, ...).
+    Nothing,
+    /// Our DISCONNECT went out, or every handle is gone: the loop ends.
+    Done,
+    /// The connection failed. `refusal` is set when retrying cannot fix
+    /// it (credentials, client id, TLS).
+    Failed {
+        error: String,
+        refusal: Option<String>,
+    },
+}
+
+impl Events {
+    async fn poll(&mut self) -> Polled {
+        match self {
+            Events::V5(events) => v5::polled(events.poll().await),
+            Events::V4(events) => v4::polled(events.poll().await),
+        }
+    }
+}
+
+/// The transport rumqttc should use: TLS with our CA, or plain TCP.
 fn transport(opts: &ClientOptions) -> Result<Option<Transport>, ClientError> {
     if !opts.tls {
         return Ok(None);
@@ -165,48 +178,6 @@ fn transport(opts: &ClientOptions) -> Result<Option<Transport>, ClientError> {
     })))
 }
 
-/// A refusal that retrying will not fix: wrong credentials, a client id
-/// the broker rejects, or a certificate it cannot verify.
-fn refusal_v5(e: &rumqttc::v5::ConnectionError) -> Option<String> {
-    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
-    use rumqttc::v5::ConnectionError as E;
-    match e {
-        E::ConnectionRefused(
-            code @ (C::BadUserNamePassword
-            | C::NotAuthorized
-            | C::Banned
-            | C::BadAuthenticationMethod
-            | C::ClientIdentifierNotValid
-            | C::UnsupportedProtocolVersion),
-        ) => Some(format!("{code:?}")),
-        E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
-        _ => None,
-    }
-}
-
-fn refusal_v4(e: &rumqttc::ConnectionError) -> Option<String> {
-    use rumqttc::ConnectReturnCode as C;
-    use rumqttc::ConnectionError as E;
-    match e {
-        E::ConnectionRefused(
-            code @ (C::BadUserNamePassword
-            | C::NotAuthorized
-            | C::BadClientId
-            | C::RefusedProtocolVersion),
-        ) => Some(format!("{code:?}")),
-        E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
-        _ => None,
-    }
-}
-
-/// Why the first connection attempt failed.
-fn first_error(refusal: Option<String>, error: String) -> ClientError {
-    match refusal {
-        Some(r) => ClientError::Refused(r),
-        None => ClientError::Connection(error),
-    }
-}
-
 /// Connects, waits for the first CONNACK (or failure), and spawns the poll
 /// loop that feeds every event to the handler `make_handler` builds (it
 /// gets the link first, to subscribe from the handler), until the link
@@ -221,153 +192,22 @@ where
     H: FnMut(NetEvent) + Send + 'static,
 {
     let transport = transport(opts)?;
-    let (first_tx, first_rx) = oneshot::channel::<Result<(), ClientError>>();
-    let (link, task) = match opts.protocol {
+    let (link, events) = match opts.protocol {
         Protocol::V5 => {
-            use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode as R};
-            use rumqttc::v5::{Event, MqttOptions};
-            let mut mo = MqttOptions::new(client_id, opts.host.clone(), opts.port);
-            mo.set_keep_alive(opts.keep_alive)
-                .set_clean_start(true)
-                .set_max_packet_size(Some(MAX_PACKET as u32))
-                .set_connection_timeout(opts.connect_timeout.as_secs().max(1));
-            if let Some(user) = &opts.username {
-                mo.set_credentials(user.clone(), opts.password.clone().unwrap_or_default());
-            }
-            if let Some(t) = transport {
-                mo.set_transport(t);
-            }
-            // Requests are small and latency-bound: with Nagle's algorithm
-            // on, one written while an earlier packet is unacknowledged
-            // waits for the broker's delayed ACK (40 ms on Linux).
-            let mut net = mo.network_options();
-            net.set_tcp_nodelay(true);
-            mo.set_network_options(net);
-            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(mo, REQUEST_CAPACITY);
-            let mut handler = make_handler(Link::V5(client.clone()));
-            let task = tokio::spawn(async move {
-                let mut first = Some(first_tx);
-                let mut backoff = RECONNECT_MIN;
-                loop {
-                    let event = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            backoff = RECONNECT_MIN;
-                            if let Some(f) = first.take() {
-                                let _ = f.send(Ok(()));
-                            }
-                            NetEvent::Connected
-                        }
-                        Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                            NetEvent::Subscribing(pkid)
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(ack))) => NetEvent::SubAck {
-                            pkid: ack.pkid,
-                            results: ack
-                                .return_codes
-                                .iter()
-                                .map(|c| match c {
-                                    R::Success(_) => Ok(()),
-                                    other => Err(format!("{other:?}")),
-                                })
-                                .collect(),
-                        },
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let props = p.properties.unwrap_or_default();
-                            NetEvent::Message(Message {
-                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                                payload: p.payload,
-                                correlation: props.correlation_data,
-                            })
-                        }
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-                        Ok(_) => continue,
-                        Err(rumqttc::v5::ConnectionError::RequestsDone) => return,
-                        Err(e) => {
-                            if let Some(f) = first.take() {
-                                let _ = f.send(Err(first_error(refusal_v5(&e), e.to_string())));
-                                return;
-                            }
-                            handler(NetEvent::Lost(e.to_string()));
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(RECONNECT_MAX);
-                            continue;
-                        }
-                    };
-                    handler(event);
-                }
-            });
-            (Link::V5(client), task)
+            let (client, events) = rumqttc::v5::AsyncClient::new(
+                v5::options(opts, client_id, transport),
+                REQUEST_CAPACITY,
+            );
+            (Link::V5(client), Events::V5(Box::new(events)))
         }
         Protocol::V311 => {
-            use rumqttc::{Event, MqttOptions, Packet, SubscribeReasonCode as R};
-            let mut mo = MqttOptions::new(client_id, opts.host.clone(), opts.port);
-            mo.set_keep_alive(opts.keep_alive)
-                .set_clean_session(true)
-                .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-            if let Some(user) = &opts.username {
-                mo.set_credentials(user.clone(), opts.password.clone().unwrap_or_default());
-            }
-            if let Some(t) = transport {
-                mo.set_transport(t);
-            }
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(mo, REQUEST_CAPACITY);
-            eventloop
-                .network_options
-                .set_connection_timeout(opts.connect_timeout.as_secs().max(1));
-            // No Nagle delay (see the MQTT 5 branch).
-            eventloop.network_options.set_tcp_nodelay(true);
-            let mut handler = make_handler(Link::V4(client.clone()));
-            let task = tokio::spawn(async move {
-                let mut first = Some(first_tx);
-                let mut backoff = RECONNECT_MIN;
-                loop {
-                    let event = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            backoff = RECONNECT_MIN;
-                            if let Some(f) = first.take() {
-                                let _ = f.send(Ok(()));
-                            }
-                            NetEvent::Connected
-                        }
-                        Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                            NetEvent::Subscribing(pkid)
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(ack))) => NetEvent::SubAck {
-                            pkid: ack.pkid,
-                            results: ack
-                                .return_codes
-                                .iter()
-                                .map(|c| match c {
-                                    R::Success(_) => Ok(()),
-                                    R::Failure => Err("Failure".to_owned()),
-                                })
-                                .collect(),
-                        },
-                        Ok(Event::Incoming(Packet::Publish(p))) => NetEvent::Message(Message {
-                            topic: p.topic,
-                            payload: p.payload,
-                            correlation: None,
-                        }),
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-                        Ok(_) => continue,
-                        Err(rumqttc::ConnectionError::RequestsDone) => return,
-                        Err(e) => {
-                            if let Some(f) = first.take() {
-                                let _ = f.send(Err(first_error(refusal_v4(&e), e.to_string())));
-                                return;
-                            }
-                            handler(NetEvent::Lost(e.to_string()));
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(RECONNECT_MAX);
-                            continue;
-                        }
-                    };
-                    handler(event);
-                }
-            });
-            (Link::V4(client), task)
+            let (client, events) = v4::client(opts, client_id, transport);
+            (Link::V4(client), Events::V4(Box::new(events)))
         }
     };
+    let (first_tx, first_rx) = oneshot::channel();
+    let handler = make_handler(link.clone());
+    let task = tokio::spawn(run(events, first_tx, handler));
     // rumqttc's own connection timeout bounds the TCP/TLS/CONNECT exchange;
     // this outer bound only guards against a task that never reports.
     let bound = opts.connect_timeout + Duration::from_secs(5);
@@ -383,6 +223,239 @@ where
                 "no CONNACK from {}:{} within {bound:?}",
                 opts.host, opts.port
             )))
+        }
+    }
+}
+
+/// The poll loop, for both versions. The first connection's outcome goes
+/// to `first`: a failure there ends the loop (the caller gets the error);
+/// after it, a failure is [`NetEvent::Lost`] and a reconnect after a pause
+/// that doubles up to [`RECONNECT_MAX`].
+async fn run<H>(mut events: Events, first: oneshot::Sender<Result<(), ClientError>>, mut handler: H)
+where
+    H: FnMut(NetEvent),
+{
+    let mut first = Some(first);
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        match events.poll().await {
+            Polled::Event(event) => {
+                if let NetEvent::Connected = event {
+                    backoff = RECONNECT_MIN;
+                    if let Some(f) = first.take() {
+                        let _ = f.send(Ok(()));
+                    }
+                }
+                handler(event);
+            }
+            Polled::Nothing => {}
+            Polled::Done => return,
+            Polled::Failed { error, refusal } => {
+                if let Some(f) = first.take() {
+                    let _ = f.send(Err(match refusal {
+                        Some(r) => ClientError::Refused(r),
+                        None => ClientError::Connection(error),
+                    }));
+                    return;
+                }
+                handler(NetEvent::Lost(error));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+/// MQTT 5: `rumqttc::v5`.
+mod v5 {
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode as C, Packet, PublishProperties, SubscribeReasonCode as R,
+    };
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{ConnectionError as E, Event, MqttOptions};
+    use rumqttc::{Outgoing, Transport};
+
+    use super::{Message, NetEvent, Polled, RequestProps, MAX_PACKET};
+    use crate::options::ClientOptions;
+
+    pub(super) fn options(
+        opts: &ClientOptions,
+        client_id: &str,
+        transport: Option<Transport>,
+    ) -> MqttOptions {
+        let mut mo = MqttOptions::new(client_id, opts.host.clone(), opts.port);
+        mo.set_keep_alive(opts.keep_alive)
+            .set_clean_start(true)
+            .set_max_packet_size(Some(MAX_PACKET as u32))
+            .set_connection_timeout(opts.connect_timeout.as_secs().max(1));
+        if let Some(user) = &opts.username {
+            mo.set_credentials(user.clone(), opts.password.clone().unwrap_or_default());
+        }
+        if let Some(t) = transport {
+            mo.set_transport(t);
+        }
+        // Requests are small and latency-bound: with Nagle's algorithm on,
+        // one written while an earlier packet is unacknowledged waits for
+        // the broker's delayed ACK (40 ms on Linux).
+        let mut net = mo.network_options();
+        net.set_tcp_nodelay(true);
+        mo.set_network_options(net);
+        mo
+    }
+
+    pub(super) fn publish_args(qos: u8, props: RequestProps) -> (QoS, PublishProperties) {
+        let qos = match qos {
+            0 => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        };
+        let properties = PublishProperties {
+            response_topic: props.response_topic,
+            correlation_data: props.correlation,
+            message_expiry_interval: props
+                .expiry
+                .map(|d| d.as_secs_f64().ceil().clamp(1.0, u32::MAX as f64) as u32),
+            content_type: Some(crate::protocol::JSON_CONTENT_TYPE.to_owned()),
+            ..Default::default()
+        };
+        (qos, properties)
+    }
+
+    pub(super) fn polled(polled: Result<Event, E>) -> Polled {
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Polled::Event(NetEvent::Connected),
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                Polled::Event(NetEvent::Subscribing(pkid))
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Polled::Event(NetEvent::SubAck {
+                pkid: ack.pkid,
+                results: ack
+                    .return_codes
+                    .iter()
+                    .map(|c| match c {
+                        R::Success(_) => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    })
+                    .collect(),
+            }),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let props = p.properties.unwrap_or_default();
+                Polled::Event(NetEvent::Message(Message {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload,
+                    correlation: props.correlation_data,
+                }))
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(E::RequestsDone) => Polled::Done,
+            Ok(_) => Polled::Nothing,
+            Err(e) => Polled::Failed {
+                refusal: refusal(&e),
+                error: e.to_string(),
+            },
+        }
+    }
+
+    /// A refusal that retrying will not fix: wrong credentials, a client
+    /// id the broker rejects, or a certificate it cannot verify.
+    fn refusal(e: &E) -> Option<String> {
+        match e {
+            E::ConnectionRefused(
+                code @ (C::BadUserNamePassword
+                | C::NotAuthorized
+                | C::Banned
+                | C::BadAuthenticationMethod
+                | C::ClientIdentifierNotValid
+                | C::UnsupportedProtocolVersion),
+            ) => Some(format!("{code:?}")),
+            E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
+            _ => None,
+        }
+    }
+}
+
+/// MQTT 3.1.1: rumqttc's crate root.
+mod v4 {
+    use rumqttc::{
+        AsyncClient, ConnectReturnCode as C, ConnectionError as E, Event, EventLoop, MqttOptions,
+        Outgoing, Packet, QoS, SubscribeReasonCode as R, Transport,
+    };
+
+    use super::{Message, NetEvent, Polled, MAX_PACKET, REQUEST_CAPACITY};
+    use crate::options::ClientOptions;
+
+    /// The 3.1.1 client; its network options live on the event loop.
+    pub(super) fn client(
+        opts: &ClientOptions,
+        client_id: &str,
+        transport: Option<Transport>,
+    ) -> (AsyncClient, EventLoop) {
+        let mut mo = MqttOptions::new(client_id, opts.host.clone(), opts.port);
+        mo.set_keep_alive(opts.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        if let Some(user) = &opts.username {
+            mo.set_credentials(user.clone(), opts.password.clone().unwrap_or_default());
+        }
+        if let Some(t) = transport {
+            mo.set_transport(t);
+        }
+        let (client, mut events) = AsyncClient::new(mo, REQUEST_CAPACITY);
+        events
+            .network_options
+            .set_connection_timeout(opts.connect_timeout.as_secs().max(1));
+        // No Nagle delay (see the MQTT 5 options).
+        events.network_options.set_tcp_nodelay(true);
+        (client, events)
+    }
+
+    pub(super) fn qos(qos: u8) -> QoS {
+        match qos {
+            0 => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        }
+    }
+
+    pub(super) fn polled(polled: Result<Event, E>) -> Polled {
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Polled::Event(NetEvent::Connected),
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                Polled::Event(NetEvent::Subscribing(pkid))
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Polled::Event(NetEvent::SubAck {
+                pkid: ack.pkid,
+                results: ack
+                    .return_codes
+                    .iter()
+                    .map(|c| match c {
+                        R::Success(_) => Ok(()),
+                        R::Failure => Err("Failure".to_owned()),
+                    })
+                    .collect(),
+            }),
+            Ok(Event::Incoming(Packet::Publish(p))) => Polled::Event(NetEvent::Message(Message {
+                topic: p.topic,
+                payload: p.payload,
+                correlation: None,
+            })),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(E::RequestsDone) => Polled::Done,
+            Ok(_) => Polled::Nothing,
+            Err(e) => Polled::Failed {
+                refusal: refusal(&e),
+                error: e.to_string(),
+            },
+        }
+    }
+
+    /// A refusal that retrying will not fix (see the MQTT 5 one).
+    fn refusal(e: &E) -> Option<String> {
+        match e {
+            E::ConnectionRefused(
+                code @ (C::BadUserNamePassword
+                | C::NotAuthorized
+                | C::BadClientId
+                | C::RefusedProtocolVersion),
+            ) => Some(format!("{code:?}")),
+            E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
+            _ => None,
         }
     }
 }

@@ -347,9 +347,11 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     env.stop().await;
 }
 
-/// While the broker is away rumqttc's request channel (1024 requests)
-/// fills up and queuing a PUBLISH waits for room until the broker is back.
-/// Every call must still end by its timeout, typed, not hang.
+/// While the broker is away no request is published: each waits for its
+/// reply subscription to be acknowledged on a new connection (were they
+/// queued, rumqttc's request channel of 1024 would fill up, and queuing a
+/// PUBLISH wait for room). Every call must still end by its timeout,
+/// typed, not hang.
 #[tokio::test]
 async fn calls_end_by_their_timeout_while_the_broker_is_down() {
     let mut broker = Mosquitto::start().await;
@@ -419,4 +421,144 @@ async fn chats_over_tls_with_a_private_ca_and_refuses_a_foreign_one() {
         "{err:?}"
     );
     daemon.stop().await.expect("daemon stops cleanly");
+}
+
+/// Mosquitto *with persistence*, the fake and the daemon. The daemon's
+/// session is persistent (PROTOCOL.md), so with a persistent broker its
+/// subscription and the requests queued for it survive a broker crash, as
+/// in production: whatever the client then misses is the client's fault.
+async fn persistent_env(fake: FakeVllm) -> Env {
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        persistence: true,
+        ..Default::default()
+    })
+    .await;
+    let daemon = Daemon::start(config(broker.host(), broker.port(), &fake.base_url())).await;
+    Env {
+        broker,
+        fake,
+        daemon,
+    }
+}
+
+/// Waits (bounded) until `f` holds.
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Stands in for a broker that is down: listens on its port, reads each
+/// connection's CONNECT and drops the connection, counting the tries of
+/// one MQTT client (the CONNECT carries its client id).
+struct DeadBroker {
+    listener: tokio::net::TcpListener,
+    tries: usize,
+}
+
+impl DeadBroker {
+    async fn bind(port: u16) -> DeadBroker {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the stopped broker's port");
+        DeadBroker { listener, tries: 0 }
+    }
+
+    /// Returns once `client_id` has tried to connect `n` times in all.
+    async fn wait_for_tries(&mut self, client_id: &str, n: usize) {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.tries < n {
+            let (mut conn, _) = tokio::time::timeout_at(deadline, self.listener.accept())
+                .await
+                .unwrap_or_else(|_| panic!("{client_id} tried to reconnect {} times", self.tries))
+                .expect("accept");
+            let mut buf = [0u8; 512];
+            let read = tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await;
+            if let Ok(Ok(len)) = read {
+                let id = client_id.as_bytes();
+                if buf[..len].windows(id.len()).any(|w| w == id) {
+                    self.tries += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The client lost replies across a reconnect: a reply the daemon
+/// published while the client was away, or before it had subscribed
+/// again, was gone, and its `send` waited out the whole reply timeout.
+///
+/// Five requests are in flight (held by the gated backend) when the
+/// broker crashes. The backend answers three while it is down, so the
+/// daemon publishes those replies as soon as it is back; the other two are
+/// still running when it is. The broker stays down until the client has
+/// tried to reconnect four times: its next try is then 1.6 s away, the
+/// daemon's at most 500 ms, so the daemon is back (and publishes the three
+/// replies to nobody) first, every time. Two more calls start during the
+/// outage. With the fix the client re-sends the five interrupted requests
+/// with new ids once it has resubscribed; the two whose first request is
+/// still running are refused `session_busy` until it ends, and that old
+/// reply is a stray. Every call must end with its reply well before its
+/// 60 s timeout.
+///
+/// Persistence: without it the daemon's subscription would be gone too,
+/// and a re-send reaching the broker before the daemon subscribes again
+/// would be dropped (no subscriber), which no client can fix; with it the
+/// broker keeps queuing requests for the daemon's persistent session.
+#[tokio::test]
+async fn requests_caught_by_a_broker_restart_are_resent_and_answered() {
+    let mut env = persistent_env(FakeVllm::builder().gated().run().await).await;
+    let timeout = Duration::from_secs(60);
+    // One attempt: the `session_busy` replies the busy sessions' re-sends
+    // draw are the re-sends' doing and must not use up the retry budget.
+    let options = env.options().timeout(timeout).reply_timeout(timeout);
+    let client = Client::connect(options.max_attempts(1)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let call = |session: String| {
+        let client = client.clone();
+        let task = tokio::spawn({
+            let session = session.clone();
+            async move { client.chat("maze", &session, &session).await }
+        });
+        (session, task)
+    };
+    let mut calls: Vec<_> = (0..5).map(|i| call(format!("in-flight-{i}"))).collect();
+    assert!(env.fake.wait_for_calls(5, WAIT).await);
+
+    // Everything the broker acknowledged is on disk; then it crashes.
+    env.broker.persist_barrier().await;
+    env.broker.stop();
+    let mut dead = DeadBroker::bind(env.broker.port()).await;
+    dead.wait_for_tries(client.client_id(), 1).await;
+    calls.extend((0..2).map(|i| call(format!("outage-{i}"))));
+    env.fake.release(3);
+    wait_until("the backend answered three", || env.fake.in_flight() == 2).await;
+    dead.wait_for_tries(client.client_id(), 4).await;
+    drop(dead);
+    env.broker.start_again().await;
+
+    // Re-sends of the three free sessions and the two new requests reach
+    // the backend (the two busy sessions' re-sends are refused).
+    let resent = env.fake.wait_for_calls(10, WAIT).await;
+    env.fake.release(100);
+    let bound = Duration::from_secs(20);
+    for (session, task) in calls {
+        let reply = tokio::time::timeout_at(started + bound, task)
+            .await
+            .unwrap_or_else(|_| panic!("{session} did not end within {bound:?}"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{session}: {e}"));
+        assert_eq!(reply.text, Some(format!("echo: {session}")));
+    }
+    assert!(resent, "the interrupted requests were sent again");
+    // The two replies to replaced ids are strays; every `session_busy`
+    // the busy sessions' re-sends drew was retried.
+    let s = wait_stats(&client, |s| s.strays >= 2).await;
+    assert_eq!((s.resent, s.strays, s.reconnects), (5, 2, 1), "{s:?}");
+    assert_eq!(s.replies, 7 + s.retries, "{s:?}");
+    assert_eq!(s.sent, 5 + 5 + 2 + s.retries, "{s:?}");
+    env.stop().await;
 }

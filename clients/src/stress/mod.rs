@@ -31,7 +31,8 @@ use std::time::Duration;
 
 use indicatif::ProgressBar;
 
-use crate::client::{ClientError, ClientOptions, Protocol};
+use crate::error::ClientError;
+use crate::options::{ClientOptions, Protocol};
 use crate::protocol::ReplyFormat;
 use crate::retry::RetryPolicy;
 
