@@ -3,7 +3,7 @@
 //! reconnect re-subscribes even when rumqttc's request channel is full of
 //! replies that piled up during the outage.
 
-mod support;
+use vllm_test_support as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The real binary: crash and redelivery, SIGTERM, exit codes, config
 //! commands, the stats log line, credentials.
 
-mod support;
+use vllm_test_support as support;
 
 use serde_json::json;
 use support::broker::{Mosquitto, MosquittoOptions};
@@ -241,7 +241,7 @@ async fn env_overrides_file_and_flags_override_env() {
         "[workers]\nnum_workers = 2\n[admission]\nrate_limit = 5\n",
     )
     .unwrap();
-    let out = std::process::Command::new(support::process::BIN)
+    let out = std::process::Command::new(support::process::bin())
         .args([
             "check-config",
             "--config",

@@ -7,7 +7,7 @@
 //! stalls, resets) and recovery; SIGTERM (drain) and a restart. CI runs a
 //! small load; `scripts/chaos.sh` runs a large one and prints the tables.
 
-mod support;
+use vllm_test_support as support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! the Python daemon's clients (tests/compat/original_client.py) must be
 //! served unchanged.
 
-mod support;
+use vllm_test_support as support;
 
 use support::broker::Mosquitto;
 use support::daemon::{config, Daemon};

@@ -1,7 +1,7 @@
 //! The embedded broker: one binary serves a lab with no Mosquitto. Devices
 //! speak MQTT 3.1.1 on the main listener or MQTT 5 on the second one.
 
-mod support;
+use vllm_test_support as support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

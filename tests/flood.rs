@@ -3,7 +3,7 @@
 //! loop keeps up (a well-behaved device is served throughout), and every
 //! part of the pipeline stays within its configured bounds.
 
-mod support;
+use vllm_test_support as support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! vLLM: every rule of PROTOCOL.md. Waits are upper bounds on events, never
 //! sleeps.
 
-mod support;
+use vllm_test_support as support;
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{json, Value};
 use support::broker::{Mosquitto, MosquittoOptions};
 use support::daemon::{config, device, unique, Daemon, WAIT};
+use support::env::Env;
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use vllm_mqttd::Config;
@@ -19,25 +20,23 @@ const BUSY: &str = "Please wait, your previous message is still being processed.
 const OVERLOADED: &str = "Server is overloaded. Please try again in a moment.";
 const RATE_LIMITED: &str = "Error: Rate limit exceeded. Please slow down your requests.";
 
+/// The shared environment and a device on project `maze`.
 struct World {
-    broker: Mosquitto,
-    fake: FakeVllm,
-    daemon: Daemon,
+    env: Env,
     dev: TestClient,
 }
 
-async fn world(fake: FakeVllm, tweak: impl FnOnce(&mut Config)) -> World {
-    let broker = Mosquitto::start().await;
-    let mut c = config(broker.host(), broker.port(), &fake.base_url());
-    tweak(&mut c);
-    let daemon = Daemon::start(c).await;
-    let dev = device(broker.host(), broker.port(), "maze").await;
-    World {
-        broker,
-        fake,
-        daemon,
-        dev,
+impl std::ops::Deref for World {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        &self.env
     }
+}
+
+async fn world(fake: FakeVllm, tweak: impl FnOnce(&mut Config)) -> World {
+    let env = Env::start(fake, tweak).await;
+    let dev = env.device("maze").await;
+    World { env, dev }
 }
 
 async fn echo() -> FakeVllm {
@@ -99,7 +98,7 @@ async fn text_reply_on_the_default_topic_with_the_prompt_sent() {
             {"role": "user", "content": "hello"}
         ])
     );
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -127,7 +126,7 @@ async fn json_reply_carries_ids_usage_and_content_type() {
     assert_eq!(sent["temperature"], 0.1);
     assert_eq!(sent["top_p"], 0.5);
     assert_eq!(sent["max_tokens"], 7);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -176,7 +175,7 @@ async fn history_across_turns_and_reset() {
         contents(3),
         vec!["system:You are a helpful assistant.", "user:three"]
     );
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -206,7 +205,7 @@ async fn project_prompt_and_session_override() {
     );
     assert_eq!(reqs[1]["messages"][0]["content"], "You are a pirate.");
     assert_eq!(reqs[2]["messages"][0]["content"], "You are a pirate.");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -220,7 +219,7 @@ async fn plain_text_payload_is_the_message() {
         m.topic
     );
     assert_eq!(m.text(), "echo: hello robot");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -275,7 +274,7 @@ async fn reply_topic_resolution_and_refusal() {
             .contains("replyTopic"));
         assert_eq!(m.user_property("error"), Some("bad_request"));
     }
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -302,7 +301,7 @@ async fn session_busy_is_immediate_and_carries_correlation() {
     w.fake.release(1);
     assert_eq!(w.reply("s1").await, "echo: first");
     assert_eq!(w.fake.chat_calls(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -335,7 +334,7 @@ async fn rate_limit_is_a_sliding_window_with_retry_after() {
     w.send(json!({"sessionId": "s2", "message": "x"})).await;
     assert_eq!(w.reply("s2").await, "echo: x");
     assert_eq!(w.fake.chat_calls(), 3);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -361,7 +360,7 @@ async fn full_queue_answers_overloaded_at_once() {
     w.fake.release(1);
     w.send(json!({"sessionId": "c", "message": "again"})).await;
     assert_eq!(w.reply("c").await, "echo: again");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 /// Each malformed class gets its reply, or is a counted drop (checked with a
@@ -532,7 +531,7 @@ async fn bad_input_classes() {
     w.send(json!({"sessionId": "b4", "message": "still here"}))
         .await;
     assert_eq!(w.reply("b4").await, "echo: still here");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -551,7 +550,7 @@ async fn oversized_payload_with_v5_response_topic_gets_bad_request() {
         "{}",
         m.text()
     );
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -589,7 +588,7 @@ async fn message_expiry_is_the_deadline_in_flight_and_queued() {
     assert!(v["error"]["message"].as_str().unwrap().contains("queued"));
     // The queued one never reached the backend.
     assert_eq!(w.fake.chat_calls(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -604,7 +603,7 @@ async fn duplicate_deliveries_are_dropped() {
     w.send(req.clone()).await; // answered: dropped
     w.sentinel().await;
     assert_eq!(w.fake.chat_calls(), 2); // "once" and the sentinel
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -633,7 +632,7 @@ async fn context_length_refusal_trims_history_and_retries_once() {
     assert_eq!(v["error"]["code"], "backend_error");
     assert!(v["error"]["message"].as_str().unwrap().contains("too long"));
     assert_eq!(w.fake.chat_calls(), 7);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -662,7 +661,7 @@ async fn backend_errors_become_replies() {
     w.send(json!({"sessionId": "x3", "message": "m"})).await;
     let t = w.reply("x3").await;
     assert!(t.starts_with("Error: ") && t.contains("500"), "{t}");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -698,7 +697,7 @@ async fn model_is_discovered_from_the_backend() {
     w.send(json!({"sessionId": "m1", "message": "hi"})).await;
     assert_eq!(w.reply("m1").await, "echo: hi");
     assert_eq!(w.fake.requests()[0]["model"], "qwen3-4b");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -738,7 +737,7 @@ async fn backend_down_at_start_answers_at_once_then_recovers() {
     }
     assert_eq!(answered.expect("served after recovery")["text"], "echo: hi");
     assert_eq!(w.fake.requests()[0]["model"], "qwen3-4b");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -783,7 +782,7 @@ async fn stats_topic_reports_queue_and_counts() {
         }
     };
     assert_eq!(v["queue"]["length"], 0);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -800,11 +799,17 @@ async fn status_is_retained_online_then_offline_on_shutdown() {
     assert_eq!(v["instance"], w.daemon.instance.as_str());
     assert_eq!(v["projects"], json!(["maze", "general"]));
     assert!(v["version"].is_string() && v["startedAt"].is_string());
-    w.daemon.stop().await.unwrap();
+    let World { env, dev: _dev } = w;
+    let Env {
+        broker,
+        fake: _fake,
+        daemon,
+    } = env;
+    daemon.stop().await.unwrap();
     let v = watcher.expect_on(&topic, WAIT).await.json();
     assert_eq!(v["state"], "offline");
     // A late subscriber sees the retained offline.
-    let mut late = TestClient::connect(w.broker.host(), w.broker.port(), &unique("late")).await;
+    let mut late = TestClient::connect(broker.host(), broker.port(), &unique("late")).await;
     late.subscribe(&topic).await;
     assert_eq!(
         late.expect_on(&topic, WAIT).await.json()["state"],
@@ -822,12 +827,12 @@ async fn graceful_shutdown_drains_the_queue() {
     // A busy reply for g1 proves g2 and g3 were admitted before it.
     w.send(json!({"sessionId": "g1", "message": "probe"})).await;
     assert_eq!(w.reply("g1").await, BUSY);
-    let World {
+    let World { env, mut dev } = w;
+    let Env {
         broker: _broker,
         fake,
         daemon,
-        mut dev,
-    } = w;
+    } = env;
     let stopping = tokio::spawn(daemon.stop());
     fake.release(3);
     let mut got = vec![];

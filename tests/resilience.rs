@@ -3,39 +3,41 @@
 //! Delays are configured small; their shapes are unit-tested with a fake
 //! clock beside each policy.
 
-mod support;
+use vllm_test_support as support;
 
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{json, Value};
-use support::broker::{free_port, Mosquitto};
-use support::daemon::{config, device, unique, Daemon, WAIT};
+use support::broker::free_port;
+use support::daemon::{unique, WAIT};
+use support::env::{Backend, Env};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use support::raw_http::{RawBackend, ResetMode};
 use vllm_mqttd::Config;
 
-struct World {
-    broker: Mosquitto,
-    daemon: Daemon,
+/// The shared environment (over whichever backend the test needs) and a
+/// device on project `maze`.
+struct World<B = FakeVllm> {
+    env: Env<B>,
     dev: TestClient,
 }
 
-async fn world(backend_url: &str, tweak: impl FnOnce(&mut Config)) -> World {
-    let broker = Mosquitto::start().await;
-    let mut c = config(broker.host(), broker.port(), backend_url);
-    tweak(&mut c);
-    let daemon = Daemon::start(c).await;
-    let dev = device(broker.host(), broker.port(), "maze").await;
-    World {
-        broker,
-        daemon,
-        dev,
+impl<B> std::ops::Deref for World<B> {
+    type Target = Env<B>;
+    fn deref(&self) -> &Env<B> {
+        &self.env
     }
 }
 
-impl World {
+async fn world<B: Backend>(backend: B, tweak: impl FnOnce(&mut Config)) -> World<B> {
+    let env = Env::start(backend, tweak).await;
+    let dev = env.device("maze").await;
+    World { env, dev }
+}
+
+impl<B: Backend> World<B> {
     /// Sends a JSON-format request on a fresh session; returns the reply.
     async fn ask(&mut self, message: &str) -> Value {
         let s = unique("s").replace('-', "_");
@@ -85,14 +87,14 @@ async fn retryable_statuses_are_retried_until_success() {
         ])
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |_| {}).await;
+    let mut w = world(fake.base_url(), |_| {}).await;
     let v = w.ask("m").await;
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["text"], "echo: m");
     // One reply, N+1 backend calls.
     assert_eq!(fake.chat_calls(), 4);
     assert_eq!(w.ask("n").await["text"], "echo: n");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -104,7 +106,7 @@ async fn client_errors_are_never_retried() {
         )])
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |_| {}).await;
+    let mut w = world(fake.base_url(), |_| {}).await;
     let v = w.ask("m").await;
     assert_eq!(v["error"]["code"], "backend_error");
     assert!(v["error"]["message"]
@@ -112,18 +114,18 @@ async fn client_errors_are_never_retried() {
         .unwrap()
         .contains("temperature out of range"));
     assert_eq!(fake.chat_calls(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
 async fn exhausted_retries_answer_backend_unavailable() {
     let fake = FakeVllm::builder().run().await;
-    let mut w = world(&fake.base_url(), |c| c.backend.max_retries = 2).await;
+    let mut w = world(fake.base_url(), |c| c.backend.max_retries = 2).await;
     fake.set_available(false); // 503 on everything
     let v = w.ask("m").await;
     assert_eq!(v["error"]["code"], "backend_unavailable");
     assert_eq!(fake.chat_calls(), 3);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -132,7 +134,7 @@ async fn in_band_stream_errors_are_classified_by_their_code() {
         .script(vec![Scripted::StreamError(503, "engine restarting".into())])
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |_| {}).await;
+    let mut w = world(fake.base_url(), |_| {}).await;
     let v = w.ask("m").await;
     assert_eq!(v["text"], "echo: m", "retried after the in-band 503: {v}");
     assert_eq!(fake.chat_calls(), 2);
@@ -142,7 +144,7 @@ async fn in_band_stream_errors_are_classified_by_their_code() {
     assert_eq!(v["error"]["code"], "backend_error");
     assert!(v["error"]["message"].as_str().unwrap().contains("logits"));
     assert_eq!(fake.chat_calls(), 3);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -152,7 +154,7 @@ async fn reset_before_any_byte_is_retried_at_once_and_not_held_against_the_backe
         .run()
         .await;
     // One counted failure would open this breaker.
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.breaker_threshold = 1;
         c.backend.max_retries = 0;
     })
@@ -162,7 +164,7 @@ async fn reset_before_any_byte_is_retried_at_once_and_not_held_against_the_backe
     assert_eq!(fake.chat_calls(), 2);
     // Still closed: the next request goes through.
     assert_eq!(w.ask("n").await["text"], "echo: n");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -170,7 +172,7 @@ async fn a_backend_that_resets_every_connection_opens_the_circuit() {
     // Reads each request and closes the connection unanswered, /health
     // included: what a proxy with no healthy upstream looks like.
     let backend = RawBackend::start(ResetMode::Every).await;
-    let mut w = world(&backend.base_url(), |c| {
+    let mut w = world(backend.base_url(), |c| {
         c.backend.breaker_threshold = 3;
         c.backend.max_retries = 0;
         c.backend.breaker_cooldown = Duration::from_secs(60);
@@ -205,7 +207,7 @@ async fn a_backend_that_resets_every_connection_opens_the_circuit() {
         assert!(retry > 1_000 && retry <= 72_000, "retryAfterMs {retry}");
     }
     assert_eq!(backend.chat_calls(), 3);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -213,7 +215,7 @@ async fn resets_of_stale_pooled_connections_are_retried_silently() {
     // Fresh connections always answer; one reused from the pool is closed
     // when its next request arrives (a server's idle close racing ours).
     let backend = RawBackend::start(ResetMode::Reused).await;
-    let mut w = world(&backend.base_url(), |c| {
+    let mut w = world(backend.base_url(), |c| {
         // One counted failure would open this breaker.
         c.backend.breaker_threshold = 1;
         c.backend.max_retries = 0;
@@ -227,7 +229,7 @@ async fn resets_of_stale_pooled_connections_are_retried_silently() {
     // on it, and retried at once on a fresh one.
     assert!(backend.resets() >= 3, "resets: {}", backend.resets());
     assert_eq!(backend.chat_calls(), 4 + backend.resets());
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -239,7 +241,7 @@ async fn deadlines_devices_choose_never_open_the_circuit() {
         .latency(Duration::from_secs(2))
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.breaker_threshold = 2;
         c.backend.max_retries = 0;
     })
@@ -271,7 +273,7 @@ async fn deadlines_devices_choose_never_open_the_circuit() {
     // Still closed: a device with an ordinary deadline is served.
     let v = w.ask("patient").await;
     assert_eq!(v["text"], "echo: patient", "{v}");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -280,7 +282,7 @@ async fn a_backend_that_never_answers_is_counted_at_the_first_byte_bound() {
         .script(vec![Scripted::Stall, Scripted::Stall])
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.breaker_threshold = 2;
         c.backend.max_retries = 0;
         c.backend.first_byte_timeout = Duration::from_millis(300);
@@ -302,7 +304,7 @@ async fn a_backend_that_never_answers_is_counted_at_the_first_byte_bound() {
     let v = w.ask("m").await;
     assert!(v["error"]["retryAfterMs"].as_u64().unwrap() > 1_000, "{v}");
     assert_eq!(fake.chat_calls(), 2);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -311,7 +313,7 @@ async fn retry_after_is_honoured_and_bounded_by_the_deadline() {
         .script(vec![Scripted::StatusRetryAfter(503, "busy".into(), 1)])
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.request_timeout = Duration::from_secs(5)
     })
     .await;
@@ -331,13 +333,13 @@ async fn retry_after_is_honoured_and_bounded_by_the_deadline() {
     assert_eq!(v["error"]["code"], "backend_unavailable");
     assert_eq!(v["error"]["retryAfterMs"], 30_000);
     assert_eq!(fake.chat_calls(), 3);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
 async fn breaker_opens_fails_fast_and_a_health_probe_closes_it() {
     let fake = FakeVllm::builder().run().await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.breaker_threshold = 3;
         c.backend.breaker_cooldown = Duration::from_millis(300);
         c.backend.max_retries = 0;
@@ -375,14 +377,14 @@ async fn breaker_opens_fails_fast_and_a_health_probe_closes_it() {
     let v = stats.expect(WAIT).await.json();
     assert_eq!(v["backend"]["circuit"], "closed");
     assert!(v["backend"]["circuitRejected"].as_u64().unwrap() >= 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
 async fn refused_connections_open_the_breaker_until_the_backend_returns() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/v1");
-    let mut w = world(&url, |c| {
+    let mut w = world(url.clone(), |c| {
         c.backend.breaker_threshold = 2;
         c.backend.max_retries = 1;
         c.backend.breaker_cooldown = Duration::from_millis(300);
@@ -403,7 +405,7 @@ async fn refused_connections_open_the_breaker_until_the_backend_returns() {
     wait_circuit(&mut status, &topic, "closed").await;
     assert_eq!(w.ask("hello").await["text"], "echo: hello");
     assert_eq!(fake.chat_calls(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -412,7 +414,7 @@ async fn stalled_call_is_dropped_at_the_deadline() {
         .script(vec![Scripted::Stall])
         .run()
         .await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.request_timeout = Duration::from_millis(500)
     })
     .await;
@@ -420,13 +422,13 @@ async fn stalled_call_is_dropped_at_the_deadline() {
     assert_eq!(v["error"]["code"], "timeout");
     assert!(fake.wait_for_disconnects(1, WAIT).await);
     assert_eq!(fake.chat_calls(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
 async fn concurrency_cap_is_independent_of_the_worker_count() {
     let fake = FakeVllm::builder().gated().run().await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.workers.num_workers = 4;
         c.backend.max_concurrent = 1;
     })
@@ -449,13 +451,13 @@ async fn concurrency_cap_is_independent_of_the_worker_count() {
     got.sort();
     assert_eq!(got, vec!["echo: c1", "echo: c2", "echo: c3"]);
     assert_eq!(fake.max_running(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
 async fn rate_budget_waits_within_the_deadline() {
     let fake = FakeVllm::builder().run().await;
-    let mut w = world(&fake.base_url(), |c| {
+    let mut w = world(fake.base_url(), |c| {
         c.backend.rpm = 1;
         c.backend.request_timeout = Duration::from_millis(800);
         // One counted failure would open this breaker.
@@ -472,7 +474,7 @@ async fn rate_budget_waits_within_the_deadline() {
     let v = w.ask("third").await;
     assert_eq!(v["error"]["code"], "timeout", "{v}");
     assert_eq!(fake.chat_calls(), 1);
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }
 
 #[tokio::test]
@@ -481,16 +483,16 @@ async fn api_key_is_sent_as_a_bearer_token() {
     cfg.api_key = Some("sk-test-key".into());
     let sim = vllm_sim::Sim::builder().config(cfg).run().await;
     // Without the key, vLLM refuses with 401: a refusal, not retried.
-    let mut w = world(&sim.base_url(), |_| {}).await;
+    let mut w = world(sim.base_url(), |_| {}).await;
     let v = w.ask("m").await;
     assert_eq!(v["error"]["code"], "backend_error", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("401"));
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, "sk-test-key\n").unwrap();
-    let mut w = world(&sim.base_url(), |c| c.backend.api_key_file = Some(key)).await;
+    let mut w = world(sim.base_url(), |c| c.backend.api_key_file = Some(key)).await;
     assert_eq!(w.ask("with key").await["text"], "echo: with key");
-    w.daemon.stop().await.unwrap();
+    w.env.stop().await;
 }

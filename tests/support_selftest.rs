@@ -1,6 +1,6 @@
 //! Self-tests for the integration-test harness in `tests/support/`.
 
-mod support;
+use vllm_test_support as support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! with --mqtt-tls --mqtt-ca and its credentials. A wrong password or a
 //! certificate from another CA is fatal with a clear error and exit 77.
 
-mod support;
+use vllm_test_support as support;
 
 use serde_json::json;
 use support::broker::{free_port, Mosquitto, MosquittoOptions};

@@ -1,7 +1,7 @@
 //! The client library against the real daemon (in-process), a real broker
 //! (Mosquitto) and the fake vLLM.
 
-mod support;
+use vllm_test_support as support;
 
 use support::env::Env;
 
@@ -17,9 +17,15 @@ use support::mqtt_client::TestClient;
 use vllm_chat::protocol::ErrorCode;
 use vllm_chat::{ChatRequest, Client, ClientError, ClientOptions, ClientStats, Protocol};
 
-impl Env {
+/// What these tests add to the shared environment.
+trait ClientEnv {
     /// Client options for this broker, without pacing (tests that need it
     /// set it).
+    fn options(&self) -> ClientOptions;
+    async fn client(&self) -> Client;
+}
+
+impl ClientEnv for Env {
     fn options(&self) -> ClientOptions {
         ClientOptions::new(self.broker.host(), self.broker.port())
             .min_interval(Duration::ZERO)

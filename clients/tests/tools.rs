@@ -1,7 +1,7 @@
 //! The `vllm-chat` and `vllm-stress` binaries against the real daemon
 //! (in-process), a real broker (Mosquitto) and the fake vLLM.
 
-mod support;
+use vllm_test_support as support;
 
 use support::env::Env;
 
@@ -19,9 +19,14 @@ const STRESS: &str = env!("CARGO_BIN_EXE_vllm-stress");
 /// Bound on one binary run.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
-impl Env {
+/// What these tests add to the shared environment.
+trait ToolEnv {
     /// Runs `bin` with the broker flags and `args`, with no `VLLM_MQTTD_*`
     /// variables from the environment running the tests.
+    async fn run(&self, bin: &str, args: &[&str]) -> Output;
+}
+
+impl ToolEnv for Env {
     async fn run(&self, bin: &str, args: &[&str]) -> Output {
         let port = self.broker.port().to_string();
         let mut all = vec!["--mqtt-host", self.broker.host(), "--mqtt-port", &port];

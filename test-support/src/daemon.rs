@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use vllm_mqttd::error::AppError;
 use vllm_mqttd::{App, Config};
 
-use super::mqtt_client::{ConnectOptions, TestClient};
+use crate::mqtt_client::{ConnectOptions, TestClient};
 
 /// Upper bound for anything a test waits for; never a sleep.
 pub const WAIT: Duration = Duration::from_secs(10);

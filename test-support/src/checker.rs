@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::mqtt_client::TestClient;
+use crate::mqtt_client::TestClient;
 
 /// The load: `sessions` devices, each sending `per_session` requests one
 /// after another (closed loop), waiting up to `answer_wait` for each reply
@@ -153,7 +153,7 @@ async fn session(
     let ids: Vec<String> = (0..spec.per_session)
         .map(|i| format!("{session}-r{i}"))
         .collect();
-    let mut record = |m: super::mqtt_client::Received,
+    let mut record = |m: crate::mqtt_client::Received,
                       replies: &mut HashMap<String, Vec<serde_json::Value>>| {
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
         match v["requestId"].as_str() {

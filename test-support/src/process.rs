@@ -8,8 +8,24 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-/// The daemon binary built for this test run.
-pub const BIN: &str = env!("CARGO_BIN_EXE_vllm-mqttd");
+/// The daemon binary built for this test run. Cargo builds a package's
+/// binaries before its integration tests and puts them beside the `deps`
+/// folder the test runs from (`CARGO_BIN_EXE_*` is set only when compiling
+/// the test crate itself, not this one).
+pub fn bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = dir.join("vllm-mqttd");
+    assert!(
+        bin.is_file(),
+        "{} not built: run the daemon's own integration tests",
+        bin.display()
+    );
+    bin
+}
 
 pub struct DaemonProcess {
     child: Child,
@@ -23,7 +39,7 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Starts the binary with `args` and extra environment variables.
     pub fn spawn(args: &[String], envs: &[(&str, &str)]) -> DaemonProcess {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -121,7 +137,7 @@ impl DaemonProcess {
 
 /// Runs the binary to completion (for config subcommands).
 pub fn run_to_end(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BIN)
+    std::process::Command::new(bin())
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
