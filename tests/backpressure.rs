@@ -11,6 +11,7 @@ use serde_json::json;
 use support::broker::Mosquitto;
 use support::daemon::{config, device, unique, Daemon, WAIT};
 use support::fake_vllm::FakeVllm;
+use support::mqtt_client::TestClient;
 
 /// Requests in flight when the stop begins, and the size of each reply:
 /// together far more than a paused broker's socket buffers hold, so the
@@ -66,17 +67,35 @@ async fn a_stop_while_the_broker_is_slow_loses_no_reply_and_no_ack() {
     }
     // The stop begins while the poll loop is stuck in a write. (The pause
     // only gives a loop that drops its write a moment to do so; a correct
-    // daemon passes whatever the timing.)
+    // daemon passes whatever the timing.) Requests that keep arriving
+    // during the drain leave unread bytes in the daemon's socket: closing
+    // it then without reading them resets the connection, and the broker
+    // drops the last replies it had not read yet.
     daemon.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     broker.resume();
+    // Requests keep arriving while the daemon drains (left unacknowledged:
+    // it is stopping): the poll loop reads while it writes.
+    let noisy = TestClient::connect(broker.host(), broker.port(), &unique("noisy")).await;
+    let noise = tokio::spawn(async move {
+        for i in 0..200 {
+            let body = json!({"sessionId": format!("noise_{i}"), "message": "m"});
+            noisy
+                .publish("general/user_input", body.to_string(), 1)
+                .await;
+        }
+        noisy
+    });
 
     let mut replies = 0;
     while replies < REQUESTS {
-        let m = dev.expect(WAIT).await;
+        let Some(m) = dev.recv(WAIT).await else {
+            panic!("only {replies} of {REQUESTS} replies\n{}", broker.log());
+        };
         assert_eq!(m.payload.len(), REPLY_BYTES / 8 * 8 + 7, "a whole reply");
         replies += 1;
     }
+    let _noisy = noise.await.unwrap();
     tokio::time::timeout(Duration::from_secs(30), daemon.handle)
         .await
         .expect("the daemon stops")
@@ -87,7 +106,7 @@ async fn a_stop_while_the_broker_is_slow_loses_no_reply_and_no_ack() {
     // nothing to redeliver when it comes back, so the next message the
     // device sees is the answer to a new request.
     let again = Daemon::start(c).await;
-    fake.release(REQUESTS + 1);
+    fake.release(10_000);
     let body = json!({"sessionId": format!("{prefix}_new"), "message": "after", "requestId": "r"});
     dev.publish("maze/user_input", body.to_string(), 1).await;
     let m = dev.expect(WAIT).await;

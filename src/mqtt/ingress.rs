@@ -35,6 +35,10 @@ use crate::mqtt::status::StatusMessages;
 use crate::request::{AckToken, Failure, Inbound, Outbound, ReplyBody, Request};
 use crate::telemetry::{Event as Ev, Stats};
 
+/// How long we keep reading after our DISCONNECT, waiting for the broker to
+/// close the connection (see [`linger`]).
+const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
+
 /// How long a connection must stay up before the reconnect delay starts
 /// over from its minimum.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
@@ -161,7 +165,10 @@ impl Ingress {
                     let open = (!accept.is_cancelled()).then_some(&admission);
                     handoff.publish(p, open);
                 }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    linger(&mut eventloop, &abort).await;
+                    return Ok(());
+                }
                 Ok(_) => {}
                 Err(e) => {
                     if let Some(fatal) = fatal(&e) {
@@ -181,6 +188,27 @@ impl Ingress {
                     }
                 }
             }
+        }
+    }
+}
+
+/// After our DISCONNECT is written, reads until the broker closes the
+/// connection (or `DISCONNECT_LINGER` passes). Closing a socket that still
+/// has unread bytes (requests the broker sent meanwhile) makes the kernel
+/// answer with a reset, and a broker that gets a reset throws away what it
+/// had not read yet: the last replies and acks we wrote, and the DISCONNECT
+/// itself (so the last will would go out too). What is read here is left
+/// unacknowledged, for redelivery. The first error ends it: polling again
+/// would reconnect.
+async fn linger(eventloop: &mut EventLoop, abort: &CancellationToken) {
+    let until = tokio::time::sleep(DISCONNECT_LINGER);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            biased;
+            _ = abort.cancelled() => return,
+            _ = &mut until => return,
+            ev = eventloop.poll() => if ev.is_err() { return },
         }
     }
 }
