@@ -157,7 +157,9 @@ async fn devices_are_confined_to_their_own_replies() {
             .text(),
         "echo: still you?"
     );
-    watcher.expect_none(std::time::Duration::from_millis(300)).await;
+    watcher
+        .expect_none(std::time::Duration::from_millis(300))
+        .await;
     takeover.disconnect().await;
     shutdown.cancel();
     handle.await.unwrap().unwrap();
