@@ -268,9 +268,7 @@ where
 
 /// MQTT 5: `rumqttc::v5`.
 mod v5 {
-    use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode as C, Packet, PublishProperties, SubscribeReasonCode as R,
-    };
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode as R};
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{ConnectionError as E, Event, MqttOptions};
     use rumqttc::{Outgoing, Transport};
@@ -348,26 +346,9 @@ mod v5 {
             Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(E::RequestsDone) => Polled::Done,
             Ok(_) => Polled::Nothing,
             Err(e) => Polled::Failed {
-                refusal: refusal(&e),
+                refusal: crate::tls::refusal_v5(&e),
                 error: e.to_string(),
             },
-        }
-    }
-
-    /// A refusal that retrying will not fix: wrong credentials, a client
-    /// id the broker rejects, or a certificate it cannot verify.
-    fn refusal(e: &E) -> Option<String> {
-        match e {
-            E::ConnectionRefused(
-                code @ (C::BadUserNamePassword
-                | C::NotAuthorized
-                | C::Banned
-                | C::BadAuthenticationMethod
-                | C::ClientIdentifierNotValid
-                | C::UnsupportedProtocolVersion),
-            ) => Some(format!("{code:?}")),
-            E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
-            _ => None,
         }
     }
 }
@@ -375,8 +356,8 @@ mod v5 {
 /// MQTT 3.1.1: rumqttc's crate root.
 mod v4 {
     use rumqttc::{
-        AsyncClient, ConnectReturnCode as C, ConnectionError as E, Event, EventLoop, MqttOptions,
-        Outgoing, Packet, QoS, SubscribeReasonCode as R, Transport,
+        AsyncClient, ConnectionError as E, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+        SubscribeReasonCode as R, Transport,
     };
 
     use super::{Message, NetEvent, Polled, MAX_PACKET, REQUEST_CAPACITY};
@@ -439,23 +420,9 @@ mod v4 {
             Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(E::RequestsDone) => Polled::Done,
             Ok(_) => Polled::Nothing,
             Err(e) => Polled::Failed {
-                refusal: refusal(&e),
+                refusal: crate::tls::refusal_v4(&e),
                 error: e.to_string(),
             },
-        }
-    }
-
-    /// A refusal that retrying will not fix (see the MQTT 5 one).
-    fn refusal(e: &E) -> Option<String> {
-        match e {
-            E::ConnectionRefused(
-                code @ (C::BadUserNamePassword
-                | C::NotAuthorized
-                | C::BadClientId
-                | C::RefusedProtocolVersion),
-            ) => Some(format!("{code:?}")),
-            E::Tls(t) if crate::tls::is_fatal(t) => Some(format!("TLS: {t}")),
-            _ => None,
         }
     }
 }
