@@ -130,6 +130,12 @@ impl App {
         let options = mqtt::options(&cfg, &host, port, self.password.as_ref(), &status)?;
         let (client, eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
         let backend = Backend::new(&cfg.backend, self.api_key.as_ref())?;
+        if crate::backend::exposes_credentials(&cfg.backend.url, self.api_key.is_some()) {
+            tracing::warn!(
+                backend = %crate::backend::redact_url(&cfg.backend.url),
+                "credentials go to the backend in clear text (http to a non-loopback host): use https"
+            );
+        }
         let exporter = match cfg.stats.metrics_addr {
             Some(addr) => Some(telemetry::metrics::install(addr)?),
             None => None,
@@ -141,7 +147,7 @@ impl App {
         tracing::info!(
             broker = %format!("{host}:{port}"),
             tls = cfg.mqtt.tls,
-            backend = %cfg.backend.url,
+            backend = %crate::backend::redact_url(&cfg.backend.url),
             projects = ?cfg.projects,
             workers = cfg.workers.num_workers,
             queue = cfg.admission.max_queue_size,

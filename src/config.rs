@@ -430,6 +430,14 @@ impl Config {
     }
 
     /// The instance id, defaulting to the host name.
+    /// A copy fit to print or log: the backend URL without its user
+    /// info and query (where credentials hide).
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.backend.url = crate::backend::redact_url(&c.backend.url);
+        c
+    }
+
     pub fn instance(&self) -> String {
         if self.instance_id.is_empty() {
             let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -582,7 +590,7 @@ impl Config {
                     "backend.url",
                     format!(
                         "{:?} is not an http(s) URL like http://127.0.0.1:8000/v1",
-                        self.backend.url
+                        crate::backend::redact_url(&self.backend.url)
                     ),
                 )
             }

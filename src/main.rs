@@ -23,7 +23,10 @@ fn main() -> ExitCode {
         }
         Some(Command::CheckConfig(args)) => match args.resolve() {
             Ok(c) => {
-                println!("{}", toml::to_string_pretty(&c).unwrap_or_default());
+                println!(
+                    "{}",
+                    toml::to_string_pretty(&c.redacted()).unwrap_or_default()
+                );
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS
             }

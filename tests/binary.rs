@@ -366,3 +366,51 @@ async fn prometheus_metrics_and_the_api_key_stays_out_of_logs() {
         "Authorization header leaked into the log"
     );
 }
+
+#[tokio::test]
+async fn backend_credentials_in_the_url_are_never_printed_and_still_work() {
+    // The sim ignores the query; the daemon must keep it on every path
+    // (`/v1?token=X` + `/models` once became `/v1?token=X/models`).
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder().run().await;
+    let url = fake.base_url().replace("http://", "http://robot:hunter2@") + "?token=s3cret";
+    let out = run_to_end(&["check-config", "--backend-url", &url]);
+    assert!(out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    let out = run_to_end(&[
+        "check-config",
+        "--backend-url",
+        "ftp://robot:hunter2@x/?token=s3cret",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("s3cret") && !err.contains("hunter2"), "{err}");
+
+    let instance = unique("redact");
+    let (mut watch, topic) = status_watcher(&broker, &instance).await;
+    // No --model: the model is discovered through the URL.
+    let mut a = args(&broker, &url, &instance, &[]);
+    if let Some(i) = a.iter().position(|x| x == "--model") {
+        a.drain(i..i + 2);
+    }
+    let mut d = DaemonProcess::spawn(&a, &[]);
+    wait_state(&mut watch, &topic, "online").await;
+    let mut dev = device(broker.host(), broker.port(), "maze").await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "t1", "message": "hi"}).to_string(),
+        1,
+    )
+    .await;
+    let m = dev.expect_on("maze/assistant_response/t1", WAIT).await;
+    assert_eq!(m.text(), "echo: hi");
+    d.sigterm();
+    assert!(d.wait_exit(WAIT).await.success());
+    let log = d.log_text();
+    assert!(log.contains("starting vllm-mqttd"), "{log}");
+    assert!(!log.contains("s3cret") && !log.contains("hunter2"), "{log}");
+}

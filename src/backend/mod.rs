@@ -159,6 +159,65 @@ impl BackendError {
     }
 }
 
+/// `base` with `segments` appended to its path, its query (a token, say)
+/// kept: `http://h/v1?token=X` gives `http://h/v1/models?token=X`, where
+/// pasting strings gave `http://h/v1?token=X/models`.
+fn endpoint(base: &Url, segments: &[&str]) -> Result<Url, AppError> {
+    let mut url = base.clone();
+    url.path_segments_mut()
+        .map_err(|()| AppError::HttpClient("backend.url cannot have a path".into()))?
+        .pop_if_empty()
+        .extend(segments);
+    Ok(url)
+}
+
+/// A URL fit for logs and error messages: user name, password and query
+/// (where tokens hide) replaced by `***`. Text that is not a URL is kept
+/// only up to its first `@`, `?` or whitespace.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut u) => {
+            if !u.username().is_empty() {
+                let _ = u.set_username("***");
+            }
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                u.set_query(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => {
+            let cut = raw
+                .find(|c: char| c == '@' || c == '?' || c.is_whitespace())
+                .unwrap_or(raw.len());
+            format!("{}...", &raw[..cut])
+        }
+    }
+}
+
+/// Does `raw` carry credentials (in its user info or query) over plain
+/// HTTP to a host that is not loopback? They would cross the network in
+/// clear text.
+pub fn exposes_credentials(raw: &str, api_key: bool) -> bool {
+    let Ok(u) = Url::parse(raw) else {
+        return false;
+    };
+    let creds =
+        api_key || !u.username().is_empty() || u.password().is_some() || u.query().is_some();
+    let loopback = match u.host_str() {
+        Some(h) => {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        None => true,
+    };
+    creds && u.scheme() == "http" && !loopback
+}
+
 /// The innermost error's text: reqwest's own Display says only "error
 /// sending request", which tells an operator nothing.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -201,10 +260,9 @@ pub struct Backend {
 impl Backend {
     /// A client for `cfg.url`; `api_key` is sent as a bearer token.
     pub fn new(cfg: &BackendConfig, api_key: Option<&Secret>) -> Result<Self, AppError> {
-        let base = cfg.url.trim_end_matches('/');
-        let parse = |s: String| {
-            Url::parse(&s).map_err(|e| AppError::HttpClient(format!("backend.url: {e}")))
-        };
+        let base = Url::parse(&cfg.url).map_err(|e| {
+            AppError::HttpClient(format!("backend.url {}: {e}", redact_url(&cfg.url)))
+        })?;
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = api_key {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
@@ -224,13 +282,13 @@ impl Backend {
             .build()
             .map_err(|e| AppError::HttpClient(root_cause(&e)))?;
         // vLLM serves /health at the server's root, beside /v1.
-        let mut health = parse(base.to_owned())?;
+        let mut health = base.clone();
         health.set_path("/health");
         health.set_query(None);
         Ok(Self {
             http,
-            chat_url: Arc::new(parse(format!("{base}/chat/completions"))?),
-            models_url: Arc::new(parse(format!("{base}/models"))?),
+            chat_url: Arc::new(endpoint(&base, &["chat", "completions"])?),
+            models_url: Arc::new(endpoint(&base, &["models"])?),
             health_url: Arc::new(health),
             pool_idle: cfg.pool_idle_timeout,
             first_byte: cfg.first_byte_timeout,
@@ -461,6 +519,31 @@ mod tests {
             old.summary(),
             ("The model `x` does not exist.".into(), false)
         );
+    }
+
+    #[test]
+    fn urls_keep_their_query_and_logs_lose_their_secrets() {
+        let base = Url::parse("http://u:p@gpu:8000/v1/?token=s3cret").unwrap();
+        assert_eq!(
+            endpoint(&base, &["models"]).unwrap().as_str(),
+            "http://u:p@gpu:8000/v1/models?token=s3cret"
+        );
+        let shown = redact_url("http://u:p@gpu:8000/v1?token=s3cret");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains(":p@"),
+            "{shown}"
+        );
+        assert!(shown.starts_with("http://***:***@gpu:8000/v1"), "{shown}");
+        assert_eq!(
+            redact_url("http://127.0.0.1:8000/v1"),
+            "http://127.0.0.1:8000/v1"
+        );
+        assert!(!redact_url("not a url?token=s3cret").contains("s3cret"));
+        assert!(exposes_credentials("http://gpu:8000/v1?token=x", false));
+        assert!(exposes_credentials("http://gpu:8000/v1", true));
+        assert!(!exposes_credentials("https://gpu:8000/v1?token=x", true));
+        assert!(!exposes_credentials("http://127.0.0.1:8000/v1", true));
+        assert!(!exposes_credentials("http://gpu:8000/v1", false));
     }
 
     #[test]
