@@ -45,7 +45,7 @@ use crate::mqtt::ingress::{Ingress, Project};
 use crate::mqtt::status::{self, stats_topic, StatusMessages};
 use crate::mqtt::{self, Secret};
 use crate::queue;
-use crate::request::{Outbound, Request};
+use crate::request::Request;
 use crate::session::{self, MemoryStore, SessionStore, StoreLimits};
 use crate::shutdown::{within, Shutdown};
 use crate::telemetry::{self, Gauges, Sampler, Stats};
@@ -246,7 +246,7 @@ struct Parts {
     admission: Admission,
     admission_rx: mpsc::Receiver<Request>,
     workers: Arc<Shared>,
-    egress_rx: mpsc::Receiver<Outbound>,
+    egress_rx: egress::EgressRx,
     client: AsyncClient,
     status: StatusMessages,
     backend: Backend,

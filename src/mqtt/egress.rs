@@ -8,8 +8,14 @@
 //!
 //! Stages hand replies over with [`Egress::send`] (awaits room: workers and
 //! admission may wait) or [`Egress::try_send`] (ingress, which must never
-//! wait). The channel is bounded; if it is full for `try_send`, the request
-//! is left unacknowledged and the broker delivers it again on reconnect.
+//! wait). The channel is bounded. When it is full for `try_send`, anything
+//! that acknowledges a QoS 1 request goes to an overflow channel instead:
+//! a request left unacknowledged holds one of the broker's in-flight slots
+//! until the next reconnect, and enough of them leave the daemon connected
+//! but deaf. The overflow needs no bound of its own: each entry settles a
+//! distinct unacknowledged QoS 1 delivery, and the broker never has more
+//! of those out to us than our Receive Maximum. Only a QoS 0 reply, which
+//! nothing redelivers anyway, is dropped (and counted) when egress is full.
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
@@ -29,14 +35,56 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct Egress {
     tx: mpsc::Sender<Outbound>,
+    /// Acknowledging hand-offs that found `tx` full (see the module doc
+    /// for why this needs no bound of its own).
+    overflow: mpsc::UnboundedSender<Outbound>,
     stats: Arc<Stats>,
+}
+
+/// The receiving end, for [`run`].
+#[derive(Debug)]
+pub struct EgressRx {
+    rx: mpsc::Receiver<Outbound>,
+    overflow: mpsc::UnboundedReceiver<Outbound>,
+}
+
+impl EgressRx {
+    /// The next hand-off (overflowed ones first: they are the oldest
+    /// waiting); `None` once closed and drained.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        tokio::select! {
+            biased;
+            Some(out) = self.overflow.recv() => Some(out),
+            out = self.rx.recv() => match out {
+                Some(out) => Some(out),
+                None => self.overflow.recv().await,
+            },
+        }
+    }
+
+    /// Takes nothing new; what is queued can still be received.
+    pub fn close(&mut self) {
+        self.rx.close();
+        self.overflow.close();
+    }
 }
 
 impl Egress {
     /// A handle and the receiving end for [`run`].
-    pub fn channel(capacity: usize, stats: Arc<Stats>) -> (Egress, mpsc::Receiver<Outbound>) {
+    pub fn channel(capacity: usize, stats: Arc<Stats>) -> (Egress, EgressRx) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Egress { tx, stats }, rx)
+        let (overflow, overflow_rx) = mpsc::unbounded_channel();
+        (
+            Egress {
+                tx,
+                overflow,
+                stats,
+            },
+            EgressRx {
+                rx,
+                overflow: overflow_rx,
+            },
+        )
     }
 
     /// Hands over a reply, waiting for room.
@@ -46,11 +94,18 @@ impl Egress {
         }
     }
 
-    /// Hands over a reply without waiting; on a full channel the reply is
-    /// dropped and its request left unacknowledged (redelivered later).
+    /// Hands over a reply without waiting. On a full channel, anything
+    /// that acknowledges a request overflows (it is never dropped); a QoS 0
+    /// reply is dropped and counted.
     pub fn try_send(&self, out: Outbound) {
-        if self.tx.try_send(out).is_err() {
-            self.stats.emit(Event::EgressDropped);
+        match self.tx.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(out)) if out.ack.is_some() => {
+                if self.overflow.send(out).is_err() {
+                    self.stats.emit(Event::EgressDropped);
+                }
+            }
+            Err(_) => self.stats.emit(Event::EgressDropped),
         }
     }
 }
@@ -116,12 +171,7 @@ fn ack_packet(ack: AckToken) -> Publish {
 
 /// Publishes replies and acks until `close` is cancelled and the channel is
 /// drained.
-pub async fn run(
-    client: AsyncClient,
-    mut rx: mpsc::Receiver<Outbound>,
-    reply_qos: QoS,
-    close: CancellationToken,
-) {
+pub async fn run(client: AsyncClient, mut rx: EgressRx, reply_qos: QoS, close: CancellationToken) {
     loop {
         let out = tokio::select! {
             out = rx.recv() => out,
@@ -174,6 +224,34 @@ mod tests {
             request_id: Some("r".into()),
             client_id: None,
         }
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_are_never_dropped_when_egress_is_full() {
+        let stats = Arc::new(Stats::new());
+        let (egress, mut rx) = Egress::channel(1, stats);
+        let reply = |ack: Option<u16>| Outbound {
+            reply: Some((
+                to(ReplyFormat::Text),
+                ReplyBody::Failure(Failure::fixed(ErrorCode::Overloaded)),
+            )),
+            ack: ack.map(|pkid| AckToken { pkid }),
+        };
+        egress.try_send(reply(Some(1))); // fills the channel
+        egress.try_send(reply(Some(2))); // overflows, with its reply
+        egress.try_send(Outbound {
+            reply: None,
+            ack: Some(AckToken { pkid: 3 }),
+        });
+        egress.try_send(reply(None)); // QoS 0: dropped
+        rx.close();
+        let mut acks = vec![];
+        while let Some(out) = rx.recv().await {
+            assert!(out.ack.is_some(), "the QoS 0 reply was dropped");
+            acks.push(out.ack.unwrap().pkid);
+        }
+        acks.sort();
+        assert_eq!(acks, vec![1, 2, 3]);
     }
 
     #[test]
