@@ -241,6 +241,15 @@ pub struct BackendConfig {
     /// which does not count.
     #[serde(with = "humantime_serde")]
     pub first_byte_timeout: Duration,
+    /// Longest silence between two chunks of a streamed answer: a backend
+    /// that trickles a byte now and then must not hold a worker for the
+    /// whole deadline.
+    #[serde(with = "humantime_serde")]
+    pub stream_gap_timeout: Duration,
+    /// Longest answer kept, in bytes: the generation is cut there (the
+    /// reply says `finishReason: "length"`). Keep it below the broker's
+    /// message size limit.
+    pub max_reply_bytes: usize,
     /// How long an idle keep-alive connection is kept. Below vLLM's 5 s so
     /// we never reuse a connection the server is closing.
     #[serde(with = "humantime_serde")]
@@ -277,6 +286,8 @@ impl Default for BackendConfig {
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(30),
+            stream_gap_timeout: Duration::from_secs(60),
+            max_reply_bytes: 256 * 1024,
             pool_idle_timeout: Duration::from_secs(4),
             max_retries: 3,
             retry_base: Duration::from_millis(500),
@@ -570,6 +581,17 @@ impl Config {
         }
         if self.backend.first_byte_timeout.is_zero() {
             return bad("backend.first_byte_timeout", "must be above 0".into());
+        }
+        if self.backend.stream_gap_timeout.is_zero() {
+            return bad("backend.stream_gap_timeout", "must be above 0".into());
+        }
+        if self.backend.max_reply_bytes == 0
+            || self.backend.max_reply_bytes + 4096 > self.mqtt.max_packet_bytes as usize
+        {
+            return bad(
+                "backend.max_reply_bytes",
+                "must be above 0 and leave 4 KiB under mqtt.max_packet_bytes for the reply's envelope".into(),
+            );
         }
         if self.mqtt.request_channel == 0 {
             return bad("mqtt.request_channel", "must be at least 1".into());

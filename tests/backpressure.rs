@@ -32,6 +32,7 @@ async fn a_stop_while_the_broker_is_slow_loses_no_reply_and_no_ack() {
     let mut c = config(broker.host(), broker.port(), &fake.base_url());
     c.workers.num_workers = REQUESTS;
     c.mqtt.max_packet_bytes = 4 * 1024 * 1024;
+    c.backend.max_reply_bytes = 1024 * 1024;
     c.workers.shutdown_grace = Duration::from_secs(20);
     let daemon = Daemon::start(c.clone()).await;
     let mut dev = device(broker.host(), broker.port(), "maze").await;

@@ -308,6 +308,40 @@ async fn a_backend_that_never_answers_is_counted_at_the_first_byte_bound() {
 }
 
 #[tokio::test]
+async fn a_stream_that_stalls_after_its_head_ends_at_the_gap_bound() {
+    let backend = RawBackend::start(ResetMode::StallAfterHead).await;
+    let mut w = world(backend, |c| {
+        c.backend.stream_gap_timeout = Duration::from_millis(300);
+        c.backend.max_retries = 0;
+    })
+    .await;
+    let v = w.ask("m").await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("stalled"),
+        "{v}"
+    );
+    w.env.stop().await;
+}
+
+#[tokio::test]
+async fn an_endless_answer_is_cut_at_max_reply_bytes() {
+    let fake = FakeVllm::builder()
+        .reply_with(|_| "word ".repeat(10_000))
+        .run()
+        .await;
+    let mut w = world(fake.base_url(), |c| c.backend.max_reply_bytes = 1000).await;
+    let v = w.ask("m").await;
+    assert_eq!(v["ok"], true, "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert!(text.len() <= 1000 && text.len() > 900, "{}", text.len());
+    assert_eq!(v["finishReason"], "length");
+    // Dropping the stream aborted the generation.
+    assert!(fake.wait_for_disconnects(1, WAIT).await);
+    w.env.stop().await;
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured_and_bounded_by_the_deadline() {
     let fake = FakeVllm::builder()
         .script(vec![Scripted::StatusRetryAfter(503, "busy".into(), 1)])

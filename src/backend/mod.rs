@@ -83,6 +83,11 @@ const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 
 const RETRYABLE_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
 
+/// The most we read of an error body.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+/// The most we read of `GET /models` (vLLM's is a few hundred bytes).
+const MAX_MODELS_BODY: usize = 1024 * 1024;
+
 impl BackendError {
     fn from_reqwest(e: reqwest::Error, maybe_pooled: bool) -> Self {
         if e.is_connect() {
@@ -248,6 +253,7 @@ pub struct Backend {
     pool_idle: Duration,
     /// How long a response's head may take.
     first_byte: Duration,
+    limits: StreamLimits,
     /// When the backend last sent a response head. hyper pools a
     /// connection only after a response on it, and drops it after
     /// `pool_idle`; so with no response for that long the pool is empty
@@ -292,6 +298,10 @@ impl Backend {
             health_url: Arc::new(health),
             pool_idle: cfg.pool_idle_timeout,
             first_byte: cfg.first_byte_timeout,
+            limits: StreamLimits {
+                max_reply_bytes: cfg.max_reply_bytes,
+                gap: cfg.stream_gap_timeout,
+            },
             last_response: Arc::new(Mutex::new(None)),
         })
     }
@@ -328,10 +338,14 @@ impl Backend {
         if !status.is_success() {
             return Err(status_error(status, resp).await);
         }
-        let list: ModelList = resp
-            .json()
-            .await
-            .map_err(|e| BackendError::Protocol(root_cause(&e)))?;
+        let body = read_capped(resp, MAX_MODELS_BODY).await?;
+        if body.len() >= MAX_MODELS_BODY {
+            return Err(BackendError::Protocol(format!(
+                "GET /models answered more than {MAX_MODELS_BODY} bytes"
+            )));
+        }
+        let list: ModelList = serde_json::from_slice(&body)
+            .map_err(|e| BackendError::Protocol(format!("GET /models: {e}")))?;
         list.data
             .into_iter()
             .next()
@@ -381,12 +395,45 @@ impl Backend {
         if !status.is_success() {
             return Err(status_error(status, resp).await);
         }
-        collect_stream(resp).await
+        collect_stream(resp, self.limits).await
     }
 }
 
-/// Reads an SSE completion stream to its `[DONE]`.
-async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError> {
+/// What a backend may send us, however broken or hostile it is.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
+    /// Longest reply text kept; the generation is cut there.
+    max_reply_bytes: usize,
+    /// Longest silence between two chunks of a stream.
+    gap: Duration,
+}
+
+/// Reads at most `cap` bytes of a body (a stream, so a huge or endless
+/// body is never read whole); a read error ends it with what came.
+async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, BackendError> {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { break };
+        let room = cap - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= cap {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// Reads an SSE completion stream to its `[DONE]`: at most
+/// `max_reply_bytes` of text (then the stream is dropped, which aborts the
+/// generation, and the answer ends with `finish_reason` "length"), and no
+/// gap between chunks longer than `gap` (a backend that trickles a byte
+/// now and then would otherwise hold a worker for the whole deadline).
+async fn collect_stream(
+    resp: reqwest::Response,
+    limits: StreamLimits,
+) -> Result<Answer, BackendError> {
     use futures_util::StreamExt;
     let mut stream = resp.bytes_stream();
     let mut parser = SseParser::default();
@@ -394,7 +441,18 @@ async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError>
     let mut finish_reason = None;
     let mut usage = None;
     let mut done = false;
-    while let Some(chunk) = stream.next().await {
+    let mut cut = false;
+    loop {
+        let chunk = match tokio::time::timeout(limits.gap, stream.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(BackendError::Protocol(format!(
+                    "the stream stalled for {:?}",
+                    limits.gap
+                )))
+            }
+        };
         let chunk = chunk
             .map_err(|e| BackendError::Protocol(format!("stream broke: {}", root_cause(&e))))?;
         // One event per generated token: parsed in place, borrowing from
@@ -411,6 +469,16 @@ async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError>
             }
             for choice in event.choices {
                 if let Some(t) = choice.delta.and_then(|d| d.content) {
+                    let room = limits.max_reply_bytes.saturating_sub(text.len());
+                    if t.len() > room {
+                        let mut end = room;
+                        while !t.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        text.push_str(&t[..end]);
+                        cut = true;
+                        return Ok(false);
+                    }
                     text.push_str(&t);
                 }
                 if let Some(f) = choice.finish_reason {
@@ -431,6 +499,13 @@ async fn collect_stream(resp: reqwest::Response) -> Result<Answer, BackendError>
             Err(SseError::Handler(e)) => return Err(e),
             Err(e) => return Err(BackendError::Protocol(e.to_string())),
         }
+    }
+    if cut {
+        return Ok(Answer {
+            text,
+            finish_reason: Some("length".into()),
+            usage,
+        });
     }
     if !done {
         return Err(BackendError::Protocol(
@@ -478,9 +553,9 @@ async fn status_error(status: StatusCode, resp: reqwest::Response) -> BackendErr
         // Beyond any deadline anyway; capped so that adding it to a clock
         // or turning it into `retryAfterMs` can never overflow.
         .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)));
-    // Error bodies are small; cap what we read anyway.
-    let bytes = resp.bytes().await.unwrap_or_default();
-    let bytes = &bytes[..bytes.len().min(16 * 1024)];
+    // Error bodies are small; never read more than the cap.
+    let bytes = read_capped(resp, MAX_ERROR_BODY).await.unwrap_or_default();
+    let bytes = &bytes[..];
     let (message, context) = match serde_json::from_slice::<ErrorBody>(bytes) {
         Ok(b) => b.summary(),
         Err(_) => (String::from_utf8_lossy(bytes).into_owned(), false),

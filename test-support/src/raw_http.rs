@@ -8,7 +8,9 @@
 //!   request);
 //! - [`ResetMode::Reused`]: each connection answers its first request with
 //!   keep-alive, then is closed when a second request arrives on it: only
-//!   stale pooled connections fail, fresh ones always answer.
+//!   stale pooled connections fail, fresh ones always answer;
+//! - [`ResetMode::StallAfterHead`]: chat requests get a 200 head and an
+//!   event stream that never sends anything (health and models answer).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use tokio::task::JoinHandle;
 pub enum ResetMode {
     Every,
     Reused,
+    StallAfterHead,
 }
 
 /// The running server; stops when dropped.
@@ -115,7 +118,18 @@ async fn serve(
         if is_chat {
             chat.fetch_add(1, Ordering::SeqCst);
         }
-        if mode == ResetMode::Every || served > 0 {
+        if is_chat && mode == ResetMode::StallAfterHead {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            if sock.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            // Hold the connection open, saying nothing, until the client
+            // goes away.
+            let mut rest = [0u8; 1024];
+            while matches!(sock.read(&mut rest).await, Ok(n) if n > 0) {}
+            return;
+        }
+        if mode == ResetMode::Every || (mode == ResetMode::Reused && served > 0) {
             if is_chat {
                 resets.fetch_add(1, Ordering::SeqCst);
             }
@@ -123,7 +137,9 @@ async fn serve(
             return;
         }
         served += 1;
-        let body = if is_chat {
+        let body = if head.contains("/models") {
+            "{\"object\":\"list\",\"data\":[{\"id\":\"test-model\",\"object\":\"model\"}]}"
+        } else if is_chat {
             concat!(
                 "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"fresh\"},\"finish_reason\":\"stop\"}]}\n\n",
                 "data: [DONE]\n\n"
@@ -133,6 +149,8 @@ async fn serve(
         };
         let content_type = if is_chat {
             "text/event-stream"
+        } else if head.contains("/models") {
+            "application/json"
         } else {
             "text/plain"
         };
