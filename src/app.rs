@@ -161,6 +161,9 @@ impl App {
             max_sessions: cfg.sessions.max_sessions,
             idle_ttl: cfg.sessions.idle_ttl,
             history_messages: cfg.sessions.history_messages,
+            max_session_bytes: cfg.sessions.max_session_bytes,
+            max_total_bytes: cfg.sessions.max_total_bytes,
+            max_system_prompt_bytes: cfg.sessions.max_system_prompt_bytes,
         }));
         let (queue_tx, queue_rx) = queue::bounded(cfg.admission.max_queue_size);
         // Between the poll loop and admission: room for a burst the size of
@@ -207,6 +210,7 @@ impl App {
             limits: Limits {
                 max_payload_bytes: cfg.admission.max_payload_bytes,
                 request_timeout: cfg.backend.request_timeout,
+                max_system_prompt_bytes: cfg.sessions.max_system_prompt_bytes,
             },
             admission: admission_tx,
             egress: egress.clone(),

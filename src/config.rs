@@ -70,6 +70,8 @@ pub struct ProjectConfig {
     /// System prompt put first in every conversation.
     pub system_prompt: String,
     /// Whether a request's `systemPrompt` may replace it for its session.
+    /// Off by default: a `sessionId` proves nothing, so any device that
+    /// guesses one could change another device's assistant.
     pub allow_system_prompt: bool,
     /// Sampling temperature when the request gives none.
     pub temperature: f64,
@@ -87,7 +89,7 @@ impl Default for ProjectConfig {
     fn default() -> Self {
         Self {
             system_prompt: "You are a helpful assistant.".to_owned(),
-            allow_system_prompt: true,
+            allow_system_prompt: false,
             temperature: 0.7,
             top_p: 0.9,
             max_tokens: 512,
@@ -364,6 +366,14 @@ pub struct SessionsConfig {
     /// Approximate token budget of system prompt + history + message
     /// (tokens estimated as bytes / 4); older turns are dropped to fit.
     pub history_token_budget: usize,
+    /// Bytes of history and system prompt kept per session; the oldest
+    /// exchanges are dropped beyond it.
+    pub max_session_bytes: usize,
+    /// Bytes of history and system prompts kept in all; whole sessions are
+    /// evicted beyond it (those without a conversation first).
+    pub max_total_bytes: usize,
+    /// Longest `systemPrompt` a request may set; longer is a bad_request.
+    pub max_system_prompt_bytes: usize,
 }
 
 impl Default for SessionsConfig {
@@ -374,6 +384,9 @@ impl Default for SessionsConfig {
             sweep_interval: Duration::from_secs(60),
             history_messages: 20,
             history_token_budget: 3000,
+            max_session_bytes: 64 * 1024,
+            max_total_bytes: 256 * 1024 * 1024,
+            max_system_prompt_bytes: 8 * 1024,
         }
     }
 }
@@ -577,6 +590,20 @@ impl Config {
             return bad(
                 "mqtt.reconnect_min",
                 "must be above 0 and at most mqtt.reconnect_max".into(),
+            );
+        }
+        if self.sessions.max_session_bytes == 0
+            || self.sessions.max_total_bytes < self.sessions.max_session_bytes
+        {
+            return bad(
+                "sessions.max_total_bytes",
+                "must be at least sessions.max_session_bytes, which must be above 0".into(),
+            );
+        }
+        if self.sessions.max_system_prompt_bytes > self.sessions.max_session_bytes {
+            return bad(
+                "sessions.max_system_prompt_bytes",
+                "must be at most sessions.max_session_bytes".into(),
             );
         }
         if self.backend.first_byte_timeout.is_zero() {

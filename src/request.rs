@@ -52,6 +52,9 @@ pub struct ReplyTo {
 pub struct SessionKey {
     pub project: Arc<str>,
     pub session: Box<str>,
+    /// A session generated for a plain-text message: used once (the device
+    /// never learns its id), so the store keeps nothing of it.
+    pub ephemeral: bool,
 }
 
 impl std::fmt::Display for SessionKey {

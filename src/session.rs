@@ -9,7 +9,6 @@
 //! [`SessionStore::finish`] once the reply is handed to egress.
 
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,7 +64,7 @@ pub enum Admit {
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     /// The session's own system prompt, if it set one.
-    pub system_prompt: Option<String>,
+    pub system_prompt: Option<Arc<str>>,
     pub history: Vec<Turn>,
 }
 
@@ -77,6 +76,14 @@ pub struct StoreLimits {
     pub max_sessions: usize,
     pub idle_ttl: Duration,
     pub history_messages: usize,
+    /// Bytes of history and system prompt per session: the oldest
+    /// exchanges go first.
+    pub max_session_bytes: usize,
+    /// Bytes of history and system prompts in all: whole sessions are
+    /// evicted (those without a conversation first), the store never grows.
+    pub max_total_bytes: usize,
+    /// Longest system prompt override kept.
+    pub max_system_prompt_bytes: usize,
 }
 
 /// Per-session state. Time is the caller's `now`, so the in-memory store is
@@ -107,14 +114,15 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn context(&self, key: &SessionKey) -> Result<Context, StoreError>;
     /// Clears the history and the system prompt override.
     async fn reset(&self, key: &SessionKey) -> Result<(), StoreError>;
-    /// Sets the session's system prompt override.
-    async fn set_system_prompt(&self, key: &SessionKey, prompt: String) -> Result<(), StoreError>;
-    /// Appends an answered exchange to the history.
+    /// After a successful turn: appends the exchange to the history and,
+    /// if the request set one, keeps its system prompt override (only
+    /// now: a prompt whose requests all fail is never stored).
     async fn record(
         &self,
         key: &SessionKey,
         user: Arc<str>,
         assistant: Arc<str>,
+        system_prompt: Option<Arc<str>>,
     ) -> Result<(), StoreError>;
     /// Forgets sessions idle for the TTL; returns how many.
     async fn sweep(&self, now: Instant) -> Result<usize, StoreError>;
@@ -128,25 +136,133 @@ pub trait SessionStore: Send + Sync + 'static {
 struct Session {
     window: SlidingWindow,
     history: VecDeque<Turn>,
-    system_prompt: Option<String>,
+    system_prompt: Option<Arc<str>>,
+    /// Bytes of `history` and `system_prompt`, counted in the store's
+    /// global total.
+    bytes: usize,
     /// Released but not yet finished: its reply is on its way to egress.
     replying: Option<Box<str>>,
     answered: VecDeque<Box<str>>,
     last_seen: Option<Instant>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    /// Least recently used sessions are evicted beyond `max_sessions`.
-    sessions: LruCache<SessionKey, Session>,
-    /// Sessions with a request admitted and not finished, with its id. Kept
-    /// apart from the LRU so that eviction can never break exclusivity; its
-    /// size is bounded by the queue plus the workers.
-    busy: HashMap<SessionKey, Option<Box<str>>>,
+impl Session {
+    fn holds_conversation(&self) -> bool {
+        !self.history.is_empty() || self.system_prompt.is_some()
+    }
+
+    fn measure(&self) -> usize {
+        self.history.iter().map(|t| t.content.len()).sum::<usize>()
+            + self.system_prompt.as_deref().map_or(0, str::len)
+    }
 }
 
-/// The in-memory store: one process, bounded by `max_sessions` and the idle
-/// TTL.
+/// Sessions in two tiers, each in least-recently-used order: `fresh` ones
+/// hold no conversation (a window, answered ids) and are evicted first;
+/// `kept` ones hold history or a system prompt, and go only when no fresh
+/// one is left. So a flood of new sessionIds (a device rotating them, or
+/// plain-text messages) can evict only its own kind, never a conversation
+/// while fresh sessions remain.
+#[derive(Debug)]
+struct Tiers {
+    fresh: LruCache<SessionKey, Session>,
+    kept: LruCache<SessionKey, Session>,
+}
+
+impl Tiers {
+    fn len(&self) -> usize {
+        self.fresh.len() + self.kept.len()
+    }
+
+    fn peek(&self, key: &SessionKey) -> Option<&Session> {
+        self.kept.peek(key).or_else(|| self.fresh.peek(key))
+    }
+
+    fn peek_mut(&mut self, key: &SessionKey) -> Option<&mut Session> {
+        match self.kept.peek_mut(key) {
+            Some(s) => Some(s),
+            None => self.fresh.peek_mut(key),
+        }
+    }
+
+    /// The session, marked as just used.
+    fn get_mut(&mut self, key: &SessionKey) -> Option<&mut Session> {
+        match self.kept.get_mut(key) {
+            Some(s) => Some(s),
+            None => self.fresh.get_mut(key),
+        }
+    }
+
+    fn remove(&mut self, key: &SessionKey) -> Option<Session> {
+        self.kept.pop(key).or_else(|| self.fresh.pop(key))
+    }
+
+    /// Moves a session to the tier its content calls for.
+    fn retier(&mut self, key: &SessionKey) {
+        let in_kept = self.kept.contains(key);
+        let wants_kept = self.peek(key).is_some_and(Session::holds_conversation);
+        if in_kept != wants_kept {
+            if let Some(s) = self.remove(key) {
+                match wants_kept {
+                    true => self.kept.put(key.clone(), s),
+                    false => self.fresh.put(key.clone(), s),
+                };
+            }
+        }
+    }
+
+    /// Evicts one session: the least recently used fresh one, else the
+    /// least recently used conversation. Idle ones go before busy ones
+    /// (a busy one keeps its exclusivity anyway: that lives in `busy`).
+    fn evict_one(&mut self, busy: &HashMap<SessionKey, Option<Box<str>>>) -> Option<Session> {
+        for idle_only in [true, false] {
+            for tier in [&mut self.fresh, &mut self.kept] {
+                let victim = tier
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| !idle_only || !busy.contains_key(*k))
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = victim {
+                    return tier.pop(&k);
+                }
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    sessions: Tiers,
+    /// Sessions with a request admitted and not finished, with its id. Kept
+    /// apart from the tiers so that eviction can never break exclusivity;
+    /// its size is bounded by the queue plus the workers.
+    busy: HashMap<SessionKey, Option<Box<str>>>,
+    /// Bytes of history and system prompts held, all sessions together.
+    bytes: usize,
+}
+
+impl Inner {
+    /// Evicts until at most `max_sessions` sessions and `max_bytes` bytes
+    /// are held.
+    fn enforce(&mut self, max_sessions: usize, max_bytes: usize) {
+        while self.sessions.len() > max_sessions || self.bytes > max_bytes {
+            match self.sessions.evict_one(&self.busy) {
+                Some(s) => self.bytes -= s.bytes,
+                None => break,
+            }
+        }
+    }
+
+    fn forget(&mut self, key: &SessionKey) {
+        if let Some(s) = self.sessions.remove(key) {
+            self.bytes -= s.bytes;
+        }
+    }
+}
+
+/// The in-memory store: one process, bounded by `max_sessions`, a byte
+/// budget per session and in all, and the idle TTL.
 #[derive(Debug)]
 pub struct MemoryStore {
     limits: StoreLimits,
@@ -157,12 +273,15 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(limits: StoreLimits) -> Self {
-        let cap = NonZeroUsize::new(limits.max_sessions.max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
             limits,
             inner: Mutex::new(Inner {
-                sessions: LruCache::new(cap),
+                sessions: Tiers {
+                    fresh: LruCache::unbounded(),
+                    kept: LruCache::unbounded(),
+                },
                 busy: HashMap::new(),
+                bytes: 0,
             }),
         }
     }
@@ -171,6 +290,12 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than losing the daemon: keep serving.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of history and system prompts held now.
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 }
 
@@ -209,18 +334,14 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn set_system_prompt(&self, key: &SessionKey, prompt: String) -> Result<(), StoreError> {
-        self.set_system_prompt_now(key, prompt);
-        Ok(())
-    }
-
     async fn record(
         &self,
         key: &SessionKey,
         user: Arc<str>,
         assistant: Arc<str>,
+        system_prompt: Option<Arc<str>>,
     ) -> Result<(), StoreError> {
-        self.record_now(key, user, assistant);
+        self.record_now(key, user, assistant, system_prompt);
         Ok(())
     }
 
@@ -261,27 +382,51 @@ impl MemoryStore {
         if inner.busy.contains_key(key) {
             return Admit::Busy;
         }
-        let session = inner
-            .sessions
-            .get_or_insert_mut(key.clone(), Session::default);
-        session.last_seen = Some(now);
-        match session
-            .window
-            .try_acquire(now, self.limits.rate_limit, self.limits.rate_window)
-        {
-            Ok(()) => {
-                inner.busy.insert(key.clone(), request_id.map(Into::into));
-                Admit::Admitted
-            }
-            Err(retry_after) => Admit::RateLimited { retry_after },
+        // A generated plain-text session is used once: it needs no window
+        // (a new one is generated each time) and holds no state at all.
+        if key.ephemeral {
+            inner.busy.insert(key.clone(), request_id.map(Into::into));
+            return Admit::Admitted;
         }
+        // The window is checked before anything is stored: a request
+        // refused here creates no session.
+        let (limit, window) = (self.limits.rate_limit, self.limits.rate_window);
+        match inner.sessions.get_mut(key) {
+            Some(session) => {
+                session.last_seen = Some(now);
+                if let Err(retry_after) = session.window.try_acquire(now, limit, window) {
+                    return Admit::RateLimited { retry_after };
+                }
+            }
+            None => {
+                let mut session = Session {
+                    last_seen: Some(now),
+                    ..Session::default()
+                };
+                if let Err(retry_after) = session.window.try_acquire(now, limit, window) {
+                    return Admit::RateLimited { retry_after };
+                }
+                inner.sessions.fresh.put(key.clone(), session);
+            }
+        }
+        inner.busy.insert(key.clone(), request_id.map(Into::into));
+        inner.enforce(self.limits.max_sessions, self.limits.max_total_bytes);
+        Admit::Admitted
     }
 
     fn cancel_now(&self, key: &SessionKey) {
         let mut g = self.lock();
         g.busy.remove(key);
-        if let Some(s) = g.sessions.peek_mut(key) {
-            s.window.undo_last();
+        let empty = match g.sessions.peek_mut(key) {
+            Some(s) => {
+                s.window.undo_last();
+                s.window.is_empty() && !s.holds_conversation() && s.answered.is_empty()
+            }
+            None => false,
+        };
+        // Refused after all (the queue was full): leave nothing behind.
+        if empty {
+            g.forget(key);
         }
     }
 
@@ -311,7 +456,7 @@ impl MemoryStore {
 
     fn context_now(&self, key: &SessionKey) -> Context {
         let mut g = self.lock();
-        match g.sessions.get(key) {
+        match g.sessions.get_mut(key) {
             Some(s) => Context {
                 system_prompt: s.system_prompt.clone(),
                 history: s.history.iter().cloned().collect(),
@@ -321,23 +466,63 @@ impl MemoryStore {
     }
 
     fn reset_now(&self, key: &SessionKey) {
-        if let Some(s) = self.lock().sessions.peek_mut(key) {
-            s.history.clear();
-            s.system_prompt = None;
+        let mut g = self.lock();
+        let freed = match g.sessions.peek_mut(key) {
+            Some(s) => {
+                s.history.clear();
+                s.system_prompt = None;
+                std::mem::take(&mut s.bytes)
+            }
+            None => 0,
+        };
+        g.bytes -= freed;
+        g.sessions.retier(key);
+    }
+
+    fn record_now(
+        &self,
+        key: &SessionKey,
+        user: Arc<str>,
+        assistant: Arc<str>,
+        system_prompt: Option<Arc<str>>,
+    ) {
+        if key.ephemeral {
+            return;
         }
-    }
-
-    fn set_system_prompt_now(&self, key: &SessionKey, prompt: String) {
+        let limits = &self.limits;
         let mut g = self.lock();
-        let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
-        s.system_prompt = Some(prompt);
-    }
-
-    fn record_now(&self, key: &SessionKey, user: Arc<str>, assistant: Arc<str>) {
-        let max = self.limits.history_messages;
-        let mut g = self.lock();
-        let s = g.sessions.get_or_insert_mut(key.clone(), Session::default);
-        push_exchange(&mut s.history, user, assistant, max);
+        let inner = &mut *g;
+        // Evicted meanwhile (the store is full of busier sessions): the
+        // exchange is not worth evicting another conversation for.
+        let Some(s) = inner.sessions.peek_mut(key) else {
+            return;
+        };
+        let before = s.bytes;
+        if let Some(p) = system_prompt {
+            // Longer ones are refused at validation; this is the backstop.
+            if p.len() <= limits.max_system_prompt_bytes {
+                s.system_prompt = Some(p);
+            }
+        }
+        push_exchange(&mut s.history, user, assistant, limits.history_messages);
+        s.bytes = s.measure();
+        // The per-session budget: drop the oldest exchanges.
+        while s.bytes > limits.max_session_bytes && !s.history.is_empty() {
+            s.history.pop_front();
+            if s.history
+                .front()
+                .is_some_and(|t| t.role == crate::history::Role::Assistant)
+            {
+                s.history.pop_front();
+            }
+            s.bytes = s.measure();
+        }
+        let after = s.bytes;
+        inner.bytes = inner.bytes + after - before;
+        inner.sessions.retier(key);
+        // Just used: it is the last the global budget evicts.
+        inner.sessions.get_mut(key);
+        inner.enforce(limits.max_sessions, limits.max_total_bytes);
     }
 
     fn sweep_now(&self, now: Instant) -> usize {
@@ -345,16 +530,20 @@ impl MemoryStore {
         let mut g = self.lock();
         let inner = &mut *g;
         let mut removed = 0;
-        // The LRU order is the last-use order: stop at the first fresh one.
-        while let Some((key, s)) = inner.sessions.peek_lru() {
-            let idle = s
-                .last_seen
-                .is_none_or(|t| now.saturating_duration_since(t) >= ttl);
-            if !idle || inner.busy.contains_key(key) {
-                break;
+        for tier in [&mut inner.sessions.fresh, &mut inner.sessions.kept] {
+            // The LRU order is the last-use order: stop at the first fresh one.
+            while let Some((key, s)) = tier.peek_lru() {
+                let idle = s
+                    .last_seen
+                    .is_none_or(|t| now.saturating_duration_since(t) >= ttl);
+                if !idle || inner.busy.contains_key(key) {
+                    break;
+                }
+                if let Some((_, s)) = tier.pop_lru() {
+                    inner.bytes -= s.bytes;
+                }
+                removed += 1;
             }
-            inner.sessions.pop_lru();
-            removed += 1;
         }
         removed
     }
@@ -392,6 +581,9 @@ mod tests {
             max_sessions,
             idle_ttl: Duration::from_secs(3600),
             history_messages: 4,
+            max_session_bytes: 64 * 1024,
+            max_total_bytes: 1024 * 1024,
+            max_system_prompt_bytes: 8 * 1024,
         })
     }
 
@@ -399,7 +591,25 @@ mod tests {
         SessionKey {
             project: "p".into(),
             session: s.into(),
+            ephemeral: false,
         }
+    }
+
+    fn plain(s: &str) -> SessionKey {
+        SessionKey {
+            ephemeral: true,
+            ..key(s)
+        }
+    }
+
+    /// One whole successful turn.
+    async fn turn(st: &MemoryStore, k: &SessionKey, user: &str, answer: &str, now: Instant) {
+        assert_eq!(st.admit(k, None, now).await.unwrap(), Admit::Admitted);
+        st.record(k, user.into(), answer.into(), None)
+            .await
+            .unwrap();
+        st.release(k, None).await.unwrap();
+        st.finish(k, None).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -514,10 +724,11 @@ mod tests {
         let k = key("s");
         let t0 = Instant::now();
         st.admit(&k, None, t0).await.unwrap();
-        st.record(&k, "u1".into(), "a1".into()).await.unwrap();
-        st.record(&k, "u2".into(), "a2".into()).await.unwrap();
-        st.record(&k, "u3".into(), "a3".into()).await.unwrap();
-        st.set_system_prompt(&k, "pirate".into()).await.unwrap();
+        st.record(&k, "u1".into(), "a1".into(), None).await.unwrap();
+        st.record(&k, "u2".into(), "a2".into(), None).await.unwrap();
+        st.record(&k, "u3".into(), "a3".into(), Some("pirate".into()))
+            .await
+            .unwrap();
         let c = st.context(&k).await.unwrap();
         assert_eq!(c.history.len(), 4);
         assert_eq!(&*c.history[0].content, "u2");
@@ -530,5 +741,100 @@ mod tests {
         assert_eq!(st.sweep(t0 + Duration::from_secs(3599)).await.unwrap(), 0);
         assert_eq!(st.sweep(t0 + Duration::from_secs(3600)).await.unwrap(), 1);
         assert_eq!(st.sessions(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotating_session_ids_and_plain_text_never_evict_a_conversation() {
+        let st = MemoryStore::new(StoreLimits {
+            max_sessions: 5,
+            ..store(5).limits
+        });
+        let now = Instant::now();
+        let real = key("robot-7");
+        turn(&st, &real, "where am I?", "in the maze", now).await;
+        // Plain text: generated sessions, used once, stored not at all.
+        for i in 0..20 {
+            turn(&st, &plain(&format!("default-{i:08x}")), "hi", "hello", now).await;
+        }
+        assert_eq!(st.sessions(), 1);
+        // A device rotating sessionIds whose requests fail (or are not
+        // answered yet): those sessions hold no conversation, and evict only
+        // their own kind. (Rotating sessions that do converse compete by
+        // recent use; per-device limits are what bounds that.)
+        for i in 0..20 {
+            let k = key(&format!("rot-{i}"));
+            assert_eq!(st.admit(&k, None, now).await.unwrap(), Admit::Admitted);
+            st.release(&k, None).await.unwrap();
+            st.finish(&k, None).await.unwrap();
+        }
+        let c = st.context(&real).await.unwrap();
+        assert_eq!(c.history.len(), 2, "the conversation survived");
+        assert!(st.sessions() <= 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_refused_after_admission_leaves_no_session() {
+        let st = store(10);
+        let now = Instant::now();
+        assert_eq!(
+            st.admit(&key("q"), None, now).await.unwrap(),
+            Admit::Admitted
+        );
+        st.cancel(&key("q")).await.unwrap(); // the queue was full
+        assert_eq!((st.sessions(), st.busy()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_is_bounded_per_session_and_in_all() {
+        let st = MemoryStore::new(StoreLimits {
+            rate_limit: 1000,
+            max_session_bytes: 1000,
+            max_total_bytes: 3000,
+            max_system_prompt_bytes: 500,
+            history_messages: 100,
+            ..store(100).limits
+        });
+        let now = Instant::now();
+        let big = "x".repeat(300);
+        // One session: the oldest exchanges go beyond 1000 bytes.
+        for _ in 0..10 {
+            turn(&st, &key("a"), &big, &big, now).await;
+        }
+        let c = st.context(&key("a")).await.unwrap();
+        assert_eq!(c.history.len(), 2, "one 600-byte exchange fits");
+        assert!(st.bytes() <= 1000);
+        // Many sessions: whole ones are evicted beyond 3000 bytes in all.
+        for i in 0..20 {
+            turn(&st, &key(&format!("s{i}")), &big, &big, now).await;
+        }
+        assert!(st.bytes() <= 3000, "{}", st.bytes());
+        // The newest conversations are the ones kept.
+        assert_eq!(st.context(&key("s19")).await.unwrap().history.len(), 2);
+        assert!(st.context(&key("a")).await.unwrap().history.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_system_prompt_is_kept_only_after_a_successful_turn() {
+        let st = store(10);
+        let now = Instant::now();
+        let k = key("s");
+        // Requests that fail never call `record`: nothing is kept.
+        for _ in 0..2 {
+            assert_eq!(st.admit(&k, None, now).await.unwrap(), Admit::Admitted);
+            st.release(&k, None).await.unwrap();
+            st.finish(&k, None).await.unwrap();
+        }
+        assert_eq!(st.bytes(), 0);
+        assert!(st.context(&k).await.unwrap().system_prompt.is_none());
+        let later = now + Duration::from_secs(61);
+        assert_eq!(st.admit(&k, None, later).await.unwrap(), Admit::Admitted);
+        st.record(&k, "u".into(), "a".into(), Some("pirate".into()))
+            .await
+            .unwrap();
+        let c = st.context(&k).await.unwrap();
+        assert_eq!(c.system_prompt.as_deref(), Some("pirate"));
+        assert_eq!(st.bytes(), "u".len() + "a".len() + "pirate".len());
+        st.reset(&k).await.unwrap();
+        assert_eq!(st.bytes(), 0);
     }
 }

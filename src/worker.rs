@@ -196,19 +196,19 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
     if req.reset {
         store.reset(&req.key).await.map_err(unavailable)?;
     }
-    if let Some(p) = &req.system_prompt {
-        store
-            .set_system_prompt(&req.key, p.clone())
-            .await
-            .map_err(unavailable)?;
-    }
     let ctx = store.context(&req.key).await.map_err(unavailable)?;
     let project_prompt = shared
         .projects
         .get(&req.key.project)
         .map(|p| p.system_prompt.as_str())
         .unwrap_or_default();
-    let system = ctx.system_prompt.as_deref().unwrap_or(project_prompt);
+    // This request's override, else the session's, else the project's.
+    // The request's is stored only once its turn succeeds.
+    let override_prompt: Option<Arc<str>> = req.system_prompt.as_deref().map(Arc::from);
+    let system = override_prompt
+        .as_deref()
+        .or(ctx.system_prompt.as_deref())
+        .unwrap_or(project_prompt);
     let mut prompt = build_prompt(
         system,
         &ctx.history,
@@ -221,6 +221,7 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
             &req.key,
             req.message.clone(),
             Arc::from(answer.text.as_str()),
+            override_prompt,
         )
         .await;
     if let Err(e) = recorded {
@@ -340,6 +341,7 @@ mod tests {
         let key = SessionKey {
             project: Arc::from("maze"),
             session: "s1".into(),
+            ephemeral: false,
         };
         let body = guarded(async { panic!("a bug") }, &key).await;
         match body {

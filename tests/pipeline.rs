@@ -185,6 +185,7 @@ async fn project_prompt_and_session_override() {
             "maze".into(),
             vllm_mqttd::config::ProjectOverride {
                 system_prompt: Some("You guide a robot through a maze.".into()),
+                allow_system_prompt: Some(true),
                 ..Default::default()
             },
         );

@@ -143,7 +143,11 @@ async fn chat_one_shot_fails_when_the_backend_refuses() {
 #[tokio::test]
 async fn chat_repl_commands() {
     use tokio::io::AsyncWriteExt;
-    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    // `/prompt` sets a system prompt: the project must allow it.
+    let env = Env::start(FakeVllm::builder().run().await, |c| {
+        c.project_defaults.allow_system_prompt = true
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("history");
     let port = env.broker.port().to_string();

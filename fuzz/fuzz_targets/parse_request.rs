@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
         let limits = Limits {
             max_payload_bytes: 64 * 1024,
             request_timeout: Duration::from_secs(120),
+            max_system_prompt_bytes: 8 * 1024,
         };
         match parse(&inbound, &ProjectConfig::default(), &limits) {
             Ok(r) => check_topic(&r.reply.topic),

@@ -195,18 +195,12 @@ mod tests {
         async fn reset(&self, _: &crate::request::SessionKey) -> Result<(), StoreError> {
             Err(down())
         }
-        async fn set_system_prompt(
-            &self,
-            _: &crate::request::SessionKey,
-            _: String,
-        ) -> Result<(), StoreError> {
-            Err(down())
-        }
         async fn record(
             &self,
             _: &crate::request::SessionKey,
             _: Arc<str>,
             _: Arc<str>,
+            _: Option<Arc<str>>,
         ) -> Result<(), StoreError> {
             Err(down())
         }
@@ -237,6 +231,7 @@ mod tests {
         let limits = Limits {
             max_payload_bytes: 65536,
             request_timeout: Duration::from_secs(60),
+            max_system_prompt_bytes: 8192,
         };
         validate::parse(&inbound, &ProjectConfig::default(), &limits).expect("a valid request")
     }

@@ -42,6 +42,8 @@ const MAX_CLIENT_ID_BYTES: usize = 256;
 pub struct Limits {
     pub max_payload_bytes: usize,
     pub request_timeout: Duration,
+    /// Longest `systemPrompt`, in bytes.
+    pub max_system_prompt_bytes: usize,
 }
 
 /// A request that failed validation: the error, and where to send it if a
@@ -126,7 +128,7 @@ pub fn parse(
     };
 
     let (parts, error) = match &map {
-        Some(map) => parse_object(map, project, project_name, v5),
+        Some(map) => parse_object(map, project, project_name, v5, limits),
         // No session to answer on: only a v5 Response Topic can carry it.
         None if text.trim().is_empty() => {
             return Err(Box::new(bad(
@@ -141,6 +143,7 @@ pub fn parse(
                 session_id: Some(generated_session_id()),
                 reply_topic: v5_topic,
                 message: text,
+                ephemeral: true,
                 ..Default::default()
             };
             (parts, v5.err())
@@ -165,6 +168,7 @@ fn parse_object<'a>(
     project: &ProjectConfig,
     project_name: &str,
     v5: Result<Option<&'a str>, FieldError>,
+    limits: &Limits,
 ) -> (RequestParts<'a>, Option<FieldError>) {
     use Bound::{Excluded, Included};
     let formats = [("text", ReplyFormat::Text), ("json", ReplyFormat::Json)];
@@ -183,8 +187,13 @@ fn parse_object<'a>(
         temperature: f.keep(f.opt_f64_in("temperature", 0.0..=2.0)),
         top_p: f.keep(f.opt_f64_in("topP", (Excluded(0.0), Included(1.0)))),
         max_tokens: f.keep(f.opt_u32_in("maxTokens", 1..=project.max_tokens_limit)),
-        system_prompt: f.keep(f.opt_str_if("systemPrompt", project.allow_system_prompt)),
+        system_prompt: f.keep(f.opt_str_if(
+            "systemPrompt",
+            project.allow_system_prompt,
+            limits.max_system_prompt_bytes,
+        )),
         reset: f.keep(f.opt_bool("reset")),
+        ephemeral: false,
     };
     (parts, f.first_error)
 }
@@ -226,6 +235,8 @@ struct RequestParts<'a> {
     max_tokens: Option<u32>,
     system_prompt: Option<&'a str>,
     reset: Option<bool>,
+    /// Plain text on a generated session: nothing of it is stored.
+    ephemeral: bool,
 }
 
 impl RequestParts<'_> {
@@ -275,6 +286,7 @@ fn finish(
         key: SessionKey {
             project: inbound.project.clone(),
             session: reply.session_id.clone().into_boxed_str(),
+            ephemeral: parts.ephemeral,
         },
         message: parts.message.into(),
         sampling: Sampling {
@@ -389,9 +401,18 @@ impl<'a> Fields<'a> {
     }
 
     /// A string, if the project allows the field at all.
-    fn opt_str_if(&self, name: &str, allowed: bool) -> Result<Option<&'a str>, FieldError> {
+    fn opt_str_if(
+        &self,
+        name: &str,
+        allowed: bool,
+        max_bytes: usize,
+    ) -> Result<Option<&'a str>, FieldError> {
         match self.opt_string(name)? {
             Some(_) if !allowed => Err(FieldError::new(name, "is not allowed for this project")),
+            Some(s) if s.len() > max_bytes => Err(FieldError::new(
+                name,
+                format!("must be at most {max_bytes} bytes"),
+            )),
             s => Ok(s),
         }
     }
@@ -521,20 +542,24 @@ mod tests {
         Limits {
             max_payload_bytes: 1024,
             request_timeout: Duration::from_secs(120),
+            max_system_prompt_bytes: 8192,
+        }
+    }
+
+    /// A project that lets requests set their system prompt.
+    fn trusting() -> ProjectConfig {
+        ProjectConfig {
+            allow_system_prompt: true,
+            ..ProjectConfig::default()
         }
     }
 
     fn ok(payload: &str) -> Request {
-        parse(
-            &inbound("maze", payload.to_owned()),
-            &ProjectConfig::default(),
-            &limits(),
-        )
-        .unwrap()
+        parse(&inbound("maze", payload.to_owned()), &trusting(), &limits()).unwrap()
     }
 
     fn err(i: Inbound) -> Invalid {
-        *parse(&i, &ProjectConfig::default(), &limits()).unwrap_err()
+        *parse(&i, &trusting(), &limits()).unwrap_err()
     }
 
     fn err_of(payload: &str) -> Invalid {
@@ -665,6 +690,31 @@ mod tests {
         );
         let e = parse(&i, &p, &limits()).unwrap_err();
         assert!(e.failure.message.contains("systemPrompt"));
+        // Off unless the project says so.
+        assert!(!ProjectConfig::default().allow_system_prompt);
+        // Allowed, it is still capped.
+        let long = "x".repeat(limits().max_system_prompt_bytes + 1);
+        let i = inbound(
+            "maze",
+            format!(r#"{{"message":"hi","sessionId":"s","systemPrompt":"{long}"}}"#),
+        );
+        let roomy = Limits {
+            max_payload_bytes: 64 * 1024,
+            ..limits()
+        };
+        let e = parse(&i, &trusting(), &roomy).unwrap_err();
+        assert!(
+            e.failure.message.contains("at most 8192 bytes"),
+            "{}",
+            e.failure.message
+        );
+    }
+
+    #[tokio::test]
+    async fn plain_text_sessions_are_ephemeral_and_json_ones_are_not() {
+        assert!(ok("hello robot").key.ephemeral);
+        assert!(!ok(r#"{"message":"hi"}"#).key.ephemeral);
+        assert!(!ok(r#"{"message":"hi","sessionId":"s"}"#).key.ephemeral);
     }
 }
 
@@ -678,6 +728,7 @@ mod properties {
         Limits {
             max_payload_bytes: 4096,
             request_timeout: Duration::from_secs(120),
+            max_system_prompt_bytes: 8192,
         }
     }
 
