@@ -51,10 +51,11 @@ use crate::shutdown::{within, Shutdown};
 use crate::telemetry::{self, Gauges, Sampler, Stats};
 use crate::worker::{self, Shared};
 
-/// How long egress may take to flush at shutdown before we give up on it.
-const EGRESS_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the offline status and the DISCONNECT may take to go out.
-const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the stop may take after the workers' grace: egress flushing, the
+/// offline status, the DISCONNECT and the linger after it, all together.
+/// A stop therefore takes at most `shutdown_grace` + this (40 s by
+/// default, under the systemd unit's `TimeoutStopSec=45`).
+pub const STOP_FLUSH_BUDGET: Duration = Duration::from_secs(10);
 
 /// Environment variable that may hold the backend API key.
 pub const API_KEY_ENV: &str = "VLLM_MQTTD_BACKEND_API_KEY";
@@ -154,6 +155,15 @@ impl App {
             instance = %instance,
             "starting vllm-mqttd"
         );
+        if cfg.instance_id.is_empty() && cfg.mqtt.client_id.is_empty() {
+            // The broker keeps our persistent session under the client id:
+            // one that changes with the host name (a container restart)
+            // leaves the old session queueing requests nobody will take.
+            tracing::warn!(
+                client_id = %cfg.client_id(),
+                "the MQTT client id is derived from the host name; set --instance-id (or mqtt.client_id) to a stable name"
+            );
+        }
         let stats = Arc::new(Stats::new());
         let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new(StoreLimits {
             rate_limit: cfg.admission.rate_limit,
@@ -434,16 +444,15 @@ impl Running {
             workers.wait().await;
         }
         phases.flush.cancel();
-        let flushed = Instant::now() + EGRESS_FLUSH_TIMEOUT;
+        let flushed = Instant::now() + STOP_FLUSH_BUDGET;
         // On time out the replies left are unacknowledged: redelivered.
         let _ = within("egress (broker unreachable?)", flushed, egress).await;
         phases.background.cancel();
-        background.wait().await;
-        say_offline(&client, &status).await;
+        let _ = within("background tasks", flushed, background.wait()).await;
+        say_offline(&client, &status, flushed).await;
         // The poll loop writes everything queued before the DISCONNECT,
         // then ends; cut it short only if the broker takes nothing.
-        let disconnected = Instant::now() + DISCONNECT_TIMEOUT;
-        if within("MQTT disconnect", disconnected, &mut ingress)
+        if within("MQTT disconnect", flushed, &mut ingress)
             .await
             .is_none()
         {
@@ -457,7 +466,7 @@ impl Running {
 /// Publishes the retained `offline` status and sends DISCONNECT, bounded:
 /// with the broker unreachable and rumqttc's request channel full, these
 /// awaits would never return.
-async fn say_offline(client: &AsyncClient, status: &StatusMessages) {
+async fn say_offline(client: &AsyncClient, status: &StatusMessages, until: Instant) {
     let offline = async {
         client
             .publish(
@@ -469,7 +478,7 @@ async fn say_offline(client: &AsyncClient, status: &StatusMessages) {
             .await?;
         client.disconnect().await
     };
-    match tokio::time::timeout(DISCONNECT_TIMEOUT, offline).await {
+    match tokio::time::timeout_at(until, offline).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish the offline status"),
         Err(_) => {

@@ -523,6 +523,74 @@ impl Config {
                 reason,
             })
         };
+        // Every duration is added to a clock somewhere: an absurd one
+        // ("100000000y") would overflow and panic a task. The session
+        // expiry goes to the broker as u32 seconds; a week is plenty for
+        // everything else.
+        const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        let durations = [
+            ("mqtt.keep_alive", self.mqtt.keep_alive, WEEK),
+            ("mqtt.session_expiry", self.mqtt.session_expiry, YEAR),
+            ("mqtt.reconnect_min", self.mqtt.reconnect_min, WEEK),
+            ("mqtt.reconnect_max", self.mqtt.reconnect_max, WEEK),
+            (
+                "backend.request_timeout",
+                self.backend.request_timeout,
+                WEEK,
+            ),
+            (
+                "backend.connect_timeout",
+                self.backend.connect_timeout,
+                WEEK,
+            ),
+            (
+                "backend.first_byte_timeout",
+                self.backend.first_byte_timeout,
+                WEEK,
+            ),
+            (
+                "backend.stream_gap_timeout",
+                self.backend.stream_gap_timeout,
+                WEEK,
+            ),
+            (
+                "backend.pool_idle_timeout",
+                self.backend.pool_idle_timeout,
+                WEEK,
+            ),
+            ("backend.retry_base", self.backend.retry_base, WEEK),
+            (
+                "backend.retry_max_delay",
+                self.backend.retry_max_delay,
+                WEEK,
+            ),
+            (
+                "backend.breaker_cooldown",
+                self.backend.breaker_cooldown,
+                WEEK,
+            ),
+            ("admission.rate_window", self.admission.rate_window, WEEK),
+            ("workers.shutdown_grace", self.workers.shutdown_grace, WEEK),
+            ("sessions.idle_ttl", self.sessions.idle_ttl, YEAR),
+            (
+                "sessions.sweep_interval",
+                self.sessions.sweep_interval,
+                WEEK,
+            ),
+            ("stats.interval", self.stats.interval, WEEK),
+        ];
+        for (field, d, max) in durations {
+            if d > max {
+                return bad(
+                    field,
+                    format!("must be at most {}", humantime::format_duration(max)),
+                );
+            }
+        }
+        if self.stats.interval.is_zero() {
+            return bad("stats.interval", "must be above 0".into());
+        }
         if !self.instance_id.is_empty() && !is_valid_session_id(&self.instance_id) {
             return bad(
                 "instance_id",
@@ -740,6 +808,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("project.general.temperature"));
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_before_they_can_overflow_a_clock() {
+        let c = Config::from_toml("[backend]\nbreaker_cooldown = \"100000000years\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("backend.breaker_cooldown"), "{e}");
+        let mut c = Config::default();
+        c.backend.request_timeout = Duration::MAX;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("request_timeout"));
+        let mut c = Config::default();
+        c.stats.interval = Duration::ZERO;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("stats.interval"));
     }
 
     #[test]
