@@ -9,6 +9,7 @@ use support::daemon::{device, unique, WAIT};
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::TestClient;
 use support::process::{run_to_end, DaemonProcess};
+use support::raw_http::{RawBackend, ResetMode};
 
 fn args(broker: &Mosquitto, backend: &str, instance: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
@@ -413,4 +414,42 @@ async fn backend_credentials_in_the_url_are_never_printed_and_still_work() {
     let log = d.log_text();
     assert!(log.contains("starting vllm-mqttd"), "{log}");
     assert!(!log.contains("s3cret") && !log.contains("hunter2"), "{log}");
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_holds_neither_requests_nor_the_stop() {
+    // Accepts every connection and answers nothing: model discovery and the
+    // health probe hang on it unless they are time-boxed and stoppable.
+    let broker = Mosquitto::start().await;
+    let backend = RawBackend::start(ResetMode::Silent).await;
+    let instance = unique("silent");
+    let (mut watch, topic) = status_watcher(&broker, &instance).await;
+    let mut a = args(
+        &broker,
+        &backend.base_url(),
+        &instance,
+        &["--shutdown-grace", "2s"],
+    );
+    if let Some(i) = a.iter().position(|x| x == "--model") {
+        a.drain(i..i + 2); // the model must be discovered
+    }
+    let mut d = DaemonProcess::spawn(&a, &[]);
+    wait_state(&mut watch, &topic, "online").await;
+    // A request is answered at once once the first discovery attempt has
+    // given up, not after its whole 2-minute deadline.
+    let mut dev = device(broker.host(), broker.port(), "maze").await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "q1", "message": "anyone?", "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on("maze/assistant_response/q1", WAIT)
+        .await
+        .json();
+    assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
+    // SIGTERM: the stop does not wait for the hung probes.
+    d.sigterm();
+    assert!(d.wait_exit(WAIT).await.success(), "{}", d.log_text());
 }

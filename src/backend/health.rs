@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::breaker::{Outcome, SharedBreaker};
 use super::Backend;
 
+/// How long one probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs until `stop`.
 pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: CancellationToken) {
     // Start-up: wait for the backend's first healthy answer, unless the
@@ -26,7 +29,9 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
     while breaker.next_probe_at().is_none() {
         let probe = tokio::select! {
             _ = stop.cancelled() => return,
-            r = backend.health() => r,
+            r = tokio::time::timeout(PROBE_TIMEOUT, backend.health()) => {
+                r.unwrap_or(Err(super::BackendError::Timeout))
+            }
         };
         match probe {
             Ok(()) => {
@@ -72,7 +77,7 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
         };
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(10), backend.health()) => r,
+            r = tokio::time::timeout(PROBE_TIMEOUT, backend.health()) => r,
         };
         // The breaker logs the transition (once), whichever way it goes.
         match result {

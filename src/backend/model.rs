@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 use super::Backend;
 use crate::backoff::next_backoff;
 
+/// How long one discovery attempt may take.
+const ATTEMPT: Duration = Duration::from_secs(5);
+
 /// Where the model name stands: configured, discovered, or not yet known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelState {
@@ -41,9 +44,17 @@ pub async fn discover(backend: Backend, model: watch::Sender<ModelState>, stop: 
     let mut delay = min;
     let mut warned = false;
     loop {
+        // Time-boxed: requests wait for the first attempt, so one that
+        // hangs on a backend that accepts and never answers would hold
+        // them all.
+        let attempt = tokio::time::timeout(ATTEMPT, backend.discover_model());
         let found = tokio::select! {
             _ = stop.cancelled() => return,
-            r = backend.discover_model() => r,
+            r = attempt => r.unwrap_or_else(|_| {
+                Err(super::BackendError::Protocol(format!(
+                    "GET /models: no answer within {ATTEMPT:?}"
+                )))
+            }),
         };
         match found {
             Ok(name) => {

@@ -10,7 +10,9 @@
 //!   keep-alive, then is closed when a second request arrives on it: only
 //!   stale pooled connections fail, fresh ones always answer;
 //! - [`ResetMode::StallAfterHead`]: chat requests get a 200 head and an
-//!   event stream that never sends anything (health and models answer).
+//!   event stream that never sends anything (health and models answer);
+//! - [`ResetMode::Silent`]: every connection is accepted and its request
+//!   read, and nothing is ever answered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ pub enum ResetMode {
     Every,
     Reused,
     StallAfterHead,
+    Silent,
 }
 
 /// The running server; stops when dropped.
@@ -117,6 +120,11 @@ async fn serve(
         let is_chat = head.starts_with("POST") && head.contains("/chat/completions");
         if is_chat {
             chat.fetch_add(1, Ordering::SeqCst);
+        }
+        if mode == ResetMode::Silent {
+            let mut rest = [0u8; 1024];
+            while matches!(sock.read(&mut rest).await, Ok(n) if n > 0) {}
+            return;
         }
         if is_chat && mode == ResetMode::StallAfterHead {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
