@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// 127.0.0.1:1883), MQTT 5 on the next port; the daemon connects to it.
     #[arg(long, env = "VLLM_MQTTD_EMBEDDED_BROKER", num_args = 0..=1, value_name = "ADDR")]
     pub embedded_broker: Option<Option<SocketAddr>>,
+    /// Let the embedded broker listen beyond loopback (it has no
+    /// authentication and no TLS).
+    #[arg(long, env = "VLLM_MQTTD_EMBEDDED_BROKER_ALLOW_REMOTE")]
+    pub embedded_broker_allow_remote: bool,
     /// vLLM OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.
     #[arg(long, env = "VLLM_MQTTD_BACKEND_URL")]
     pub backend_url: Option<String>,
@@ -182,6 +186,9 @@ impl RunArgs {
                 v5.set_port(addr.port().wrapping_add(1));
                 c.embedded_broker.listen_v5 = v5;
             }
+        }
+        if self.embedded_broker_allow_remote {
+            c.embedded_broker.allow_remote = true;
         }
         set(&mut c.backend.url, &self.backend_url);
         set(&mut c.backend.model, &self.model);

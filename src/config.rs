@@ -206,6 +206,13 @@ pub struct EmbeddedBrokerConfig {
     /// MQTT 5 listener: the daemon connects here; v5 devices may too.
     /// rumqttd serves one protocol version per listener.
     pub listen_v5: SocketAddr,
+    /// Let the listeners bind an address other than loopback. The embedded
+    /// broker has no authentication and no TLS: off by default.
+    pub allow_remote: bool,
+    /// Most device connections at once; also kept 256 file descriptors
+    /// below the process's limit, so the daemon's own sockets (the backend)
+    /// always find one.
+    pub max_connections: usize,
 }
 
 impl Default for EmbeddedBrokerConfig {
@@ -214,6 +221,8 @@ impl Default for EmbeddedBrokerConfig {
             enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             listen_v5: SocketAddr::from(([127, 0, 0, 1], 1884)),
+            allow_remote: false,
+            max_connections: 1000,
         }
     }
 }
@@ -642,6 +651,19 @@ impl Config {
                 return bad(&f("max_tokens"), "must be in [1, max_tokens_limit]".into());
             }
         }
+        let eb = &self.embedded_broker;
+        if eb.enabled
+            && !eb.allow_remote
+            && !(eb.listen.ip().is_loopback() && eb.listen_v5.ip().is_loopback())
+        {
+            return bad(
+                "embedded_broker.listen",
+                "binds beyond loopback, but the embedded broker has no authentication or TLS; set embedded_broker.allow_remote (--embedded-broker-allow-remote) to do it anyway".into(),
+            );
+        }
+        if eb.max_connections == 0 {
+            return bad("embedded_broker.max_connections", "must be above 0".into());
+        }
         if self.mqtt.host.is_empty() && !self.embedded_broker.enabled {
             return bad("mqtt.host", "must not be empty".into());
         }
@@ -829,6 +851,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("stats.interval"));
+    }
+
+    #[test]
+    fn the_embedded_broker_stays_on_loopback_unless_asked() {
+        let mut c = Config::default();
+        c.embedded_broker.enabled = true;
+        c.validate().unwrap();
+        c.embedded_broker.listen = "0.0.0.0:1883".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("embedded_broker.listen") && e.contains("allow_remote"),
+            "{e}"
+        );
+        c.embedded_broker.allow_remote = true;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -23,7 +23,9 @@ fn server(name: &str, listen: SocketAddr, max_payload: usize, inflight: usize) -
         tls: None,
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
+            // A connection must send CONNECT at once: an idle socket is
+            // a file descriptor taken from everyone else.
+            connection_timeout_ms: 5_000,
             max_payload_size: max_payload,
             max_inflight_count: inflight,
             auth: None,
@@ -33,17 +35,34 @@ fn server(name: &str, listen: SocketAddr, max_payload: usize, inflight: usize) -
     }
 }
 
+/// File descriptors left for device connections: the soft limit of this
+/// process less 256 kept for the daemon (its backend connections, files).
+/// `None` if the limit cannot be read (not Linux).
+fn fd_room() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line.split_whitespace().nth(3)?;
+    if soft == "unlimited" {
+        return None;
+    }
+    Some(soft.parse::<usize>().ok()?.saturating_sub(256).max(1))
+}
+
 /// Starts the broker and waits until both listeners accept connections.
 pub async fn start(cfg: &EmbeddedBrokerConfig, daemon: &DaemonConfig) -> Result<(), AppError> {
     let max_payload = daemon.mqtt.max_packet_bytes as usize;
     let inflight = usize::from(super::receive_maximum(daemon)).max(100);
+    let max_connections = cfg.max_connections.min(fd_room().unwrap_or(usize::MAX));
     let config = Config {
         id: 0,
         router: RouterConfig {
-            max_connections: 100_000,
+            max_connections,
             max_outgoing_packet_count: 1000,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
+            // Each subscribed filter keeps a log of up to this many
+            // segments in memory: a few payloads' worth, not the 1 GiB a
+            // general-purpose broker might keep.
+            max_segment_size: (4 * max_payload).max(4 * 1024 * 1024),
+            max_segment_count: 2,
             ..Default::default()
         },
         v4: Some(HashMap::from([(
@@ -90,6 +109,11 @@ pub async fn start(cfg: &EmbeddedBrokerConfig, daemon: &DaemonConfig) -> Result<
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    tracing::info!(mqtt311 = %cfg.listen, mqtt5 = %cfg.listen_v5, "embedded broker listening");
+    tracing::info!(
+        mqtt311 = %cfg.listen,
+        mqtt5 = %cfg.listen_v5,
+        max_connections,
+        "embedded broker listening"
+    );
     Ok(())
 }
