@@ -149,6 +149,9 @@ enum Polled {
     Failed {
         error: String,
         refusal: Option<String>,
+        /// The broker dropped or refused an MQTT 5 CONNECT as such (a
+        /// 3.1.1-only listener): worth one try with 3.1.1.
+        v5_unsupported: bool,
     },
 }
 
@@ -182,17 +185,68 @@ fn transport(opts: &ClientOptions) -> Result<Option<Transport>, ClientError> {
 /// loop that feeds every event to the handler `make_handler` builds (it
 /// gets the link first, to subscribe from the handler), until the link
 /// disconnects or the returned task is aborted.
+///
+/// With [`Protocol::V5`] (the default), a broker that drops or refuses the
+/// MQTT 5 CONNECT itself (a 3.1.1-only listener, such as the embedded
+/// broker's device port) is tried once more with MQTT 3.1.1, said at info
+/// level (`-v` in the tools): the returned link is then a 3.1.1 one, and
+/// requests carry their reply topic in the payload only.
 pub(crate) async fn connect<F, H>(
     opts: &ClientOptions,
     client_id: &str,
     make_handler: F,
 ) -> Result<(Link, JoinHandle<()>), ClientError>
 where
-    F: FnOnce(Link) -> H,
+    F: FnOnce(Link) -> H + Send + 'static,
     H: FnMut(NetEvent) + Send + 'static,
 {
-    let transport = transport(opts)?;
-    let (link, events) = match opts.protocol {
+    match attempt(opts, opts.protocol, client_id, make_handler).await {
+        Ok(connected) => Ok(connected),
+        Err(Failure {
+            error,
+            v5_unsupported: true,
+            make_handler: Some(make_handler),
+        }) if opts.protocol == Protocol::V5 => {
+            tracing::info!(
+                host = %opts.host,
+                port = opts.port,
+                %error,
+                "the broker dropped the MQTT 5 CONNECT; connecting with MQTT 3.1.1"
+            );
+            attempt(opts, Protocol::V311, client_id, make_handler)
+                .await
+                .map_err(|f| f.error)
+        }
+        Err(f) => Err(f.error),
+    }
+}
+
+/// Why a first connection failed, with the handler maker back when it was
+/// never used (so another attempt can use it).
+struct Failure<F> {
+    error: ClientError,
+    v5_unsupported: bool,
+    make_handler: Option<F>,
+}
+
+/// One connection attempt with `protocol`.
+async fn attempt<F, H>(
+    opts: &ClientOptions,
+    protocol: Protocol,
+    client_id: &str,
+    make_handler: F,
+) -> Result<(Link, JoinHandle<()>), Failure<F>>
+where
+    F: FnOnce(Link) -> H + Send + 'static,
+    H: FnMut(NetEvent) + Send + 'static,
+{
+    let fail = |error| Failure {
+        error,
+        v5_unsupported: false,
+        make_handler: None,
+    };
+    let transport = transport(opts).map_err(fail)?;
+    let (link, events) = match protocol {
         Protocol::V5 => {
             let (client, events) = rumqttc::v5::AsyncClient::new(
                 v5::options(opts, client_id, transport),
@@ -206,58 +260,81 @@ where
         }
     };
     let (first_tx, first_rx) = oneshot::channel();
-    let handler = make_handler(link.clone());
-    let task = tokio::spawn(run(events, first_tx, handler));
+    let task = tokio::spawn(run(events, first_tx, make_handler, link.clone()));
     // rumqttc's own connection timeout bounds the TCP/TLS/CONNECT exchange;
     // this outer bound only guards against a task that never reports.
     let bound = opts.connect_timeout + Duration::from_secs(5);
     match tokio::time::timeout(bound, first_rx).await {
         Ok(Ok(Ok(()))) => Ok((link, task)),
-        Ok(Ok(Err(e))) => Err(e),
-        Ok(Err(_)) => Err(ClientError::Connection(
+        Ok(Ok(Err(failure))) => Err(failure),
+        Ok(Err(_)) => Err(fail(ClientError::Connection(
             "the MQTT poll loop ended before CONNACK".to_owned(),
-        )),
+        ))),
         Err(_) => {
             task.abort();
-            Err(ClientError::Connection(format!(
+            Err(fail(ClientError::Connection(format!(
                 "no CONNACK from {}:{} within {bound:?}",
                 opts.host, opts.port
-            )))
+            ))))
         }
     }
 }
 
 /// The poll loop, for both versions. The first connection's outcome goes
-/// to `first`: a failure there ends the loop (the caller gets the error);
-/// after it, a failure is [`NetEvent::Lost`] and a reconnect after a pause
-/// that doubles up to [`RECONNECT_MAX`].
-async fn run<H>(mut events: Events, first: oneshot::Sender<Result<(), ClientError>>, mut handler: H)
-where
+/// to `first`: a failure there ends the loop (the caller gets the error,
+/// and the unused handler maker back); on success the handler is built and
+/// gets every event from the CONNACK on. After it, a failure is
+/// [`NetEvent::Lost`] and a reconnect after a pause that doubles up to
+/// [`RECONNECT_MAX`].
+async fn run<F, H>(
+    mut events: Events,
+    first: oneshot::Sender<Result<(), Failure<F>>>,
+    make_handler: F,
+    link: Link,
+) where
+    F: FnOnce(Link) -> H,
     H: FnMut(NetEvent),
 {
-    let mut first = Some(first);
+    let mut handler = loop {
+        match events.poll().await {
+            Polled::Event(NetEvent::Connected) => {
+                let mut handler = make_handler(link);
+                let _ = first.send(Ok(()));
+                handler(NetEvent::Connected);
+                break handler;
+            }
+            // Nothing else comes before the CONNACK.
+            Polled::Event(_) | Polled::Nothing => {}
+            Polled::Done => return,
+            Polled::Failed {
+                error,
+                refusal,
+                v5_unsupported,
+            } => {
+                let _ = first.send(Err(Failure {
+                    error: match refusal {
+                        Some(r) if !v5_unsupported => ClientError::Refused(r),
+                        _ => ClientError::Connection(error),
+                    },
+                    v5_unsupported,
+                    make_handler: Some(make_handler),
+                }));
+                return;
+            }
+        }
+    };
     let mut backoff = RECONNECT_MIN;
     loop {
         match events.poll().await {
             Polled::Event(event) => {
                 if let NetEvent::Connected = event {
                     backoff = RECONNECT_MIN;
-                    if let Some(f) = first.take() {
-                        let _ = f.send(Ok(()));
-                    }
                 }
                 handler(event);
             }
             Polled::Nothing => {}
             Polled::Done => return,
-            Polled::Failed { error, refusal } => {
-                if let Some(f) = first.take() {
-                    let _ = f.send(Err(match refusal {
-                        Some(r) => ClientError::Refused(r),
-                        None => ClientError::Connection(error),
-                    }));
-                    return;
-                }
+            Polled::Failed { error, .. } => {
                 handler(NetEvent::Lost(error));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RECONNECT_MAX);
@@ -346,9 +423,27 @@ mod v5 {
             Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(E::RequestsDone) => Polled::Done,
             Ok(_) => Polled::Nothing,
             Err(e) => Polled::Failed {
+                v5_unsupported: v5_unsupported(&e),
                 refusal: crate::tls::refusal_v5(&e),
                 error: e.to_string(),
             },
+        }
+    }
+
+    /// Did the broker take the connection but not MQTT 5? A 3.1.1-only
+    /// listener either refuses the version (Mosquitto) or closes the
+    /// socket on the CONNECT (rumqttd's v4 listener).
+    fn v5_unsupported(e: &E) -> bool {
+        use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+        use rumqttc::v5::StateError;
+        match e {
+            E::ConnectionRefused(C::UnsupportedProtocolVersion) => true,
+            E::MqttState(StateError::ConnectionAborted) => true,
+            E::MqttState(StateError::Io(io)) | E::Io(io) => matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ),
+            _ => false,
         }
     }
 }
@@ -422,6 +517,7 @@ mod v4 {
             Err(e) => Polled::Failed {
                 refusal: crate::tls::refusal_v4(&e),
                 error: e.to_string(),
+                v5_unsupported: false,
             },
         }
     }

@@ -568,3 +568,42 @@ async fn requests_caught_by_a_broker_restart_are_resent_and_answered() {
     assert_eq!(s.sent, 5 + 5 + 2 + s.retries, "{s:?}");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn the_default_mqtt5_falls_back_to_3_1_1_on_a_listener_that_drops_it() {
+    // The embedded broker serves MQTT 3.1.1 on its documented device port
+    // and drops an MQTT 5 CONNECT there: a client with the defaults must
+    // still get its answer.
+    let fake = FakeVllm::builder().run().await;
+    let (v4, v5) = (support::broker::free_port(), support::broker::free_port());
+    let mut c = config("127.0.0.1", v5, &fake.base_url());
+    c.embedded_broker.enabled = true;
+    c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
+    c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
+    let daemon = Daemon::start(c).await;
+    let options = ClientOptions::new("127.0.0.1", v4)
+        .min_interval(Duration::ZERO)
+        .timeout(WAIT)
+        .reply_timeout(WAIT);
+    assert_eq!(options.protocol, Protocol::V5, "the default");
+    let client = Client::connect(options)
+        .await
+        .expect("connects, over 3.1.1");
+    let reply = client.chat("general", "fallback", "hello").await.unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: hello"));
+    client.disconnect().await;
+
+    // On a broker that speaks MQTT 5 (the v5 port), MQTT 5 is used.
+    let client = Client::connect(
+        ClientOptions::new("127.0.0.1", v5)
+            .min_interval(Duration::ZERO)
+            .timeout(WAIT)
+            .reply_timeout(WAIT),
+    )
+    .await
+    .unwrap();
+    let reply = client.chat("general", "v5", "hi").await.unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: hi"));
+    client.disconnect().await;
+    daemon.stop().await.unwrap();
+}
