@@ -1,0 +1,1443 @@
+//! The security review's triggers, replayed against the release-style
+//! daemon binary on a real Mosquitto (or its embedded broker) over real
+//! sockets. Each test is named after what it proves, and asserts the
+//! specific thing that broke before the fix (see the README's "Reliability
+//! and security").
+//!
+//! Backends: the simulated vLLM (`vllm-sim`, through `vllm-test-support`)
+//! when it can play the part, and small raw-socket servers below for what
+//! it cannot (an endless or trickling answer, a recording of the request
+//! lines and headers).
+//!
+//! No test sleeps to wait: every wait is for an event, bounded. Time is
+//! only measured to assert an upper bound, with a margin.
+
+use vllm_test_support as support;
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde_json::{json, Value};
+use support::broker::{free_port, Mosquitto};
+use support::daemon::{device, unique, WAIT};
+use support::fake_vllm::{FakeVllm, Scripted};
+use support::mqtt_client::{ConnectOptions, Received, TestClient, TestClientV4};
+use support::raw_http::{RawBackend, ResetMode};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The daemon binary under test, built by cargo for this test crate.
+const BIN: &str = env!("CARGO_BIN_EXE_vllm-mqttd");
+
+// ---------------------------------------------------------------------
+// The daemon as a process, with stdout and stderr both captured.
+// ---------------------------------------------------------------------
+
+struct Proc {
+    child: Child,
+    /// stdout and stderr, interleaved as they come.
+    log: Arc<Mutex<String>>,
+    lines: mpsc::UnboundedReceiver<String>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    fn spawn(args: &[String], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn vllm-mqttd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::unbounded_channel();
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let readers = vec![
+            tokio::spawn(copy_lines(out, log.clone(), tx.clone())),
+            tokio::spawn(copy_lines(err, log.clone(), tx)),
+        ];
+        Proc {
+            child,
+            log,
+            lines,
+            readers,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Resident set size now, from /proc/PID/status, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Waits for a log line containing `needle` (true) or for the process
+    /// to exit (false); panics after [`WAIT`].
+    async fn listening_or_exit(&mut self, needle: &str) -> bool {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(50), self.lines.recv()).await {
+                Ok(Some(l)) if l.contains(needle) => return true,
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => {}
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} within {WAIT:?}:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    fn sigterm(&self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// The exit status, or `None` if the process is still running after
+    /// `timeout`. Once it has exited, waits for the last of its output.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()?
+            .expect("wait for vllm-mqttd");
+        for r in self.readers.drain(..) {
+            let _ = tokio::time::timeout(WAIT, r).await;
+        }
+        Some(status)
+    }
+
+    /// SIGTERM, then a clean exit (0) within the test bound.
+    async fn stop(mut self) -> String {
+        self.sigterm();
+        let status = self.wait_exit(WAIT).await;
+        let log = self.log();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the daemon did not stop cleanly ({status:?}); log:\n{log}"
+        );
+        log
+    }
+}
+
+async fn copy_lines(
+    from: impl tokio::io::AsyncRead + Unpin,
+    log: Arc<Mutex<String>>,
+    tx: mpsc::UnboundedSender<String>,
+) {
+    let mut r = BufReader::new(from).lines();
+    while let Ok(Some(line)) = r.next_line().await {
+        {
+            let mut l = log.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+        let _ = tx.send(line);
+    }
+}
+
+/// Flags for a daemon on `broker_port` serving project `general`.
+fn args(broker_port: u16, backend: &str, instance: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--mqtt-host",
+        "127.0.0.1",
+        "--mqtt-port",
+        &broker_port.to_string(),
+        "--backend-url",
+        backend,
+        "--model",
+        "test-model",
+        "--projects",
+        "general",
+        "--instance-id",
+        instance,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Removes `--model NAME` from `args` (the model is then discovered).
+fn without_model(mut a: Vec<String>) -> Vec<String> {
+    if let Some(i) = a.iter().position(|x| x == "--model") {
+        a.drain(i..i + 2);
+    }
+    a
+}
+
+/// A TOML configuration file for `--config`.
+fn config_file(dir: &tempfile::TempDir, toml: &str) -> String {
+    let path = dir.path().join("vllm-mqttd.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.display().to_string()
+}
+
+fn status_topic(instance: &str) -> String {
+    format!("vllm-mqttd/{instance}/status")
+}
+
+/// A client watching the daemon's retained status (and `also`), returned
+/// once the status says `online`.
+async fn watch_online(host: &str, port: u16, instance: &str, also: &[&str]) -> TestClient {
+    let mut w = TestClient::connect(host, port, &unique("watch")).await;
+    let topic = status_topic(instance);
+    w.subscribe(&topic).await;
+    for t in also {
+        w.subscribe(t).await;
+    }
+    loop {
+        let m = w.expect_on(&topic, WAIT).await;
+        if m.json()["state"] == "online" {
+            return w;
+        }
+    }
+}
+
+/// Everything `c` receives up to its own message on `barrier`, a topic it
+/// subscribed to. The broker delivers a client's messages in the order it
+/// queued them, so whatever was on its way to `c` before the barrier was
+/// published (a last will, a late duplicate) is in the result: no need to
+/// wait "a while" for something not to happen.
+async fn drain_until_barrier(c: &mut TestClient, barrier: &str) -> Vec<Received> {
+    let token = unique("barrier");
+    c.publish(barrier, token.clone(), 1).await;
+    let mut seen = Vec::new();
+    loop {
+        let m = c.expect(WAIT).await;
+        if m.topic == barrier && m.text() == token {
+            return seen;
+        }
+        seen.push(m);
+    }
+}
+
+/// Polls `f` every 10 ms until it holds; panics with `what` after `within`.
+async fn poll_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------
+// Raw-socket backends for what the simulator cannot play.
+// ---------------------------------------------------------------------
+
+/// What a [`RawChat`] does with a chat completion.
+#[derive(Debug, Clone, Copy)]
+enum ChatMode {
+    /// A short, well-formed streamed answer: "fresh".
+    Answer,
+    /// Content events as fast as the client reads them, forever.
+    Endless,
+    /// A 200 head and the first byte of an event at once, then one more
+    /// byte every period: never a whole event, never silent for long.
+    Trickle(Duration),
+}
+
+/// A vLLM-shaped backend on raw sockets that records every request's head
+/// (request line and headers).
+struct RawChat {
+    port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+    /// Chat connections the client closed while we were still sending.
+    closed: Arc<AtomicUsize>,
+    /// Bytes of chat response bodies written.
+    sent: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RawChat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const SSE_HEAD: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+
+fn content_event(text: &str, finish: Option<&str>) -> String {
+    let v = json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]});
+    format!("data: {v}\n\n")
+}
+
+impl RawChat {
+    async fn start(mode: ChatMode) -> RawChat {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (h, c, s) = (heads.clone(), closed.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                conns.spawn(serve_raw(sock, mode, h.clone(), c.clone(), s.clone()));
+            }
+        });
+        RawChat {
+            port,
+            heads,
+            closed,
+            sent,
+            task,
+        }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    fn chat_heads(&self) -> Vec<String> {
+        self.heads()
+            .into_iter()
+            .filter(|h| h.starts_with("POST"))
+            .collect()
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one request (head and a `Content-Length` body); its head, or
+/// `None` at EOF.
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return Some(head);
+            }
+        }
+        let mut chunk = [0u8; 16384];
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn serve_raw(
+    mut sock: TcpStream,
+    mode: ChatMode,
+    heads: Arc<Mutex<Vec<String>>>,
+    closed: Arc<AtomicUsize>,
+    sent: Arc<AtomicUsize>,
+) {
+    let _ = sock.set_nodelay(true);
+    let mut buf = Vec::new();
+    while let Some(head) = read_request(&mut sock, &mut buf).await {
+        heads.lock().unwrap().push(head.clone());
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        if line.starts_with("POST") && line.contains("/chat/completions") {
+            match mode {
+                ChatMode::Answer => {
+                    let body = content_event("fresh", Some("stop")) + "data: [DONE]\n\n";
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                ChatMode::Endless => {
+                    if sock.write_all(SSE_HEAD.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let event = content_event(&"x".repeat(1000), None);
+                    // A bound for this fake only: a daemon that never cuts
+                    // fails its test on the reply's deadline long before.
+                    while sent.load(Ordering::SeqCst) < 512 * 1024 * 1024 {
+                        if sock.write_all(event.as_bytes()).await.is_err() {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        sent.fetch_add(event.len(), Ordering::SeqCst);
+                    }
+                    return;
+                }
+                ChatMode::Trickle(every) => {
+                    if sock.write_all(SSE_HEAD.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let event = content_event("slow", None);
+                    let mut scratch = [0u8; 1024];
+                    for (i, b) in event.bytes().cycle().enumerate() {
+                        if i > 0 {
+                            // The fake's own pace, not a wait of the test:
+                            // it watches for the client going away meanwhile.
+                            tokio::select! {
+                                _ = tokio::time::sleep(every) => {}
+                                r = sock.read(&mut scratch) => {
+                                    if matches!(r, Ok(0) | Err(_)) {
+                                        closed.fetch_add(1, Ordering::SeqCst);
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        if sock.write_all(&[b]).await.is_err() {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return;
+                }
+            }
+        }
+        let (ctype, body) = if line.contains("/models") {
+            (
+                "application/json",
+                r#"{"object":"list","data":[{"id":"test-model","object":"model"}]}"#,
+            )
+        } else {
+            ("text/plain", "")
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if sock.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// 1. Reply topics with control characters and noncharacters.
+// ---------------------------------------------------------------------
+
+/// Trigger 1: a `replyTopic` with U+0001, U+FFFF or U+0085 (Mosquitto
+/// drops the connection of any client that publishes to such a topic, and
+/// before the fix the daemon answered there: its QoS 1 request came back
+/// after each reconnect, a loop that kept it off the broker). Now each is a
+/// `bad_request` on the session's default topic, and the daemon's one
+/// connection is never lost: no offline will, no second CONNECT in the
+/// broker's log, no reconnect in its stats, and a polite device answered
+/// exactly once afterwards.
+#[tokio::test]
+async fn unprintable_reply_topics_get_bad_request_on_the_default_topic_and_never_cost_the_connection(
+) {
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder().run().await;
+    let instance = unique("topics");
+    let stats_topic = format!("vllm-mqttd/{instance}/stats");
+    let barrier = format!("hostile/barrier/{instance}");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &fake.base_url(),
+            &instance,
+            &["--stats-interval", "1s"],
+        ),
+        &[],
+    );
+    let mut watch = watch_online(
+        broker.host(),
+        broker.port(),
+        &instance,
+        &[&stats_topic, &barrier],
+    )
+    .await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+
+    // (payload, QoS): the review's three, JSON-escaped as sent, then the
+    // two that JSON allows raw, and one that is otherwise a fine request.
+    let hostile: [(&str, u8); 6] = [
+        (
+            r#"{"sessionId":"e","replyTopic":"general/assistant_response/x\u0001y"}"#,
+            1,
+        ),
+        (
+            r#"{"sessionId":"e","replyTopic":"general/assistant_response/x\uffffy"}"#,
+            0,
+        ),
+        (
+            r#"{"sessionId":"e","replyTopic":"general/assistant_response/x\u0085y"}"#,
+            0,
+        ),
+        (
+            "{\"sessionId\":\"e\",\"replyTopic\":\"general/assistant_response/x\u{ffff}y\"}",
+            0,
+        ),
+        (
+            "{\"sessionId\":\"e\",\"replyTopic\":\"general/assistant_response/x\u{85}y\"}",
+            0,
+        ),
+        (
+            r#"{"sessionId":"e","message":"hello","replyTopic":"general/assistant_response/x\u0001y"}"#,
+            1,
+        ),
+    ];
+    for (payload, qos) in hostile {
+        dev.publish("general/user_input", payload, qos).await;
+        let m = dev.expect(WAIT).await;
+        assert_eq!(
+            m.topic, "general/assistant_response/e",
+            "answered on the default topic, for {payload}"
+        );
+        let text = m.text();
+        assert!(
+            text.starts_with("Error: ") && text.contains("replyTopic"),
+            "a bad_request naming replyTopic for {payload}, got {text:?}"
+        );
+    }
+
+    // A polite device is answered, once.
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "polite", "message": "still there?"}).to_string(),
+        1,
+    )
+    .await;
+    let m = dev.expect(WAIT).await;
+    assert_eq!(m.topic, "general/assistant_response/polite");
+    assert_eq!(m.text(), "echo: still there?");
+    let later = drain_until_barrier(&mut dev, "general/assistant_response/zz-barrier").await;
+    assert!(
+        later.is_empty(),
+        "nothing more for the device (no duplicate, nothing on a hostile topic): {:?}",
+        later
+            .iter()
+            .map(|m| (&m.topic, m.text()))
+            .collect::<Vec<_>>()
+    );
+
+    // The status never went offline nor was republished by a reconnect.
+    let seen = drain_until_barrier(&mut watch, &barrier).await;
+    let flaps: Vec<String> = seen
+        .iter()
+        .filter(|m| m.topic == status_topic(&instance))
+        .map(Received::text)
+        .collect();
+    assert!(flaps.is_empty(), "the status changed: {flaps:?}");
+
+    // The stats agree: every hostile request counted, no reconnect.
+    let deadline = Instant::now() + WAIT;
+    let stats = loop {
+        let s = watch
+            .expect_on(&stats_topic, deadline - Instant::now())
+            .await
+            .json();
+        if s["processed"].as_u64() >= Some(1) {
+            break s;
+        }
+    };
+    assert_eq!(stats["mqttReconnects"], 0, "{stats}");
+    assert_eq!(stats["rejected"]["bad_request"], 6, "{stats}");
+    assert_eq!(
+        fake.chat_calls(),
+        1,
+        "only the polite request reached the model"
+    );
+
+    // The broker saw one connection of the daemon, never closed.
+    let client_id = format!("vllm-mqttd-{instance}");
+    let blog = broker.log();
+    assert_eq!(
+        blog.matches(&format!(" as {client_id} ")).count(),
+        1,
+        "the daemon connected more than once:\n{blog}"
+    );
+    assert!(
+        !blog.contains(&format!("Client {client_id} disconnected"))
+            && !blog.contains(&format!("Client {client_id} closed")),
+        "the broker dropped the daemon:\n{blog}"
+    );
+    let log = d.stop().await;
+    assert_eq!(
+        log.matches("connected to the MQTT broker").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("MQTT connection lost"), "{log}");
+}
+
+// ---------------------------------------------------------------------
+// 2. Deadlines devices choose against a slow backend.
+// ---------------------------------------------------------------------
+
+/// Trigger 2: five requests with an MQTT 5 message expiry of 1 s and
+/// `maxTokens` 1000 against a healthy backend that takes 5 ms a token
+/// (5 s for these). Before the fix, each call cancelled by its deadline
+/// counted as a backend failure, and five of them (the default
+/// `breaker_threshold`) opened the circuit for every device. Now they time
+/// out, the circuit stays closed, and the next device is answered.
+#[tokio::test]
+async fn one_second_expiries_against_a_slow_backend_time_out_but_never_open_the_circuit() {
+    let broker = Mosquitto::start().await;
+    let sim = vllm_sim::Sim::scripted()
+        .latency_model(vllm_sim::LatencyModel {
+            ttft: Duration::ZERO,
+            ttft_per_prompt_token: Duration::ZERO,
+            itl_base: Duration::from_millis(5),
+            itl_per_running: Duration::ZERO,
+        })
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let instance = unique("expiry");
+    let barrier = format!("hostile/barrier/{instance}");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &sim.base_url(),
+            &instance,
+            &["--breaker-threshold", "5"],
+        ),
+        &[],
+    );
+    let mut watch = watch_online(broker.host(), broker.port(), &instance, &[&barrier]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+
+    let start = Instant::now();
+    for i in 0..5 {
+        let props = PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        };
+        let body = json!({"sessionId": format!("short{i}"), "message": "a long story",
+                          "maxTokens": 1000, "format": "json"});
+        dev.publish_with("general/user_input", body.to_string(), 1, props)
+            .await;
+    }
+    for _ in 0..5 {
+        let v = dev.expect(WAIT).await.json();
+        assert_eq!(v["error"]["code"], "timeout", "{v}");
+    }
+    // The 1 s expiry was the deadline, not the 5 s generation.
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(4), "timeouts took {took:?}");
+    // All five reached the model and were cancelled there: the calls had
+    // started (a call dropped before it starts was always neutral).
+    assert!(sim.wait_for_disconnects(5, WAIT).await, "calls cancelled");
+    assert_eq!(sim.chat_calls(), 5);
+
+    // A device with an ordinary deadline, right after, is served.
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "patient", "message": "short one", "maxTokens": 4, "format": "json"})
+            .to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on("general/assistant_response/patient", WAIT)
+        .await
+        .json();
+    assert_eq!(v["ok"], true, "served, not backend_unavailable: {v}");
+    let circuits: Vec<Value> = drain_until_barrier(&mut watch, &barrier)
+        .await
+        .iter()
+        .filter(|m| m.topic == status_topic(&instance))
+        .map(|m| m.json()["backendCircuit"].clone())
+        .collect();
+    assert!(
+        circuits.iter().all(|c| c == "closed"),
+        "the circuit moved: {circuits:?}"
+    );
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// 4. Session eviction by rotating ids and plain text.
+// ---------------------------------------------------------------------
+
+/// Trigger 4: with `--max-sessions 5`, a device builds a two-turn
+/// conversation in session "victim"; then 6 plain-text messages and 20
+/// rotating sessionIds (10 refused at validation, 10 admitted and refused
+/// by the backend). Before the fix, each of those took an LRU slot and
+/// "victim" was evicted with its history. Now its third turn still sends
+/// the model the whole conversation: system, 2 exchanges, the new message.
+#[tokio::test]
+async fn rotating_session_ids_and_plain_text_never_evict_a_conversation() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder().run().await;
+    let instance = unique("evict");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &fake.base_url(),
+            &instance,
+            &["--max-sessions", "5"],
+        ),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+    let ask = |session: &str, message: &str| {
+        json!({"sessionId": session, "message": message, "format": "json"}).to_string()
+    };
+
+    for turn in ["first turn", "second turn"] {
+        dev.publish("general/user_input", ask("victim", turn), 1)
+            .await;
+        let v = dev
+            .expect_on("general/assistant_response/victim", WAIT)
+            .await
+            .json();
+        assert_eq!(v["ok"], true, "{v}");
+    }
+
+    for i in 0..6 {
+        dev.publish("general/user_input", format!("plain text {i}"), 1)
+            .await;
+        let m = dev.expect(WAIT).await;
+        assert!(
+            m.topic.starts_with("general/assistant_response/default-"),
+            "{}",
+            m.topic
+        );
+        assert_eq!(m.text(), format!("echo: plain text {i}"));
+    }
+
+    for i in 0..20 {
+        let session = format!("rot{i}");
+        let topic = format!("general/assistant_response/{session}");
+        let expected = if i % 2 == 0 {
+            let body =
+                json!({"sessionId": session, "message": "m", "temperature": 9, "format": "json"});
+            dev.publish("general/user_input", body.to_string(), 1).await;
+            "bad_request"
+        } else {
+            fake.push(Scripted::Status(400, "refused".into()));
+            dev.publish("general/user_input", ask(&session, "m"), 1)
+                .await;
+            "backend_error"
+        };
+        let v = dev.expect_on(&topic, WAIT).await.json();
+        assert_eq!(v["error"]["code"], expected, "{v}");
+    }
+
+    dev.publish("general/user_input", ask("victim", "third turn"), 1)
+        .await;
+    let v = dev
+        .expect_on("general/assistant_response/victim", WAIT)
+        .await
+        .json();
+    assert_eq!(v["ok"], true, "{v}");
+    let last = fake
+        .requests()
+        .pop()
+        .expect("the third turn reached the model");
+    let contents: Vec<&str> = last["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            "You are a helpful assistant.",
+            "first turn",
+            "echo: first turn",
+            "second turn",
+            "echo: second turn",
+            "third turn"
+        ],
+        "the victim's history was evicted"
+    );
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// 5. Large system prompts and memory.
+// ---------------------------------------------------------------------
+
+/// A 60 KB system prompt (under the 64 KiB payload limit).
+fn big_prompt() -> String {
+    "You are a pirate. Arr! ".repeat(60 * 1024 / 23 + 1)[..60 * 1024].to_owned()
+}
+
+/// The RSS bound of trigger 5. After the warm-up the daemon holds no state
+/// per request once it is answered: the sessions these requests leave are
+/// a window and a few ids each (440 of them, well under 1 MB), and each
+/// 60 KB payload is freed with its reply. What remains is allocator slack
+/// (per-thread arenas keeping freed pages): 0 to 3 MB measured. Keeping the
+/// 400 prompts would take 24 MB by themselves.
+const RSS_BOUND_KIB: u64 = 12 * 1024;
+
+/// Sends `n` requests to `project` on sessions `{prefix}{i}` with the big
+/// system prompt and returns the replies.
+async fn flood_prompts(dev: &mut TestClient, project: &str, prefix: &str, n: usize) -> Vec<Value> {
+    let prompt = big_prompt();
+    for i in 0..n {
+        let body = json!({"sessionId": format!("{prefix}{i}"), "message": "hi",
+                          "systemPrompt": prompt, "format": "json"});
+        dev.publish(&format!("{project}/user_input"), body.to_string(), 1)
+            .await;
+    }
+    let mut replies = Vec::with_capacity(n);
+    for _ in 0..n {
+        replies.push(dev.expect(WAIT).await.json());
+    }
+    replies
+}
+
+/// Asserts every reply is the error `code` with `needle` in its message.
+fn assert_all_failed(replies: &[Value], code: &str, needle: &str) {
+    for v in replies {
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            v["error"]["code"] == code && msg.contains(needle),
+            "expected {code} with {needle:?}, got {v}"
+        );
+    }
+}
+
+/// Trigger 5, default configuration: 400 requests with a 60 KB
+/// `systemPrompt`. `allow_system_prompt` is off by default (before the fix
+/// any device could set one, uncapped, and it was kept for the session),
+/// so each is a `bad_request`, none reaches the model, and the daemon's
+/// RSS stays flat. On a project that allows system prompts, the default
+/// 8 KiB cap refuses them too (a 4 KiB one is used).
+#[tokio::test]
+async fn big_system_prompts_are_refused_by_default_and_rss_stays_flat() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder().run().await;
+    let instance = unique("prompt-off");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_file(&dir, "[project.maze]\nallow_system_prompt = true\n");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &fake.base_url(),
+            &instance,
+            &["--config", &conf, "--projects", "general,maze"],
+        ),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+    dev.subscribe("maze/assistant_response/#").await;
+
+    let replies = flood_prompts(&mut dev, "general", "warm", 40).await;
+    assert_all_failed(&replies, "bad_request", "`systemPrompt` is not allowed");
+    let before = d.rss_kib();
+    let replies = flood_prompts(&mut dev, "general", "sp", 400).await;
+    let after = d.rss_kib();
+    assert_all_failed(&replies, "bad_request", "`systemPrompt` is not allowed");
+    eprintln!("prompts refused: RSS {before} KiB -> {after} KiB");
+    assert!(
+        after < before + RSS_BOUND_KIB,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+
+    let replies = flood_prompts(&mut dev, "maze", "cap", 20).await;
+    assert_all_failed(&replies, "bad_request", "at most 8192 bytes");
+    assert_eq!(fake.chat_calls(), 0, "no big prompt reached the model");
+    let small = "Be brief. ".repeat(400);
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "small", "message": "hi", "systemPrompt": small, "format": "json"})
+            .to_string(),
+        1,
+    )
+    .await;
+    let v = dev.expect(WAIT).await.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(fake.requests()[0]["messages"][0]["content"], small);
+    d.stop().await;
+}
+
+/// Trigger 5, system prompts allowed (and capped at 64 KiB so 60 KB pass)
+/// against a backend that refuses every request with 400: each reply is
+/// `backend_error`, none of the prompts is kept (a prompt is stored only
+/// once a turn with it succeeds), so the next turn of one of those
+/// sessions gets the project's prompt, and the daemon's RSS stays flat.
+#[tokio::test]
+async fn system_prompts_whose_turns_fail_are_never_stored_and_rss_stays_flat() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder()
+        .script(vec![Scripted::Status(400, "no pirates".into()); 440])
+        .run()
+        .await;
+    let instance = unique("prompt-on");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_file(
+        &dir,
+        "[project_defaults]\nallow_system_prompt = true\n[sessions]\nmax_system_prompt_bytes = 65536\n",
+    );
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &fake.base_url(),
+            &instance,
+            &["--config", &conf],
+        ),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+
+    let replies = flood_prompts(&mut dev, "general", "warm", 40).await;
+    assert_all_failed(&replies, "backend_error", "no pirates");
+    let before = d.rss_kib();
+    let replies = flood_prompts(&mut dev, "general", "sp", 400).await;
+    let after = d.rss_kib();
+    assert_all_failed(&replies, "backend_error", "no pirates");
+    assert_eq!(fake.chat_calls(), 440, "each was sent, once");
+    eprintln!("prompts failed: RSS {before} KiB -> {after} KiB");
+    assert!(
+        after < before + RSS_BOUND_KIB,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+
+    // The script is used up: the backend answers again. The session's
+    // next turn has the project's prompt and no history.
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "sp7", "message": "who are you?", "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on("general/assistant_response/sp7", WAIT)
+        .await
+        .json();
+    assert_eq!(v["ok"], true, "{v}");
+    let last = fake.requests().pop().unwrap();
+    assert_eq!(
+        last["messages"],
+        json!([
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "who are you?"}
+        ]),
+        "a failed turn's prompt was kept"
+    );
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// 6. A backend that accepts and never answers, and SIGTERM.
+// ---------------------------------------------------------------------
+
+/// Trigger 6: a backend that accepts every connection and never answers,
+/// and `--shutdown-grace 2s`. One daemon has a request stuck in a chat
+/// call (and its health probe stuck), the other is stuck discovering the
+/// model. Before the fixes the probes and discovery ignored the stop and
+/// the stop could take grace + 20 s. Both now exit 0 soon after the grace:
+/// within grace + 4 s (the stop's own work, flushing and DISCONNECT, takes
+/// milliseconds here; its budget, STOP_FLUSH_BUDGET, is 10 s).
+#[tokio::test]
+async fn sigterm_with_a_backend_that_never_answers_exits_zero_soon_after_the_grace() {
+    let broker = Mosquitto::start().await;
+    let backend = RawBackend::start(ResetMode::Silent).await;
+    let (i1, i2) = (unique("silent-chat"), unique("silent-model"));
+    let mut chat = Proc::spawn(
+        &args(
+            broker.port(),
+            &backend.base_url(),
+            &i1,
+            &["--shutdown-grace", "2s"],
+        ),
+        &[],
+    );
+    let mut discovery = Proc::spawn(
+        &without_model(args(
+            broker.port(),
+            &backend.base_url(),
+            &i2,
+            &["--shutdown-grace", "2s"],
+        )),
+        &[],
+    );
+    let _w1 = watch_online(broker.host(), broker.port(), &i1, &[]).await;
+    let _w2 = watch_online(broker.host(), broker.port(), &i2, &[]).await;
+    let dev = device(broker.host(), broker.port(), "general").await;
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "stuck", "message": "anyone?"}).to_string(),
+        1,
+    )
+    .await;
+    // Both daemons serve `general`; the one with a model calls the backend.
+    poll_until("the chat call reached the backend", WAIT, || {
+        backend.chat_calls() >= 1
+    })
+    .await;
+
+    let start = Instant::now();
+    chat.sigterm();
+    discovery.sigterm();
+    let bound = Duration::from_secs(2 + 4);
+    for (name, p) in [("chat", &mut chat), ("discovery", &mut discovery)] {
+        let status = p.wait_exit(bound.saturating_sub(start.elapsed())).await;
+        let took = start.elapsed();
+        assert!(
+            status.is_some_and(|s| s.code() == Some(0)),
+            "{name}: exit {status:?} after {took:?}; log:\n{}",
+            p.log()
+        );
+        eprintln!("{name}: exited 0 {took:?} after SIGTERM");
+    }
+}
+
+// ---------------------------------------------------------------------
+// 7. The embedded broker.
+// ---------------------------------------------------------------------
+
+/// Trigger 7, part 1: the embedded broker has no authentication and no
+/// TLS, so binding it beyond loopback without
+/// `--embedded-broker-allow-remote` is refused at start (exit 64, naming
+/// the setting and the flag), and nothing listens.
+#[tokio::test]
+async fn embedded_broker_beyond_loopback_is_refused_without_allow_remote() {
+    let port = free_port();
+    for addr in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+        let mut p = Proc::spawn(
+            &[
+                "--embedded-broker".to_string(),
+                addr.clone(),
+                "--backend-url".into(),
+                "http://127.0.0.1:9/v1".into(),
+                "--model".into(),
+                "m".into(),
+            ],
+            &[],
+        );
+        let status = p.wait_exit(WAIT).await;
+        let log = p.log();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(64),
+            "{addr}: {status:?}\n{log}"
+        );
+        assert!(
+            log.contains("embedded_broker.listen")
+                && log.contains("--embedded-broker-allow-remote")
+                && log.contains("no authentication"),
+            "{addr}: the error names the setting, the flag and why:\n{log}"
+        );
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+            "{addr}: something listens on {port}"
+        );
+    }
+}
+
+/// Two consecutive free loopback ports (the embedded broker's MQTT 3.1.1
+/// and MQTT 5 listeners).
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports");
+}
+
+/// Waits until the peer closes `s` (EOF or reset) and returns when, or
+/// panics after `within`. Reads nothing but the close: the broker never
+/// writes to a connection that has not sent CONNECT.
+async fn closed_within(mut s: TcpStream, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout_at(start + within, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => start.elapsed(),
+        Ok(Ok(n)) => panic!("the broker sent {n} bytes before any CONNECT"),
+        Err(_) => panic!("an idle connection was still open after {within:?}"),
+    }
+}
+
+/// Trigger 7, part 2: connections to the embedded broker that never send
+/// CONNECT (or send half of one) are closed after its 5 s connect timeout,
+/// on both listeners (each held a file descriptor forever before), and a
+/// device is served meanwhile and after. The bound asserted is 5 s + 4 s
+/// of margin for a loaded machine.
+#[tokio::test]
+async fn embedded_broker_closes_connections_that_never_send_connect() {
+    let fake = FakeVllm::builder().run().await;
+    let instance = unique("embedded");
+    let (v4, v5, mut d) = {
+        let mut tries = 0;
+        loop {
+            let p = free_port_pair();
+            let mut d = Proc::spawn(
+                &[
+                    "--embedded-broker".to_string(),
+                    format!("127.0.0.1:{p}"),
+                    "--backend-url".into(),
+                    fake.base_url(),
+                    "--model".into(),
+                    "test-model".into(),
+                    "--projects".into(),
+                    "general".into(),
+                    "--instance-id".into(),
+                    instance.clone(),
+                ],
+                &[],
+            );
+            // Another test may take a port between our probe and the bind:
+            // the daemon then exits at once, and we try other ports.
+            if d.listening_or_exit("embedded broker listening").await {
+                break (p, p + 1, d);
+            }
+            tries += 1;
+            assert!(tries < 5, "the daemon keeps exiting:\n{}", d.log());
+        }
+    };
+    let _watch = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match TestClient::connect_with("127.0.0.1", v5, ConnectOptions::new(&unique("w"))).await
+            {
+                Ok(w) => {
+                    w.subscribe(&status_topic(&instance)).await;
+                    break w;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+
+    // Ten silent connections and two with half a CONNECT, on each listener.
+    let start = Instant::now();
+    let mut idle = Vec::new();
+    for port in [v4, v5] {
+        for i in 0..12 {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            if i >= 10 {
+                // Fixed header of a CONNECT announcing 30 bytes, then 4 of them.
+                s.write_all(&[0x10, 30, 0, 4, b'M', b'Q']).await.unwrap();
+            }
+            idle.push(tokio::spawn(closed_within(s, Duration::from_secs(9))));
+        }
+    }
+
+    // A device on the MQTT 3.1.1 listener is served while they hang.
+    let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("device")).await;
+    dev.subscribe("general/assistant_response/#").await;
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "dev1", "message": "hi"}).to_string(),
+        1,
+    )
+    .await;
+    assert_eq!(dev.expect(WAIT).await.text(), "echo: hi");
+
+    let mut slowest = Duration::ZERO;
+    for t in idle {
+        slowest = slowest.max(t.await.expect("idle connection task"));
+    }
+    eprintln!(
+        "24 idle connections closed, the last {slowest:?} after it opened ({:?} in all)",
+        start.elapsed()
+    );
+
+    // And after.
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "dev1", "message": "again"}).to_string(),
+        1,
+    )
+    .await;
+    assert_eq!(dev.expect(WAIT).await.text(), "echo: again");
+    d.sigterm();
+    let status = d.wait_exit(WAIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        d.log()
+    );
+}
+
+// ---------------------------------------------------------------------
+// 8. Credentials in the backend URL.
+// ---------------------------------------------------------------------
+
+const URL_USER: &str = "robot";
+const URL_PASSWORD: &str = "pw-Hunter2-x7";
+const URL_TOKEN: &str = "tok-S3CRET-q9";
+/// base64("robot:pw-Hunter2-x7"): the Basic credentials as sent.
+const URL_BASIC: &str = "cm9ib3Q6cHctSHVudGVyMi14Nw==";
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in [URL_PASSWORD, URL_TOKEN, URL_BASIC] {
+        assert!(!text.contains(secret), "{what} shows {secret:?}:\n{text}");
+    }
+}
+
+/// Trigger 8: a backend URL with `user:pass@` and `?token=SECRET`. Neither
+/// secret appears in `check-config`'s output nor anywhere in the daemon's
+/// stdout or stderr at `-vv` (trace), through model discovery, a health
+/// probe and a request; and the backend gets every request with the query
+/// kept (`/v1?token=X` + `/models` once became `/v1?token=X/models`) and
+/// the user info as Basic credentials.
+#[tokio::test]
+async fn backend_url_secrets_stay_out_of_output_and_still_reach_the_backend() {
+    let backend = RawChat::start(ChatMode::Answer).await;
+    let url = format!(
+        "http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:{}/v1?token={URL_TOKEN}",
+        backend.port
+    );
+
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--backend-url", &url, "-vv"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("url = \"http://***:***@127.0.0.1:"),
+        "{shown}"
+    );
+    assert_no_secret("check-config", &shown);
+
+    let broker = Mosquitto::start().await;
+    let instance = unique("redact");
+    // No --model: the model is discovered through the URL.
+    let d = Proc::spawn(
+        &without_model(args(broker.port(), &url, &instance, &["-vv"])),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "t1", "message": "hi"}).to_string(),
+        1,
+    )
+    .await;
+    let m = dev.expect_on("general/assistant_response/t1", WAIT).await;
+    assert_eq!(m.text(), "fresh");
+    let log = d.stop().await;
+    assert!(
+        log.contains(" DEBUG reqwest") && log.contains(" DEBUG hyper"),
+        "-vv logs the HTTP client at debug level:\n{log}"
+    );
+    assert!(log.contains("starting vllm-mqttd"), "{log}");
+    assert_no_secret("the daemon's output", &log);
+
+    let heads = backend.heads();
+    let line = |h: &String| h.lines().next().unwrap_or_default().to_owned();
+    let models: Vec<String> = heads
+        .iter()
+        .filter(|h| h.starts_with("GET") && h.contains("/models"))
+        .map(line)
+        .collect();
+    assert!(
+        !models.is_empty()
+            && models
+                .iter()
+                .all(|l| l == &format!("GET /v1/models?token={URL_TOKEN} HTTP/1.1")),
+        "{models:?}"
+    );
+    let chats = backend.chat_heads();
+    assert_eq!(chats.len(), 1, "{chats:?}");
+    assert_eq!(
+        line(&chats[0]),
+        format!("POST /v1/chat/completions?token={URL_TOKEN} HTTP/1.1")
+    );
+    assert!(
+        chats[0].to_ascii_lowercase().contains(&format!(
+            "authorization: basic {}",
+            URL_BASIC.to_ascii_lowercase()
+        )),
+        "the user info is sent as Basic credentials:\n{}",
+        chats[0]
+    );
+}
+
+/// Trigger 8, the error path: a backend URL that does not parse (here its
+/// port is out of range) is refused, and the refusal must not print the
+/// credentials either.
+///
+/// FAILS today: `redact_url` keeps text that is not a URL "up to its first
+/// `@`, `?` or whitespace", and the user info comes before the `@`:
+/// `check-config --backend-url 'http://robot:pw@127.0.0.1:99999/v1?token=t'`
+/// prints `invalid backend.url: "http://robot:pw..." is not an http(s)
+/// URL` (exit 64), and so does the daemon itself at start.
+#[tokio::test]
+#[ignore = "daemon bug: an unparsable backend URL's password is printed (see the doc comment)"]
+async fn an_unparsable_backend_url_is_refused_without_printing_its_password() {
+    let url = format!("http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:99999/v1?token={URL_TOKEN}");
+    for cmd in [
+        vec!["check-config", "--backend-url", &url],
+        vec!["--backend-url", &url, "--embedded-broker"],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&cmd)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(64), "{cmd:?}: {shown}");
+        assert!(shown.contains("backend.url"), "{shown}");
+        assert_no_secret(&format!("{:?}", cmd[0]), &shown);
+    }
+}
+
+// ---------------------------------------------------------------------
+// From the reading list: a backend that never stops, and one that trickles.
+// ---------------------------------------------------------------------
+
+/// A backend that streams content forever: the answer is cut at
+/// `backend.max_reply_bytes` (8 KiB here) with `finishReason` "length",
+/// and the stream is dropped (which makes vLLM abort the generation).
+/// Before the fix the daemon read until the deadline, keeping everything.
+#[tokio::test]
+async fn an_endless_answer_is_cut_at_max_reply_bytes_with_finish_reason_length() {
+    let broker = Mosquitto::start().await;
+    let backend = RawChat::start(ChatMode::Endless).await;
+    let instance = unique("endless");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_file(&dir, "[backend]\nmax_reply_bytes = 8192\n");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &backend.base_url(),
+            &instance,
+            &["--config", &conf, "--request-timeout", "60s"],
+        ),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "e1", "message": "tell me everything", "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on("general/assistant_response/e1", WAIT)
+        .await
+        .json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["finishReason"], "length", "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert_eq!(text.len(), 8192, "cut at max_reply_bytes");
+    assert!(text.bytes().all(|b| b == b'x'));
+    poll_until("the daemon drops the stream", WAIT, || {
+        backend.closed() == 1
+    })
+    .await;
+    assert_eq!(backend.chat_heads().len(), 1, "not retried");
+    // What the socket buffers took before the daemon hung up, not the
+    // fake's own 512 MiB bound.
+    let sent = backend.sent();
+    eprintln!("the endless backend sent {sent} bytes before the daemon hung up");
+    assert!(sent < 64 * 1024 * 1024, "{sent} bytes sent");
+    d.stop().await;
+}
+
+/// A backend that sends its head and then one byte every 3 s, never a
+/// whole event: with `backend.stream_gap_timeout` 1 s the call ends about
+/// a second after the last byte, with an error naming the stall, long
+/// before the request's 60 s deadline (which is what bounded it before the
+/// fix, as a `timeout`). Asserted: the reply within 6 s.
+#[tokio::test]
+async fn a_trickling_backend_is_cut_off_by_the_stream_gap_timeout_long_before_the_deadline() {
+    let broker = Mosquitto::start().await;
+    let backend = RawChat::start(ChatMode::Trickle(Duration::from_secs(3))).await;
+    let instance = unique("trickle");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_file(&dir, "[backend]\nstream_gap_timeout = \"1s\"\n");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &backend.base_url(),
+            &instance,
+            &["--config", &conf, "--request-timeout", "60s"],
+        ),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+    let start = Instant::now();
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "t1", "message": "take your time", "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on("general/assistant_response/t1", Duration::from_secs(6))
+        .await
+        .json();
+    let took = start.elapsed();
+    eprintln!("trickle answered in {took:?}: {v}");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_ne!(v["error"]["code"], "timeout", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("stalled"), "the error names the stall: {v}");
+    poll_until("the daemon drops the stream", WAIT, || {
+        backend.closed() == 1
+    })
+    .await;
+    assert_eq!(backend.chat_heads().len(), 1, "not retried");
+    d.stop().await;
+}
