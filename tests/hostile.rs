@@ -1284,17 +1284,8 @@ async fn backend_url_secrets_stay_out_of_output_and_still_reach_the_backend() {
         backend.port
     );
 
-    let out = std::process::Command::new(BIN)
-        .args(["check-config", "--backend-url", &url, "-vv"])
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{shown}");
+    let (code, shown) = run_to_end(&["check-config", "--backend-url", &url, "-vv"]);
+    assert_eq!(code, Some(0), "{shown}");
     assert!(
         shown.contains("url = \"http://***:***@127.0.0.1:"),
         "{shown}"
@@ -1356,37 +1347,69 @@ async fn backend_url_secrets_stay_out_of_output_and_still_reach_the_backend() {
     );
 }
 
+/// Output of the binary run to its end with `args`, stdout then stderr.
+fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), shown)
+}
+
 /// Trigger 8, the error path: a backend URL that does not parse (here its
-/// port is out of range) is refused, and the refusal must not print the
-/// credentials either.
+/// port is out of range), from a flag or from the configuration file, is
+/// refused (exit 64), and the refusal must not print the credentials
+/// either.
 ///
 /// FAILS today: `redact_url` keeps text that is not a URL "up to its first
 /// `@`, `?` or whitespace", and the user info comes before the `@`:
-/// `check-config --backend-url 'http://robot:pw@127.0.0.1:99999/v1?token=t'`
-/// prints `invalid backend.url: "http://robot:pw..." is not an http(s)
-/// URL` (exit 64), and so does the daemon itself at start.
+/// `vllm-mqttd check-config --backend-url
+/// 'http://robot:pw@127.0.0.1:99999/v1?token=t'` prints `vllm-mqttd:
+/// invalid `backend.url`: "http://robot:pw..." is not an http(s) URL like
+/// http://127.0.0.1:8000/v1` (exit 64); so does the daemon itself at
+/// start, and so does `url = "..."` in a `--config` file.
 #[tokio::test]
 #[ignore = "daemon bug: an unparsable backend URL's password is printed (see the doc comment)"]
 async fn an_unparsable_backend_url_is_refused_without_printing_its_password() {
     let url = format!("http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:99999/v1?token={URL_TOKEN}");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_file(&dir, &format!("[backend]\nurl = \"{url}\"\n"));
     for cmd in [
         vec!["check-config", "--backend-url", &url],
         vec!["--backend-url", &url, "--embedded-broker"],
+        vec!["check-config", "--config", &conf],
     ] {
-        let out = std::process::Command::new(BIN)
-            .args(&cmd)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        let shown = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.status.code(), Some(64), "{cmd:?}: {shown}");
+        let (code, shown) = run_to_end(&cmd);
+        assert_eq!(code, Some(64), "{cmd:?}: {shown}");
         assert!(shown.contains("backend.url"), "{shown}");
-        assert_no_secret(&format!("{:?}", cmd[0]), &shown);
+        assert_no_secret(&format!("{cmd:?}"), &shown);
     }
+}
+
+/// Trigger 8, another error path: a configuration file with a syntax error
+/// on the line of a credentialed backend URL (here the quotes are
+/// missing) is refused (exit 64) without printing the credentials.
+///
+/// FAILS today: the TOML parser's error, printed as it is, quotes the
+/// offending line: `vllm-mqttd: FILE: TOML parse error at line 2, column
+/// 7 | 2 | url = http://robot:pw@127.0.0.1:8000/v1?token=t | ^ ...`.
+#[tokio::test]
+#[ignore = "daemon bug: a TOML syntax error quotes the line with the backend URL's secrets"]
+async fn a_config_syntax_error_on_the_backend_url_line_does_not_print_its_secrets() {
+    let url = format!("http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:8000/v1?token={URL_TOKEN}");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config_file(&dir, &format!("[backend]\nurl = {url}\n"));
+    let (code, shown) = run_to_end(&["check-config", "--config", &conf]);
+    assert_eq!(code, Some(64), "{shown}");
+    assert!(shown.contains("TOML parse error"), "{shown}");
+    assert_no_secret("check-config", &shown);
 }
 
 // ---------------------------------------------------------------------
