@@ -25,3 +25,12 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked "$@"
+
+# Opt-in: the end-to-end check against a real model server (llama.cpp's
+# llama-server with SmolLM2-135M-Instruct, or the vLLM at
+# VLLM_MQTTD_E2E_BACKEND_URL). Its first run builds llama.cpp (about 10
+# minutes on 2 cores, cached in .cache/), so it is off unless asked for.
+if [ "${VLLM_MQTTD_E2E_REAL:-0}" = 1 ]; then
+  echo "==> scripts/e2e-real.sh (VLLM_MQTTD_E2E_REAL=1)"
+  bash scripts/e2e-real.sh ${VLLM_MQTTD_E2E_BACKEND_URL:+--backend-url "$VLLM_MQTTD_E2E_BACKEND_URL"}
+fi
