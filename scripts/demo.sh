@@ -17,7 +17,8 @@
 #    1884; two other free ports if those are taken, and it says so).
 # 4. Opens vllm-chat on project `general`, as a REPL on a terminal, or sends
 #    one message (-m, or a default question when stdin is not a terminal).
-# Ctrl-C or the end of the chat stops everything it started.
+# Ctrl-C (outside the REPL), Ctrl-D or /exit in the REPL, or the end of the
+# one message stops everything it started.
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
 source "$(dirname "$0")/lib/llama.sh"
@@ -136,8 +137,11 @@ if [ "$LOCAL_MODEL" -eq 1 ]; then
   how_to_vllm
   printf '\n%sThis is SmolLM2-135M-Instruct: a 135M-parameter model, quick on a CPU, not clever.%s\n' "$C_B" "$C_0" >&2
 fi
-printf '%sChat through vllm-mqttd (project general, session %s). Ctrl-D or Ctrl-C ends it and stops everything.%s\n\n' \
+printf '%sChat through vllm-mqttd (project general, session %s). Ctrl-C cancels a reply; Ctrl-D or /exit ends the chat and stops everything.%s\n\n' \
   "$C_B" "$SESSION" "$C_0" >&2
+# Ctrl-C in the REPL cancels the reply being waited for; the REPL goes on,
+# and so does this script (its children are stopped when the REPL ends).
+trap ':' INT
 set +e
 "${CHAT[@]}"
 rc=$?

@@ -88,9 +88,10 @@ forget_pid() {
 }
 
 install_cleanup() {
-  trap 'rc=$?; trap - EXIT INT TERM; cleanup_children; exit $rc' EXIT
+  trap 'rc=$?; trap "" INT TERM HUP; trap - EXIT; cleanup_children; exit $rc' EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
+  trap 'exit 129' HUP
 }
 
 # Is a child still alive? Prints the tail of its log and dies if not.
