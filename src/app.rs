@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::quota::Quotas;
 use crate::admission::validate::Limits;
 use crate::admission::Admission;
 use crate::backend::breaker::{Breaker, SharedBreaker};
@@ -196,6 +197,11 @@ impl App {
                 settings: cfg.project_settings(p),
             })
             .collect();
+        let quotas = Arc::new(Quotas::new(
+            projects.iter().map(|p| (&p.name, &p.settings)),
+            cfg.admission.max_queue_size,
+            cfg.admission.rate_window,
+        ));
         let workers = Arc::new(Shared {
             queue: queue_rx,
             store: store.clone(),
@@ -232,6 +238,7 @@ impl App {
         };
         let admission = Admission {
             store,
+            quotas,
             queue: queue_tx,
             egress,
             stats,

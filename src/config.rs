@@ -83,6 +83,34 @@ pub struct ProjectConfig {
     pub max_tokens_limit: u32,
     /// Reply format when the request gives none.
     pub format: ReplyFormat,
+    /// Who a session belongs to (protocol v1.1, "Device identity"):
+    /// `none` keys sessions by the device-chosen `sessionId` alone, on
+    /// `{project}/user_input`; `topic` takes requests on
+    /// `{project}/user_input/{deviceId}` (the broker's ACL binds the last
+    /// level to the device's user name), keys sessions by device too and
+    /// answers under `{project}/assistant_response/{deviceId}/`.
+    pub identity: Identity,
+    /// With `identity = "topic"`: requests one device may have queued or
+    /// running at once, whatever sessions they are on.
+    pub device_in_flight: u32,
+    /// With `identity = "topic"`: requests one device may have admitted in
+    /// any `admission.rate_window`, over all its sessions.
+    pub device_rate_limit: u32,
+    /// This project's weight in the queue: it may hold at most
+    /// `weight / (sum of the weights)` of `admission.max_queue_size` (at
+    /// least one slot), so one noisy project cannot starve the others.
+    pub queue_weight: u32,
+}
+
+/// How a project knows who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// Sessions are keyed by the `sessionId` the device sends.
+    #[default]
+    None,
+    /// Sessions are keyed by the device id in the request topic too.
+    Topic,
 }
 
 impl Default for ProjectConfig {
@@ -95,6 +123,10 @@ impl Default for ProjectConfig {
             max_tokens: 512,
             max_tokens_limit: 4096,
             format: ReplyFormat::Text,
+            identity: Identity::None,
+            device_in_flight: 4,
+            device_rate_limit: 30,
+            queue_weight: 1,
         }
     }
 }
@@ -111,6 +143,10 @@ pub struct ProjectOverride {
     pub max_tokens: Option<u32>,
     pub max_tokens_limit: Option<u32>,
     pub format: Option<ReplyFormat>,
+    pub identity: Option<Identity>,
+    pub device_in_flight: Option<u32>,
+    pub device_rate_limit: Option<u32>,
+    pub queue_weight: Option<u32>,
 }
 
 impl ProjectOverride {
@@ -126,6 +162,10 @@ impl ProjectOverride {
             max_tokens: self.max_tokens.unwrap_or(base.max_tokens),
             max_tokens_limit: self.max_tokens_limit.unwrap_or(base.max_tokens_limit),
             format: self.format.unwrap_or(base.format),
+            identity: self.identity.unwrap_or(base.identity),
+            device_in_flight: self.device_in_flight.unwrap_or(base.device_in_flight),
+            device_rate_limit: self.device_rate_limit.unwrap_or(base.device_rate_limit),
+            queue_weight: self.queue_weight.unwrap_or(base.queue_weight),
         }
     }
 }
@@ -649,6 +689,18 @@ impl Config {
             }
             if s.max_tokens == 0 || s.max_tokens > s.max_tokens_limit {
                 return bad(&f("max_tokens"), "must be in [1, max_tokens_limit]".into());
+            }
+            for (field, value) in [
+                ("queue_weight", s.queue_weight),
+                ("device_in_flight", s.device_in_flight),
+                ("device_rate_limit", s.device_rate_limit),
+            ] {
+                if value == 0 {
+                    return bad(&f(field), "must be at least 1".into());
+                }
+            }
+            if s.queue_weight > 1000 {
+                return bad(&f("queue_weight"), "must be at most 1000".into());
             }
         }
         let eb = &self.embedded_broker;

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use vllm_chat::protocol::{ErrorCode, ReplyFormat, Usage};
 
+use crate::admission::quota::Held;
+
 /// What acknowledging a QoS 1 request takes: its packet id. Requests are
 /// acknowledged only after their final reply is published, so a crash
 /// before that makes the broker deliver them again.
@@ -22,6 +24,9 @@ pub struct AckToken {
 pub struct Inbound {
     /// The project whose `user_input` topic it came on.
     pub project: Arc<str>,
+    /// With `identity = "topic"`: the device id, the request topic's last
+    /// level (the broker's ACL binds it to the device's user name).
+    pub device: Option<Arc<str>>,
     pub payload: Bytes,
     /// MQTT v5 Response Topic.
     pub response_topic: Option<String>,
@@ -47,10 +52,13 @@ pub struct ReplyTo {
     pub client_id: Option<String>,
 }
 
-/// Identifies a conversation: history and limits are per (project, session).
+/// Identifies a conversation: history and limits are per (project,
+/// device, session); `device` is `None` unless the project's identity
+/// comes from the topic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     pub project: Arc<str>,
+    pub device: Option<Arc<str>>,
     pub session: Box<str>,
     /// A session generated for a plain-text message: used once (the device
     /// never learns its id), so the store keeps nothing of it.
@@ -59,7 +67,10 @@ pub struct SessionKey {
 
 impl std::fmt::Display for SessionKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.project, self.session)
+        match &self.device {
+            Some(d) => write!(f, "{}/{}/{}", self.project, d, self.session),
+            None => write!(f, "{}/{}", self.project, self.session),
+        }
     }
 }
 
@@ -88,6 +99,8 @@ pub struct Request {
     pub received_at: Instant,
     /// Reply `timeout` if not answered by then.
     pub deadline: Instant,
+    /// Queue and device slots, given back when the request is dropped.
+    pub held: Held,
 }
 
 /// A successful completion.

@@ -590,6 +590,7 @@ mod tests {
     fn key(s: &str) -> SessionKey {
         SessionKey {
             project: "p".into(),
+            device: None,
             session: s.into(),
             ephemeral: false,
         }

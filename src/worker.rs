@@ -56,7 +56,7 @@ pub struct Shared {
 /// neither answered nor acknowledged, so the broker redelivers it.
 pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
     loop {
-        let req = tokio::select! {
+        let mut req = tokio::select! {
             biased;
             _ = abandon.cancelled() => return,
             r = shared.queue.recv() => match r {
@@ -64,6 +64,9 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
                 Err(_) => return, // closed and drained
             },
         };
+        // Out of the queue: its project's share has a slot free again (the
+        // device's slot goes when the request is dropped, answered).
+        req.held.dequeued();
         shared.running.fetch_add(1, Ordering::Relaxed);
         shared.stats.emit(Event::Dequeued {
             wait: req.received_at.elapsed(),
@@ -340,6 +343,7 @@ mod tests {
     async fn a_panic_becomes_an_error_reply() {
         let key = SessionKey {
             project: Arc::from("maze"),
+            device: None,
             session: "s1".into(),
             ephemeral: false,
         };

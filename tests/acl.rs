@@ -164,3 +164,115 @@ async fn devices_are_confined_to_their_own_replies() {
     shutdown.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// `identity = "topic"` (protocol v1.1, "Device identity") under the
+/// shipped ACL with real users: a device publishes only under its own user
+/// name, so another device can neither forge a request as it nor reach its
+/// session by guessing the sessionId, and reads only its own replies.
+#[tokio::test]
+async fn a_device_cannot_touch_another_devices_session() {
+    let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mosquitto/acl");
+    let mut broker = Mosquitto::start_with(MosquittoOptions {
+        persistence: false,
+        password: Some(("vllm-mqttd".into(), "daemon-pw".into())),
+        extra_conf: format!("acl_file {acl}\n{}\n", shipped_client_id_rule()),
+    })
+    .await;
+    for user in ["robot-7", "robot-8", "watcher"] {
+        add_user(&broker, user, &format!("{user}-pw"));
+    }
+    broker.restart().await;
+
+    // The backend answers with how many messages the prompt held: the
+    // system prompt, the history, and the new message.
+    let fake = FakeVllm::builder()
+        .reply_with(|body| format!("{} messages", body["messages"].as_array().unwrap().len()))
+        .run()
+        .await;
+    let mut c = config(broker.host(), broker.port(), &fake.base_url());
+    c.projects = vec!["fleet".into()];
+    c.project.insert(
+        "fleet".into(),
+        vllm_mqttd::config::ProjectOverride {
+            identity: Some(vllm_mqttd::config::Identity::Topic),
+            ..Default::default()
+        },
+    );
+    c.mqtt.username = Some("vllm-mqttd".into());
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "daemon-pw\n").unwrap();
+    c.mqtt.password_file = Some(pw);
+    let instance = c.instance_id.clone();
+    let mut watcher = login(&broker, "watcher").await;
+    watcher
+        .subscribe(&format!("vllm-mqttd/{instance}/status"))
+        .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(vllm_mqttd::App::new(c).unwrap().run(shutdown.clone()));
+    loop {
+        if watcher.expect(WAIT).await.json()["state"] == "online" {
+            break;
+        }
+    }
+
+    let ask = |session: &str, message: &str| {
+        json!({"sessionId": session, "message": message, "format": "json"}).to_string()
+    };
+    // robot-8 has a conversation in session "s".
+    let mut r8 = login(&broker, "robot-8").await;
+    r8.subscribe("fleet/assistant_response/robot-8/#").await;
+    r8.publish("fleet/user_input/robot-8", ask("s", "one"), 1)
+        .await;
+    let first = r8.expect(WAIT).await;
+    assert_eq!(first.topic, "fleet/assistant_response/robot-8/s");
+    assert_eq!(first.json()["text"], "2 messages");
+
+    // robot-7 tries everything: a forged request under robot-8's id (the
+    // ACL drops it), robot-8's sessionId on its own topic (a session of
+    // its own), a reply topic in robot-8's namespace (refused), and reading
+    // robot-8's replies (not delivered).
+    let mut r7 = login(&broker, "robot-7").await;
+    r7.subscribe("fleet/assistant_response/#").await;
+    r7.publish(
+        "fleet/user_input/robot-8",
+        json!({"sessionId": "s", "message": "forged", "reset": true}).to_string(),
+        1,
+    )
+    .await;
+    r7.publish("fleet/user_input/robot-7", ask("s", "mine"), 1)
+        .await;
+    let own = r7.expect(WAIT).await;
+    assert_eq!(own.topic, "fleet/assistant_response/robot-7/s");
+    assert_eq!(
+        own.json()["text"],
+        "2 messages",
+        "a fresh session, not robot-8's"
+    );
+    r7.publish(
+        "fleet/user_input/robot-7",
+        json!({"sessionId": "x", "message": "hi", "format": "json",
+               "replyTopic": "fleet/assistant_response/robot-8/s"})
+        .to_string(),
+        1,
+    )
+    .await;
+    let refused = r7.expect(WAIT).await;
+    assert_eq!(refused.topic, "fleet/assistant_response/robot-7/x");
+    assert_eq!(refused.json()["error"]["code"], "bad_request");
+
+    // robot-8's history is intact (the forged reset never arrived): its
+    // second turn holds system + one + answer + two.
+    r8.publish("fleet/user_input/robot-8", ask("s", "two"), 1)
+        .await;
+    let second = r8.expect(WAIT).await;
+    assert_eq!(second.topic, "fleet/assistant_response/robot-8/s");
+    assert_eq!(second.json()["text"], "4 messages");
+    // Nothing of robot-8's reached robot-7, nothing forged reached robot-8.
+    r7.expect_none(std::time::Duration::from_millis(300)).await;
+    r8.expect_none(std::time::Duration::from_millis(100)).await;
+    assert_eq!(fake.requests().len(), 3, "the forged request never ran");
+
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}

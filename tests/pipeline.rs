@@ -364,6 +364,95 @@ async fn full_queue_answers_overloaded_at_once() {
     w.env.stop().await;
 }
 
+#[tokio::test]
+async fn a_noisy_project_cannot_take_the_quiet_ones_share_of_the_queue() {
+    // Two projects of equal weight share a queue of 4: two slots each.
+    let mut w = world(gated().await, |c| {
+        c.workers.num_workers = 1;
+        c.admission.max_queue_size = 4;
+    })
+    .await;
+    w.send(json!({"sessionId": "a", "message": "1"})).await;
+    assert!(w.fake.wait_for_calls(1, WAIT).await); // the worker is busy
+    w.send(json!({"sessionId": "b", "message": "2"})).await;
+    w.send(json!({"sessionId": "c", "message": "3"})).await;
+    // maze holds its two slots: its next request is refused while the
+    // queue itself still has room...
+    w.send(json!({"sessionId": "d", "message": "4"})).await;
+    assert_eq!(w.reply("d").await, OVERLOADED);
+    // ...which is general's.
+    let mut quiet = w.env.device("general").await;
+    quiet
+        .publish(
+            "general/user_input",
+            json!({"sessionId": "q", "message": "hi"}).to_string(),
+            1,
+        )
+        .await;
+    w.fake.release(4);
+    for (s, m) in [("a", "1"), ("b", "2"), ("c", "3")] {
+        assert_eq!(w.reply(s).await, format!("echo: {m}"));
+    }
+    let q = quiet.expect_on("general/assistant_response/q", WAIT).await;
+    assert_eq!(q.text(), "echo: hi");
+    // Dequeued slots come back: maze is served again.
+    w.fake.release(1);
+    w.send(json!({"sessionId": "d", "message": "again"})).await;
+    assert_eq!(w.reply("d").await, "echo: again");
+    w.env.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_rotating_session_ids_is_held_to_its_own_limits() {
+    // identity = "topic": the device id is the topic's last level, and its
+    // limits hold over all its sessions.
+    let mut w = world(gated().await, |c| {
+        c.project.insert(
+            "maze".into(),
+            vllm_mqttd::config::ProjectOverride {
+                identity: Some(vllm_mqttd::config::Identity::Topic),
+                device_in_flight: Some(2),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let ask = |s: &str| json!({"sessionId": s, "message": s, "format": "json"}).to_string();
+    for s in ["s1", "s2", "s3"] {
+        w.dev.publish("maze/user_input/d1", ask(s), 1).await;
+    }
+    let busy = w.json_reply("maze/assistant_response/d1/s3").await;
+    assert_eq!(busy["error"]["code"], "session_busy");
+    // Another device, even with the same sessionIds, is not affected.
+    w.dev.publish("maze/user_input/d2", ask("s1"), 1).await;
+    assert!(w.fake.wait_for_calls(3, WAIT).await);
+    w.fake.release(3);
+    for topic in [
+        "maze/assistant_response/d1/s1",
+        "maze/assistant_response/d1/s2",
+        "maze/assistant_response/d2/s1",
+    ] {
+        assert_eq!(w.json_reply(topic).await["ok"], true, "{topic}");
+    }
+    // Answered: d1 may ask again, on a new session.
+    w.fake.release(1);
+    w.dev.publish("maze/user_input/d1", ask("s4"), 1).await;
+    assert_eq!(
+        w.json_reply("maze/assistant_response/d1/s4").await["ok"],
+        true
+    );
+    // The plain topic is not this project's any more: nothing answers it,
+    // and a device id that cannot head a reply topic (over 128 bytes) is
+    // a counted drop.
+    let long = format!("maze/user_input/{}", "d".repeat(129));
+    w.dev.publish(&long, ask("s5"), 1).await;
+    w.send(json!({"sessionId": "s6", "message": "x"})).await;
+    w.dev
+        .expect_none(std::time::Duration::from_millis(300))
+        .await;
+    w.env.stop().await;
+}
+
 /// Each malformed class gets its reply, or is a counted drop (checked with a
 /// sentinel request whose reply must come next).
 #[tokio::test]
@@ -747,6 +836,8 @@ async fn stats_topic_reports_queue_and_counts() {
         c.workers.num_workers = 1;
         c.admission.max_queue_size = 4;
         c.stats.interval = Duration::from_secs(1);
+        // One project: the whole queue is its share.
+        c.projects = vec!["maze".into()];
     })
     .await;
     let mut watcher = TestClient::connect(w.broker.host(), w.broker.port(), &unique("stats")).await;

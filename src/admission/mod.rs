@@ -4,11 +4,14 @@
 //! 2. drop duplicate deliveries of a `(session, requestId)`;
 //! 3. one request per session at a time (`session_busy`);
 //! 4. a per-session sliding window ([`window`], `rate_limited`);
-//! 5. a bounded queue (`overloaded`).
+//! 5. a bounded queue (`overloaded`), of which each project holds at most
+//!    its share; and with a device identity, per-device limits ([`quota`]).
 //!
-//! Rules 2-4 are one atomic call on the [`SessionStore`]; rule 5 is a
-//! `try_send` on the queue. Every refusal is answered at once.
+//! Rules 2-4 are one atomic call on the [`SessionStore`]; rule 5 is
+//! [`Quotas::acquire`] and a `try_send` on the queue (undoing rules 2-4 if
+//! either refuses). Every refusal is answered at once.
 
+pub mod quota;
 pub mod validate;
 pub mod window;
 
@@ -19,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::ErrorCode;
 
+use crate::admission::quota::Quotas;
 use crate::mqtt::egress::Egress;
 use crate::queue::QueueTx;
 use crate::request::{Failure, Outbound, ReplyBody, Request};
@@ -28,6 +32,7 @@ use crate::telemetry::{Event, Stats};
 /// The admission task's parts.
 pub struct Admission {
     pub store: Arc<dyn SessionStore>,
+    pub quotas: Arc<Quotas>,
     pub queue: QueueTx,
     pub egress: Egress,
     pub stats: Arc<Stats>,
@@ -61,32 +66,40 @@ impl Admission {
         tracing::debug!("admission closed");
     }
 
-    async fn admit(&self, req: Request) {
+    async fn admit(&self, mut req: Request) {
         let request_id = req.reply.request_id.as_deref();
-        let admitted = self.store.admit(&req.key, request_id, Instant::now()).await;
+        let now = Instant::now();
+        let admitted = self.store.admit(&req.key, request_id, now).await;
         let failure = match admitted {
             // No request waits on a store that cannot answer: it is told at
             // once when to try again (and a QoS 1 one is acknowledged with
             // that reply, like any answered request).
             Err(e) => Failure::new(ErrorCode::Unavailable, e.to_string())
                 .retry_after(StoreError::RETRY_AFTER),
-            Ok(Admit::Admitted) => match self.queue.try_send(req) {
-                Ok(()) => return,
-                Err(e) => {
-                    let (req, code) = match e {
-                        async_channel::TrySendError::Full(r) => (r, ErrorCode::Overloaded),
-                        async_channel::TrySendError::Closed(r) => (r, ErrorCode::ShuttingDown),
-                    };
-                    if let Err(e) = self.store.cancel(&req.key).await {
-                        tracing::warn!(session = %req.key, error = %e, "cannot free a session after a refusal");
-                    }
-                    let f = match code {
-                        ErrorCode::Overloaded => Failure::fixed(code),
-                        _ => Failure::new(code, "the daemon is shutting down; try again shortly"),
-                    };
-                    return self.reject(req, f).await;
+            Ok(Admit::Admitted) => {
+                // Above the session: the project's share of the queue and
+                // the device's limits ([`quota`]).
+                match self.quotas.acquire(&req.key, now) {
+                    Ok(held) => req.held = held,
+                    Err(f) => return self.undo_admit(req, f).await,
                 }
-            },
+                match self.queue.try_send(req) {
+                    Ok(()) => return,
+                    Err(async_channel::TrySendError::Full(mut req)) => {
+                        std::mem::take(&mut req.held).refund();
+                        return self
+                            .undo_admit(req, Failure::fixed(ErrorCode::Overloaded))
+                            .await;
+                    }
+                    Err(async_channel::TrySendError::Closed(req)) => {
+                        let f = Failure::new(
+                            ErrorCode::ShuttingDown,
+                            "the daemon is shutting down; try again shortly",
+                        );
+                        return self.undo_admit(req, f).await;
+                    }
+                }
+            }
             Ok(Admit::Duplicate { answered }) => {
                 self.stats.emit(Event::Duplicate {
                     project: &req.key.project,
@@ -128,6 +141,15 @@ impl Admission {
                 Failure::fixed(ErrorCode::RateLimited).retry_after(retry_after)
             }
         };
+        self.reject(req, failure).await;
+    }
+
+    /// Refuses a request the store had admitted: frees its session and its
+    /// window place first.
+    async fn undo_admit(&self, req: Request, failure: Failure) {
+        if let Err(e) = self.store.cancel(&req.key).await {
+            tracing::warn!(session = %req.key, error = %e, "cannot free a session after a refusal");
+        }
         self.reject(req, failure).await;
     }
 
@@ -218,6 +240,7 @@ mod tests {
     fn request(session: &str, pkid: u16) -> Request {
         let inbound = Inbound {
             project: Arc::from("maze"),
+            device: None,
             payload: bytes::Bytes::from(format!(
                 r#"{{"sessionId":"{session}","message":"hi","format":"json"}}"#
             )),
@@ -243,6 +266,11 @@ mod tests {
         let (egress, mut out) = Egress::channel(4, stats.clone());
         let admission = Admission {
             store: Arc::new(Down),
+            quotas: Arc::new(Quotas::new(
+                [(&Arc::from("maze"), &ProjectConfig::default())],
+                4,
+                Duration::from_secs(60),
+            )),
             queue,
             egress,
             stats,

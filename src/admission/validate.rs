@@ -27,10 +27,11 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::{Map, Value};
 use vllm_chat::protocol::{
-    default_reply_topic, is_valid_session_id, validate_reply_topic, ErrorCode, ReplyFormat,
-    MAX_REQUEST_ID_BYTES,
+    default_reply_topic, is_valid_session_id, reply_prefix, validate_reply_topic, ErrorCode,
+    ReplyFormat, MAX_REQUEST_ID_BYTES,
 };
 
+use crate::admission::quota::Held;
 use crate::config::ProjectConfig;
 use crate::request::{Failure, Inbound, ReplyTo, Request, Sampling, SessionKey};
 
@@ -71,13 +72,13 @@ pub fn parse(
     project: &ProjectConfig,
     limits: &Limits,
 ) -> Result<Request, Box<Invalid>> {
-    let project_name = &inbound.project;
+    let scope = Scope::of(inbound);
     // The v5 Response Topic, checked first: a valid one can carry an error
     // even before the payload is read.
     let v5 = inbound
         .response_topic
         .as_deref()
-        .map(|t| match validate_reply_topic(project_name, t) {
+        .map(|t| match scope.check(t) {
             Ok(()) => Ok(t),
             Err(e) => Err(FieldError(format!("Response Topic refused: {e}"))),
         })
@@ -128,7 +129,7 @@ pub fn parse(
     };
 
     let (parts, error) = match &map {
-        Some(map) => parse_object(map, project, project_name, v5, limits),
+        Some(map) => parse_object(map, project, &scope, v5, limits),
         // No session to answer on: only a v5 Response Topic can carry it.
         None if text.trim().is_empty() => {
             return Err(Box::new(bad(
@@ -149,7 +150,7 @@ pub fn parse(
             (parts, v5.err())
         }
     };
-    let reply = parts.reply_to(inbound, project, v5_topic);
+    let reply = parts.reply_to(inbound, &scope, project, v5_topic);
     match (error, reply) {
         (None, Some(reply)) => Ok(finish(inbound, project, limits, reply, parts)),
         (error, reply) => Err(Box::new(bad(
@@ -166,13 +167,13 @@ pub fn parse(
 fn parse_object<'a>(
     map: &'a Map<String, Value>,
     project: &ProjectConfig,
-    project_name: &str,
+    scope: &Scope<'_>,
     v5: Result<Option<&'a str>, FieldError>,
     limits: &Limits,
 ) -> (RequestParts<'a>, Option<FieldError>) {
     use Bound::{Excluded, Included};
     let formats = [("text", ReplyFormat::Text), ("json", ReplyFormat::Json)];
-    let topic_rule = |t: &str| validate_reply_topic(project_name, t);
+    let topic_rule = |t: &str| scope.check(t);
     let mut f = Fields::new(map);
     let parts = RequestParts {
         format: f.keep(f.opt_enum("format", &formats)),
@@ -246,6 +247,7 @@ impl RequestParts<'_> {
     fn reply_to(
         &self,
         inbound: &Inbound,
+        scope: &Scope<'_>,
         project: &ProjectConfig,
         v5_topic: Option<&str>,
     ) -> Option<ReplyTo> {
@@ -255,8 +257,9 @@ impl RequestParts<'_> {
             // connection that publishes one) comes in with the session: its
             // id is ASCII `[A-Za-z0-9_.:@-]` (`is_valid_session_id`, or
             // `default-<8 hex>`). The project name is the operator's,
-            // checked when the configuration is validated.
-            (None, Some(session)) => default_reply_topic(&inbound.project, session),
+            // checked when the configuration is validated; a device id is
+            // checked by ingress (`is_valid_device_id`).
+            (None, Some(session)) => scope.default_topic(session),
             (None, None) => v5_topic?.to_owned(),
         };
         Some(ReplyTo {
@@ -285,6 +288,7 @@ fn finish(
     Request {
         key: SessionKey {
             project: inbound.project.clone(),
+            device: inbound.device.clone(),
             session: reply.session_id.clone().into_boxed_str(),
             ephemeral: parts.ephemeral,
         },
@@ -301,7 +305,64 @@ fn finish(
         dup: inbound.dup,
         received_at: inbound.received_at,
         deadline: inbound.received_at + timeout,
+        held: Held::default(),
     }
+}
+
+/// Where a request's replies may go: under `{project}/assistant_response/`,
+/// or with a device identity under `{project}/assistant_response/{device}/`,
+/// which the broker's ACL lets only that device read.
+struct Scope<'a> {
+    project: &'a str,
+    device: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    fn of(inbound: &'a Inbound) -> Self {
+        Self {
+            project: &inbound.project,
+            device: inbound.device.as_deref(),
+        }
+    }
+
+    /// A client-chosen reply topic's rule.
+    fn check(&self, topic: &str) -> Result<(), String> {
+        validate_reply_topic(self.project, topic).map_err(|e| e.to_string())?;
+        let Some(device) = self.device else {
+            return Ok(());
+        };
+        let own = topic
+            .strip_prefix(&reply_prefix(self.project))
+            .and_then(|rest| rest.strip_prefix(device))
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|rest| !rest.is_empty());
+        if own {
+            Ok(())
+        } else {
+            Err(format!(
+                "reply topic must start with {}{device}/ (this device's replies)",
+                reply_prefix(self.project)
+            ))
+        }
+    }
+
+    fn default_topic(&self, session: &str) -> String {
+        match self.device {
+            Some(device) => default_reply_topic(self.project, &format!("{device}/{session}")),
+            None => default_reply_topic(self.project, session),
+        }
+    }
+}
+
+/// A device id (the last level of `{project}/user_input/{deviceId}`) that
+/// can head a reply topic: 1 to 128 bytes, no wildcard, separator, control
+/// character or Unicode noncharacter (brokers drop a connection that
+/// publishes one).
+pub fn is_valid_device_id(project: &str, device: &str) -> bool {
+    !device.is_empty()
+        && device.len() <= 128
+        && !device.contains('/')
+        && validate_reply_topic(project, &default_reply_topic(project, device)).is_ok()
 }
 
 /// A field refused by its rule; the message names both, e.g.
@@ -523,6 +584,7 @@ fn one_of<T>(choices: &[(&str, T)]) -> String {
 pub(crate) fn inbound(project: &str, payload: impl Into<bytes::Bytes>) -> Inbound {
     Inbound {
         project: project.into(),
+        device: None,
         payload: payload.into(),
         response_topic: None,
         correlation: None,
@@ -638,6 +700,42 @@ mod tests {
         assert!(e.failure.message.contains("limit"));
         let e = err(inbound("maze", vec![0xff, 0xfe]));
         assert!(e.failure.message.contains("UTF-8"));
+    }
+
+    #[tokio::test]
+    async fn a_device_identity_scopes_the_session_and_the_reply_topics() {
+        let mut i = inbound("maze", r#"{"message":"hi","sessionId":"s1"}"#);
+        i.device = Some("robot-7".into());
+        let r = parse(&i, &trusting(), &limits()).unwrap();
+        assert_eq!(r.reply.topic, "maze/assistant_response/robot-7/s1");
+        assert_eq!(r.key.device.as_deref(), Some("robot-7"));
+        assert_eq!(r.key.to_string(), "maze/robot-7/s1");
+        // Under its own namespace: accepted; another device's: refused and
+        // answered on its own default topic.
+        for (topic, ok) in [
+            ("maze/assistant_response/robot-7/s1/x", true),
+            ("maze/assistant_response/robot-7/", false),
+            ("maze/assistant_response/robot-70/x", false),
+            ("maze/assistant_response/robot-8/s1", false),
+            ("maze/assistant_response/s1", false),
+        ] {
+            let mut i = inbound(
+                "maze",
+                format!(r#"{{"message":"hi","sessionId":"s1","replyTopic":"{topic}"}}"#),
+            );
+            i.device = Some("robot-7".into());
+            match parse(&i, &trusting(), &limits()) {
+                Ok(_) => assert!(ok, "{topic} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{topic} refused: {}", e.failure.message);
+                    assert_eq!(e.reply.unwrap().topic, "maze/assistant_response/robot-7/s1");
+                }
+            }
+        }
+        assert!(is_valid_device_id("maze", "robot-7"));
+        for bad in ["", "a/b", "x\u{1}", "\u{ffff}", &"d".repeat(129)] {
+            assert!(!is_valid_device_id("maze", bad), "{bad:?}");
+        }
     }
 
     #[tokio::test]

@@ -27,13 +27,7 @@ impl SlidingWindow {
         limit: u32,
         window: Duration,
     ) -> Result<(), Duration> {
-        while let Some(&oldest) = self.admitted.front() {
-            if now.saturating_duration_since(oldest) >= window {
-                self.admitted.pop_front();
-            } else {
-                break;
-            }
-        }
+        self.is_idle(now, window);
         if self.admitted.len() < limit as usize {
             self.admitted.push_back(now);
             Ok(())
@@ -43,6 +37,19 @@ impl SlidingWindow {
                 .saturating_duration_since(now)
                 .max(Duration::from_millis(1)))
         }
+    }
+
+    /// Forgets admissions older than `window` before `now`; true when none
+    /// is left (the window no longer limits anything).
+    pub fn is_idle(&mut self, now: Instant, window: Duration) -> bool {
+        while let Some(&oldest) = self.admitted.front() {
+            if now.saturating_duration_since(oldest) >= window {
+                self.admitted.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.admitted.is_empty()
     }
 
     /// Gives back the latest admission (its request was then refused by a

@@ -28,7 +28,7 @@ use vllm_chat::protocol::{request_topic, ErrorCode};
 use crate::admission::validate::{self, Limits};
 use crate::backoff::Reconnect;
 use crate::circuit::Circuit;
-use crate::config::ProjectConfig;
+use crate::config::{Identity, ProjectConfig};
 use crate::error::AppError;
 use crate::mqtt::egress::Egress;
 use crate::mqtt::status::StatusMessages;
@@ -54,7 +54,8 @@ pub struct Project {
 pub struct Ingress {
     pub client: AsyncClient,
     pub eventloop: EventLoop,
-    /// `{project}/user_input` -> project.
+    /// `{project}/user_input` -> project (a device identity project's
+    /// requests come one level below it).
     pub projects: HashMap<String, Arc<Project>>,
     pub limits: Limits,
     pub admission: mpsc::Sender<Request>,
@@ -65,6 +66,48 @@ pub struct Ingress {
     pub circuit: watch::Receiver<Circuit>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+}
+
+impl Project {
+    /// What the daemon subscribes for this project: `{project}/user_input`,
+    /// or with a device identity `{project}/user_input/+`.
+    pub fn filter(&self) -> String {
+        match self.settings.identity {
+            Identity::None => request_topic(&self.name),
+            Identity::Topic => format!("{}/+", request_topic(&self.name)),
+        }
+    }
+}
+
+/// Where a publish belongs.
+enum Route<'a> {
+    Project(&'a Arc<Project>, Option<Arc<str>>),
+    /// A device identity project's topic whose device id cannot head a
+    /// reply topic: nothing can be answered.
+    BadDevice(&'a Arc<Project>),
+    /// Not ours (a subscription left by an earlier configuration).
+    Unknown,
+}
+
+fn route<'a>(projects: &'a HashMap<String, Arc<Project>>, topic: &str) -> Route<'a> {
+    if let Some(p) = projects.get(topic) {
+        if p.settings.identity == Identity::None {
+            return Route::Project(p, None);
+        }
+    }
+    let Some((base, device)) = topic.rsplit_once('/') else {
+        return Route::Unknown;
+    };
+    match projects.get(base) {
+        Some(p) if p.settings.identity == Identity::Topic => {
+            if validate::is_valid_device_id(&p.name, device) {
+                Route::Project(p, Some(Arc::from(device)))
+            } else {
+                Route::BadDevice(p)
+            }
+        }
+        _ => Route::Unknown,
+    }
 }
 
 impl Ingress {
@@ -117,8 +160,8 @@ impl Ingress {
         );
         let mut failing = false;
         let filters: Vec<Filter> = projects
-            .keys()
-            .map(|t| Filter::new(t.clone(), QoS::AtLeastOnce))
+            .values()
+            .map(|p| Filter::new(p.filter(), QoS::AtLeastOnce))
             .collect();
         let handoff = Handoff {
             projects: &projects,
@@ -159,7 +202,7 @@ impl Ingress {
                             ),
                         }
                     }
-                    tracing::info!(topics = ?projects.keys().collect::<Vec<_>>(), "subscribed");
+                    tracing::info!(topics = ?filters.iter().map(|f| &f.path).collect::<Vec<_>>(), "subscribed");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let open = (!accept.is_cancelled()).then_some(&admission);
@@ -261,19 +304,33 @@ impl Handoff<'_> {
     fn publish(&self, p: Publish, admission: Option<&mpsc::Sender<Request>>) {
         let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken { pkid: p.pkid });
         let topic = String::from_utf8_lossy(&p.topic);
-        let Some(project) = self.projects.get(topic.as_ref()) else {
-            // A subscription left in our persistent session by an earlier
-            // configuration: acknowledge so it does not sit in flight.
-            self.stats.emit(Ev::Ignored { topic: &topic });
-            if ack.is_some() {
-                self.egress.try_send(Outbound { reply: None, ack });
+        let (project, device) = match route(self.projects, &topic) {
+            Route::Project(p, device) => (p, device),
+            Route::BadDevice(p) => {
+                self.stats.emit(Ev::Unanswerable {
+                    project: &p.name,
+                    reason: "device id unfit for a reply topic",
+                });
+                if ack.is_some() {
+                    self.egress.try_send(Outbound { reply: None, ack });
+                }
+                return;
             }
-            return;
+            Route::Unknown => {
+                // A subscription left in our persistent session by an
+                // earlier configuration: acknowledge so it does not sit in
+                // flight.
+                self.stats.emit(Ev::Ignored { topic: &topic });
+                if ack.is_some() {
+                    self.egress.try_send(Outbound { reply: None, ack });
+                }
+                return;
+            }
         };
         let Some(admission) = admission else {
             if ack.is_none() {
                 // QoS 0 is not redelivered: say why it was not served.
-                self.reject_decoded(project, p, ErrorCode::ShuttingDown, None);
+                self.reject_decoded(project, device, p, ErrorCode::ShuttingDown, None);
             }
             // QoS 1: left unacknowledged; the broker delivers it again to
             // the next instance.
@@ -282,6 +339,7 @@ impl Handoff<'_> {
         let props = p.properties.unwrap_or_default();
         let inbound = Inbound {
             project: project.name.clone(),
+            device,
             payload: p.payload,
             response_topic: props.response_topic,
             correlation: props.correlation_data,
@@ -349,6 +407,7 @@ impl Handoff<'_> {
     fn reject_decoded(
         &self,
         project: &Project,
+        device: Option<Arc<str>>,
         p: Publish,
         code: ErrorCode,
         ack: Option<AckToken>,
@@ -356,6 +415,7 @@ impl Handoff<'_> {
         let props = p.properties.unwrap_or_default();
         let inbound = Inbound {
             project: project.name.clone(),
+            device,
             payload: p.payload,
             response_topic: props.response_topic,
             correlation: props.correlation_data,
