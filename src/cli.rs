@@ -183,7 +183,9 @@ impl RunArgs {
             if let Some(addr) = addr {
                 c.embedded_broker.listen = addr;
                 let mut v5 = addr;
-                v5.set_port(addr.port().wrapping_add(1));
+                // Port 65535 has no next one: 0 here, refused by
+                // validation with the reason.
+                v5.set_port(addr.port().checked_add(1).unwrap_or(0));
                 c.embedded_broker.listen_v5 = v5;
             }
         }

@@ -20,6 +20,22 @@ use crate::error::ConfigError;
 /// The annotated default configuration, as shipped.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/vllm-mqttd.toml");
 
+/// A TOML error as "TOML parse error at line L, column C: what", without
+/// the quoted source line that `toml`'s `Display` adds: that line may hold
+/// a secret (a backend URL with a token, say).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -498,11 +514,10 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<inline>"),
-            message: e.to_string(),
+            message: toml_error(text, &e),
         })
     }
 
-    /// The instance id, defaulting to the host name.
     /// A copy fit to print or log: the backend URL without its user
     /// info and query (where credentials hide).
     pub fn redacted(&self) -> Config {
@@ -511,6 +526,7 @@ impl Config {
         c
     }
 
+    /// The instance id, defaulting to the host name.
     pub fn instance(&self) -> String {
         if self.instance_id.is_empty() {
             let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -704,6 +720,23 @@ impl Config {
             }
         }
         let eb = &self.embedded_broker;
+        if eb.enabled {
+            if eb.listen.port() == 0 || eb.listen_v5.port() == 0 {
+                return bad(
+                    "embedded_broker.listen_v5",
+                    "both listeners need a port (with --embedded-broker ADDR the MQTT 5 \
+                     one is ADDR's port + 1, so ADDR's port must be below 65535)"
+                        .into(),
+                );
+            }
+            if eb.listen == eb.listen_v5 {
+                return bad(
+                    "embedded_broker.listen_v5",
+                    "must differ from embedded_broker.listen (one listener per MQTT version)"
+                        .into(),
+                );
+            }
+        }
         if eb.enabled
             && !eb.allow_remote
             && !(eb.listen.ip().is_loopback() && eb.listen_v5.ip().is_loopback())

@@ -1079,9 +1079,10 @@ async fn embedded_broker_beyond_loopback_is_refused_without_allow_remote() {
 /// listener cannot be the daemon's is a configuration error, refused at
 /// start (exit 64) like a non-loopback bind.
 ///
-/// FAILS today, both ways, and `check-config` calls both valid:
+/// Both failed before validation refused them (`check-config` called
+/// them valid):
 /// - `--embedded-broker 127.0.0.1:65535`: the MQTT 5 port is the next one,
-///   computed with `wrapping_add` (src/cli.rs), so it is 0. rumqttd binds
+///   was computed with `wrapping_add` (src/cli.rs), so it was 0. rumqttd binds
 ///   an ephemeral port, the readiness check connects to port 0, and the
 ///   daemon exits 69 after 10 s: "embedded broker: listener 127.0.0.1:0
 ///   did not come up".
@@ -1092,7 +1093,6 @@ async fn embedded_broker_beyond_loopback_is_refused_without_allow_remote() {
 ///   forever, never online; SIGTERM then waits out the 10 s flush budget
 ///   ("MQTT disconnect did not finish in time").
 #[tokio::test]
-#[ignore = "daemon bug: an embedded broker with no usable MQTT 5 port is accepted (see the doc comment)"]
 async fn an_embedded_broker_without_a_usable_mqtt5_port_is_refused_at_start() {
     let (code, shown) = run_to_end(&["check-config", "--embedded-broker", "127.0.0.1:65535"]);
     assert_eq!(code, Some(64), "port 65535 leaves no next port:\n{shown}");
@@ -1401,15 +1401,14 @@ fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
 /// refused (exit 64), and the refusal must not print the credentials
 /// either.
 ///
-/// FAILS today: `redact_url` keeps text that is not a URL "up to its first
-/// `@`, `?` or whitespace", and the user info comes before the `@`:
+/// Before the fix, `redact_url` kept text that is not a URL "up to its
+/// first `@`, `?` or whitespace", and the user info comes before the `@`:
 /// `vllm-mqttd check-config --backend-url
 /// 'http://robot:pw@127.0.0.1:99999/v1?token=t'` prints `vllm-mqttd:
 /// invalid `backend.url`: "http://robot:pw..." is not an http(s) URL like
 /// http://127.0.0.1:8000/v1` (exit 64); so does the daemon itself at
 /// start, and so does `url = "..."` in a `--config` file.
 #[tokio::test]
-#[ignore = "daemon bug: an unparsable backend URL's password is printed (see the doc comment)"]
 async fn an_unparsable_backend_url_is_refused_without_printing_its_password() {
     let url = format!("http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:99999/v1?token={URL_TOKEN}");
     let dir = tempfile::tempdir().unwrap();
@@ -1430,11 +1429,10 @@ async fn an_unparsable_backend_url_is_refused_without_printing_its_password() {
 /// on the line of a credentialed backend URL (here the quotes are
 /// missing) is refused (exit 64) without printing the credentials.
 ///
-/// FAILS today: the TOML parser's error, printed as it is, quotes the
+/// Before the fix, the TOML parser's error, printed as it was, quoted the
 /// offending line: `vllm-mqttd: FILE: TOML parse error at line 2, column
 /// 7 | 2 | url = http://robot:pw@127.0.0.1:8000/v1?token=t | ^ ...`.
 #[tokio::test]
-#[ignore = "daemon bug: a TOML syntax error quotes the line with the backend URL's secrets"]
 async fn a_config_syntax_error_on_the_backend_url_line_does_not_print_its_secrets() {
     let url = format!("http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:8000/v1?token={URL_TOKEN}");
     let dir = tempfile::tempdir().unwrap();

@@ -193,11 +193,22 @@ pub fn redact_url(raw: &str) -> String {
             }
             u.to_string()
         }
+        // Unparsable: no structure to trust. Keep the scheme and what
+        // follows the last `@` (the host, usually), up to a query or a
+        // space; user info (before that `@`) and the query never show.
         Err(_) => {
-            let cut = raw
-                .find(|c: char| c == '@' || c == '?' || c.is_whitespace())
-                .unwrap_or(raw.len());
-            format!("{}...", &raw[..cut])
+            let (scheme, rest) = match raw.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), raw),
+            };
+            let (user, rest) = match rest.rsplit_once('@') {
+                Some((_, host)) => ("***@", host),
+                None => ("", rest),
+            };
+            let cut = rest
+                .find(|c: char| c == '?' || c == '#' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            format!("{scheme}{user}{}...", &rest[..cut])
         }
     }
 }
