@@ -1534,7 +1534,8 @@ async fn a_trickling_backend_is_cut_off_by_the_stream_gap_timeout_long_before_th
     let took = start.elapsed();
     eprintln!("trickle answered in {took:?}: {v}");
     assert_eq!(v["ok"], false, "{v}");
-    assert_ne!(v["error"]["code"], "timeout", "{v}");
+    // The backend is stuck, not refusing this request: try later.
+    assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("stalled"), "the error names the stall: {v}");
     poll_until("the daemon drops the stream", WAIT, || {

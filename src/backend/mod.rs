@@ -75,6 +75,13 @@ pub enum BackendError {
     /// The response broke off or could not be decoded.
     #[error("bad response from the backend: {0}")]
     Protocol(String),
+    /// The event stream went silent mid-answer for longer than
+    /// `stream_gap_timeout`: the backend is stuck, not refusing this
+    /// request. Not retried (a stuck backend would likely hold the retry
+    /// as long), but the device is told to try later, and the breaker
+    /// counts it.
+    #[error("the backend's stream stalled for {0:?}")]
+    Stalled(Duration),
 }
 
 /// Statuses worth retrying: the request may succeed later as it is.
@@ -109,7 +116,9 @@ impl BackendError {
         match self {
             BackendError::Connect(_) | BackendError::Reset { .. } | BackendError::Timeout => true,
             BackendError::Status { status, .. } => RETRYABLE_STATUS.contains(status),
-            BackendError::ContextLength(_) | BackendError::Protocol(_) => false,
+            BackendError::ContextLength(_)
+            | BackendError::Protocol(_)
+            | BackendError::Stalled(_) => false,
         }
     }
 
@@ -143,17 +152,18 @@ impl BackendError {
             BackendError::Connect(_)
             | BackendError::Reset { .. }
             | BackendError::Timeout
-            | BackendError::Protocol(_) => Outcome::Failed,
+            | BackendError::Protocol(_)
+            | BackendError::Stalled(_) => Outcome::Failed,
             BackendError::Status { .. } if self.is_retryable() => Outcome::Failed,
             BackendError::Status { .. } | BackendError::ContextLength(_) => Outcome::Healthy,
         }
     }
 
     /// The reply this error ends a request with: `backend_unavailable` when
-    /// it is the backend's condition (retries did not help), else
-    /// `backend_error` (the backend refused this request).
+    /// it is the backend's condition (retries did not help, or it is
+    /// stuck), else `backend_error` (the backend refused this request).
     pub fn to_failure(&self) -> Failure {
-        let code = if self.is_retryable() {
+        let code = if self.is_retryable() || matches!(self, BackendError::Stalled(_)) {
             ErrorCode::BackendUnavailable
         } else {
             ErrorCode::BackendError
@@ -457,12 +467,7 @@ async fn collect_stream(
         let chunk = match tokio::time::timeout(limits.gap, stream.next()).await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => break,
-            Err(_) => {
-                return Err(BackendError::Protocol(format!(
-                    "the stream stalled for {:?}",
-                    limits.gap
-                )))
-            }
+            Err(_) => return Err(BackendError::Stalled(limits.gap)),
         };
         let chunk = chunk
             .map_err(|e| BackendError::Protocol(format!("stream broke: {}", root_cause(&e))))?;
