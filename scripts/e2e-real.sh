@@ -179,7 +179,7 @@ HS="e2e-hist-$$"
 PTS=()
 first_msg="My name is Ada and I live in Lisbon."
 for m in "$first_msg" "What is my name?" "Which city do I live in?"; do
-  chat "$((P + 1))" "$HS" "$m" --json --temperature 0 --max-tokens 40
+  chat "$((P + 1))" "$HS" "$m" --json --temperature 0.2 --max-tokens 40
   PTS+=("$(jget "$OUT" usage.promptTokens)")
 done
 grows=1
@@ -189,7 +189,7 @@ done
 check "history: promptTokens grows turn by turn (${PTS[*]})" "promptTokens per turn: ${PTS[*]}" '[ "$grows" -eq 1 ]'
 
 # Reset: the same first message again, with reset, costs what it did first.
-chat "$((P + 1))" "$HS" "$first_msg" --json --temperature 0 --max-tokens 40 --reset
+chat "$((P + 1))" "$HS" "$first_msg" --json --temperature 0.2 --max-tokens 40 --reset
 reset_pt="$(jget "$OUT" usage.promptTokens)"
 check "reset: promptTokens back to the first turn's (${PTS[0]:-?} -> ${PTS[2]:-?} -> $reset_pt)" \
   "after reset $reset_pt, first turn ${PTS[0]:-?}" '[ -n "$reset_pt" ] && [ "$reset_pt" = "${PTS[0]:-x}" ]'
