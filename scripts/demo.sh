@@ -96,7 +96,7 @@ fi
 DAEMON_LOG="$LOG_DIR/vllm-mqttd.log"
 say "starting vllm-mqttd --embedded-broker (MQTT 3.1.1 on $MQTT_PORT, MQTT 5 on $((MQTT_PORT + 1)); log: ${DAEMON_LOG#"$ROOT"/})"
 start_daemon demo "$MQTT_PORT" "$URL" "$DAEMON_LOG"
-MODEL_NAME="$(sed -n 's/.*model discovered.*model=\([^ ]*\).*/\1/p' "$DAEMON_LOG" | head -n 1)"
+MODEL_NAME="$(daemon_model "$DAEMON_LOG")"
 say "vllm-mqttd up in $DAEMON_UP_S s, serving ${MODEL_NAME:-the model} (ready $(since "$T_START") s after start)"
 
 CHAT=("$CHAT_BIN" -p general -s "$SESSION")

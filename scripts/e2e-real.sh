@@ -153,7 +153,7 @@ start_daemon e2e-main "$P" "$URL" "$RUN_DIR/vllm-mqttd-main.log"
 MAIN_PID="$DAEMON_PID"
 say "vllm-mqttd up in $DAEMON_UP_S s (MQTT 3.1.1 on $P, MQTT 5 on $((P + 1)))"
 
-found="$(sed -n 's/.*model discovered.*model=\([^ ]*\).*/\1/p' "$RUN_DIR/vllm-mqttd-main.log" | sed 's/\x1b\[[0-9;]*m//g' | head -n 1)"
+found="$(daemon_model "$RUN_DIR/vllm-mqttd-main.log")"
 check "model discovery from GET /v1/models" "daemon found '$found', the server lists '$MODEL_ID'" \
   '[ "$found" = "$MODEL_ID" ]'
 

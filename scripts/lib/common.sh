@@ -226,7 +226,7 @@ start_daemon() {
   DAEMON_PID="$LAST_PID"
   for ((i = 0; i < 300; i++)); do
     require_alive "$DAEMON_PID" vllm-mqttd "$log"
-    if grep -q 'subscribed' "$log" 2>/dev/null && grep -q 'model discovered' "$log" 2>/dev/null; then
+    if grep -q 'subscribed' "$log" 2>/dev/null && grep -Eq 'models? discovered' "$log" 2>/dev/null; then
       DAEMON_UP_S="$(since "$t0")"
       return 0
     fi
@@ -234,4 +234,11 @@ start_daemon() {
   done
   tail -n 20 "$log" >&2
   die "vllm-mqttd did not subscribe and discover the model within 30 s (log: $log)"
+}
+
+# The model the daemon discovered, from its log $1 ("model discovered
+# model=X" or "models discovered ... models=["X", ...]").
+daemon_model() {
+  sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E 'models? discovered' | head -n 1 \
+    | sed -nE 's/.*models=\["([^"]*)".*/\1/p; t; s/.*model=([^ ]*).*/\1/p'
 }
