@@ -102,8 +102,9 @@ say "vllm-mqttd up in $DAEMON_UP_S s, serving ${MODEL_NAME:-the model} (ready $(
 CHAT=("$CHAT_BIN" -p general -s "$SESSION")
 [ "$MQTT_PORT" = 1883 ] || CHAT+=(--mqtt-port "$MQTT_PORT")
 # SmolLM2-135M rambles at the projects' default temperature (0.7); 0.2 is
-# what its authors suggest.
-[ "$LOCAL_MODEL" -eq 0 ] || CHAT+=(--temperature 0.2)
+# what its authors suggest. It can also run on to the default 512 tokens,
+# which takes long on a busy CPU: replies are capped at 256.
+[ "$LOCAL_MODEL" -eq 0 ] || CHAT+=(--temperature 0.2 --max-tokens 256)
 
 how_to_vllm() {
   local flags=""
