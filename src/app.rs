@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,10 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::quota::Quotas;
 use crate::admission::validate::Limits;
 use crate::admission::Admission;
-use crate::backend::breaker::{Breaker, SharedBreaker};
-use crate::backend::budget::Budget;
-use crate::backend::model::{self, ModelState};
-use crate::backend::{health, Backend};
+use crate::backend::pool::Pool;
 use crate::config::Config;
 use crate::error::{AppError, ConfigError};
 use crate::mqtt::egress::{self, Egress};
@@ -131,12 +128,14 @@ impl App {
         };
         let options = mqtt::options(&cfg, &host, port, self.password.as_ref(), &status)?;
         let (client, eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
-        let backend = Backend::new(&cfg.backend, self.api_key.as_ref())?;
-        if crate::backend::exposes_credentials(&cfg.backend.url, self.api_key.is_some()) {
-            tracing::warn!(
-                backend = %crate::backend::redact_url(&cfg.backend.url),
-                "credentials go to the backend in clear text (http to a non-loopback host): use https"
-            );
+        let pool = Arc::new(Pool::new(&cfg, self.api_key.as_ref())?);
+        for url in cfg.backend.url.iter() {
+            if crate::backend::exposes_credentials(url, self.api_key.is_some()) {
+                tracing::warn!(
+                    backend = %crate::backend::redact_url(url),
+                    "credentials go to the backend in clear text (http to a non-loopback host): use https"
+                );
+            }
         }
         let exporter = match cfg.stats.metrics_addr {
             Some(addr) => Some(telemetry::metrics::install(addr)?),
@@ -149,7 +148,8 @@ impl App {
         tracing::info!(
             broker = %format!("{host}:{port}"),
             tls = cfg.mqtt.tls,
-            backend = %crate::backend::redact_url(&cfg.backend.url),
+            backends = %cfg.backend.url.redacted(),
+            routing = ?cfg.backend.routing,
             projects = ?cfg.projects,
             workers = cfg.workers.num_workers,
             queue = cfg.admission.max_queue_size,
@@ -184,11 +184,6 @@ impl App {
             cfg.admission.max_queue_size + cfg.workers.num_workers + 1024,
             stats.clone(),
         );
-        let (model_tx, model_rx) = model::channel(&cfg.backend.model);
-        let breaker = SharedBreaker::new(Breaker::new(
-            cfg.backend.breaker_threshold,
-            cfg.backend.breaker_cooldown,
-        ));
         let projects: Vec<Project> = cfg
             .projects
             .iter()
@@ -205,13 +200,10 @@ impl App {
         let workers = Arc::new(Shared {
             queue: queue_rx,
             store: store.clone(),
-            backend: backend.clone(),
+            pool: pool.clone(),
             retry,
-            breaker: breaker.clone(),
-            budget: Arc::new(Budget::new(cfg.backend.rpm, cfg.backend_max_concurrent())),
             egress: egress.clone(),
             stats: stats.clone(),
-            model: model_rx,
             projects: projects
                 .iter()
                 .map(|p| (p.name.clone(), p.settings.clone()))
@@ -232,7 +224,7 @@ impl App {
             egress: egress.clone(),
             stats: stats.clone(),
             status: status.clone(),
-            circuit: breaker.subscribe(),
+            circuits: pool.circuits(),
             reconnect_min: cfg.mqtt.reconnect_min,
             reconnect_max: cfg.mqtt.reconnect_max,
         };
@@ -251,9 +243,7 @@ impl App {
             egress_rx,
             client,
             status,
-            backend,
-            breaker,
-            model_tx,
+            pool,
             exporter: exporter.map(|f| Box::pin(f) as _),
             cfg,
             instance,
@@ -270,9 +260,7 @@ struct Parts {
     egress_rx: egress::EgressRx,
     client: AsyncClient,
     status: StatusMessages,
-    backend: Backend,
-    breaker: Arc<SharedBreaker>,
-    model_tx: watch::Sender<ModelState>,
+    pool: Arc<Pool>,
     exporter: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     cfg: Config,
     instance: String,
@@ -290,8 +278,6 @@ struct Running {
     client: AsyncClient,
     status: StatusMessages,
     grace: Duration,
-    /// Kept so workers never see the model channel closed.
-    _model: Option<watch::Sender<ModelState>>,
 }
 
 impl Parts {
@@ -305,9 +291,7 @@ impl Parts {
             egress_rx,
             client,
             status,
-            backend,
-            breaker,
-            model_tx,
+            pool,
             exporter,
             cfg,
             instance,
@@ -366,19 +350,13 @@ impl Parts {
             cfg.sessions.sweep_interval,
             stop.clone(),
         ));
-        background.spawn(health::run(backend.clone(), breaker.clone(), stop.clone()));
+        pool.spawn(&background, stop);
         background.spawn(status::follow_circuit(
             client.clone(),
             status.clone(),
-            breaker.subscribe(),
+            pool.circuits(),
             stop.clone(),
         ));
-        let model = if cfg.backend.model.is_empty() {
-            background.spawn(model::discover(backend, model_tx, stop.clone()));
-            None
-        } else {
-            Some(model_tx)
-        };
         background.close();
         Running {
             phases,
@@ -391,7 +369,6 @@ impl Parts {
             client,
             status,
             grace: cfg.workers.shutdown_grace,
-            _model: model,
         }
     }
 }
@@ -404,7 +381,7 @@ fn sampler(shared: &Arc<Shared>, queue_capacity: usize) -> Sampler {
         queue_capacity,
         in_flight: shared.running.load(Ordering::Relaxed),
         sessions: shared.store.sessions(),
-        circuit: shared.breaker.circuit(),
+        circuit: shared.pool.circuit(),
     })
 }
 
@@ -422,7 +399,6 @@ impl Running {
             client,
             status,
             grace,
-            _model,
         } = self;
         tracing::info!(
             queued = shared.queue.len(),

@@ -73,8 +73,13 @@ pub struct RunArgs {
     #[arg(long, env = "VLLM_MQTTD_EMBEDDED_BROKER_ALLOW_REMOTE")]
     pub embedded_broker_allow_remote: bool,
     /// vLLM OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.
-    #[arg(long, env = "VLLM_MQTTD_BACKEND_URL")]
-    pub backend_url: Option<String>,
+    /// Repeat it (or give a comma-separated list) for several backends.
+    #[arg(long, env = "VLLM_MQTTD_BACKEND_URL", value_delimiter = ',')]
+    pub backend_url: Vec<String>,
+    /// How requests are spread over several backends: affinity (default:
+    /// a session stays on one backend), least-loaded or round-robin.
+    #[arg(long, env = "VLLM_MQTTD_ROUTING")]
+    pub routing: Option<crate::backend::routing::Routing>,
     /// File whose first line is the backend API key (or set VLLM_MQTTD_BACKEND_API_KEY).
     #[arg(long, env = "VLLM_MQTTD_BACKEND_API_KEY_FILE")]
     pub backend_api_key_file: Option<PathBuf>,
@@ -192,7 +197,10 @@ impl RunArgs {
         if self.embedded_broker_allow_remote {
             c.embedded_broker.allow_remote = true;
         }
-        set(&mut c.backend.url, &self.backend_url);
+        if !self.backend_url.is_empty() {
+            c.backend.url = crate::config::Urls(self.backend_url.clone());
+        }
+        set(&mut c.backend.routing, &self.routing);
         set(&mut c.backend.model, &self.model);
         if self.backend_api_key_file.is_some() {
             c.backend.api_key_file = self.backend_api_key_file.clone();

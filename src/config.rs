@@ -36,6 +36,62 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// One backend URL or several: `url = "http://a/v1"` or
+/// `url = ["http://a/v1", "http://b/v1"]` in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Urls(pub Vec<String>);
+
+impl Urls {
+    pub fn iter(&self) -> impl Iterator<Item = &String> {
+        self.0.iter()
+    }
+
+    /// Every URL redacted, comma-separated (for logs).
+    pub fn redacted(&self) -> String {
+        self.0
+            .iter()
+            .map(|u| crate::backend::redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl From<&str> for Urls {
+    fn from(s: &str) -> Self {
+        Urls(vec![s.to_owned()])
+    }
+}
+
+impl From<String> for Urls {
+    fn from(s: String) -> Self {
+        Urls(vec![s])
+    }
+}
+
+impl Serialize for Urls {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Urls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(u) => Urls(vec![u]),
+            OneOrMany::Many(v) => Urls(v),
+        })
+    }
+}
+
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -112,6 +168,10 @@ pub struct ProjectConfig {
     /// With `identity = "topic"`: requests one device may have admitted in
     /// any `admission.rate_window`, over all its sessions.
     pub device_rate_limit: u32,
+    /// The model this project's requests use; empty: `backend.model` (or
+    /// what each backend serves first). Only backends whose `/v1/models`
+    /// lists it serve the project.
+    pub model: String,
     /// This project's weight in the queue: it may hold at most
     /// `weight / (sum of the weights)` of `admission.max_queue_size` (at
     /// least one slot), so one noisy project cannot starve the others.
@@ -143,6 +203,7 @@ impl Default for ProjectConfig {
             device_in_flight: 4,
             device_rate_limit: 30,
             queue_weight: 1,
+            model: String::new(),
         }
     }
 }
@@ -163,6 +224,7 @@ pub struct ProjectOverride {
     pub device_in_flight: Option<u32>,
     pub device_rate_limit: Option<u32>,
     pub queue_weight: Option<u32>,
+    pub model: Option<String>,
 }
 
 impl ProjectOverride {
@@ -182,6 +244,7 @@ impl ProjectOverride {
             device_in_flight: self.device_in_flight.unwrap_or(base.device_in_flight),
             device_rate_limit: self.device_rate_limit.unwrap_or(base.device_rate_limit),
             queue_weight: self.queue_weight.unwrap_or(base.queue_weight),
+            model: self.model.clone().unwrap_or_else(|| base.model.clone()),
         }
     }
 }
@@ -287,8 +350,14 @@ impl Default for EmbeddedBrokerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Base URL of the OpenAI-compatible API, ending in `/v1`.
-    pub url: String,
+    /// Base URL of the OpenAI-compatible API, ending in `/v1`; or a list of
+    /// them, one per vLLM server (each with its own circuit, concurrency
+    /// limit and model discovery).
+    pub url: Urls,
+    /// How requests are spread over several backends: `affinity` (a
+    /// session stays on one backend, for its prefix cache), `least-loaded`
+    /// or `round-robin`.
+    pub routing: crate::backend::routing::Routing,
     /// Model name; empty means discover it from `GET {url}/models`.
     pub model: String,
     /// File whose first line is the API key, sent as a bearer token (vLLM's
@@ -347,7 +416,8 @@ pub struct BackendConfig {
 impl Default for BackendConfig {
     fn default() -> Self {
         Self {
-            url: "http://127.0.0.1:8000/v1".to_owned(),
+            url: Urls::from("http://127.0.0.1:8000/v1"),
+            routing: crate::backend::routing::Routing::Affinity,
             model: String::new(),
             api_key_file: None,
             request_timeout: Duration::from_secs(120),
@@ -522,7 +592,13 @@ impl Config {
     /// info and query (where credentials hide).
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
-        c.backend.url = crate::backend::redact_url(&c.backend.url);
+        c.backend.url = Urls(
+            c.backend
+                .url
+                .iter()
+                .map(|u| crate::backend::redact_url(u))
+                .collect(),
+        );
         c
     }
 
@@ -807,17 +883,32 @@ impl Config {
         if self.mqtt.ca.is_some() && !self.mqtt.tls {
             return bad("mqtt.ca", "is set but mqtt.tls is off".into());
         }
-        match reqwest::Url::parse(&self.backend.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => {
-                return bad(
-                    "backend.url",
-                    format!(
-                        "{:?} is not an http(s) URL like http://127.0.0.1:8000/v1",
-                        crate::backend::redact_url(&self.backend.url)
-                    ),
-                )
+        if self.backend.url.0.is_empty() {
+            return bad("backend.url", "needs at least one URL".into());
+        }
+        if self.backend.url.0.len() > 64 {
+            return bad("backend.url", "at most 64 backends".into());
+        }
+        for url in self.backend.url.iter() {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return bad(
+                        "backend.url",
+                        format!(
+                            "{:?} is not an http(s) URL like http://127.0.0.1:8000/v1",
+                            crate::backend::redact_url(url)
+                        ),
+                    )
+                }
             }
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = self.backend.url.iter().find(|u| !seen.insert(u.as_str())) {
+            return bad(
+                "backend.url",
+                format!("{} is listed twice", crate::backend::redact_url(dup)),
+            );
         }
         if self.backend.request_timeout.is_zero() {
             return bad("backend.request_timeout", "must be above 0".into());

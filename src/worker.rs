@@ -21,11 +21,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::ErrorCode;
 
-use crate::backend::breaker::{Outcome, SharedBreaker};
-use crate::backend::budget::Budget;
-use crate::backend::model::{ModelRx, ModelState};
+use crate::backend::breaker::Outcome;
+use crate::backend::pool::{Pool, Route};
 use crate::backend::retry::RetryPolicy;
-use crate::backend::{Backend, BackendError};
+use crate::backend::{routing, BackendError};
 use crate::config::ProjectConfig;
 use crate::history::{build_prompt, shrink};
 use crate::mqtt::egress::Egress;
@@ -38,13 +37,10 @@ use crate::telemetry::{Event, Stats};
 pub struct Shared {
     pub queue: QueueRx,
     pub store: Arc<dyn SessionStore>,
-    pub backend: Backend,
+    pub pool: Arc<Pool>,
     pub retry: RetryPolicy,
-    pub breaker: Arc<SharedBreaker>,
-    pub budget: Arc<Budget>,
     pub egress: Egress,
     pub stats: Arc<Stats>,
-    pub model: ModelRx,
     pub projects: HashMap<Arc<str>, ProjectConfig>,
     pub history_token_budget: usize,
     /// Requests being processed now, for the stats.
@@ -165,31 +161,18 @@ async fn process(shared: &Shared, req: &Request) -> ReplyBody {
 }
 
 async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
-    // The model may still be being discovered: wait (within the deadline)
-    // for the first attempt, but do not hang on a backend that is down.
-    let model = {
-        let mut rx = shared.model.clone();
-        let state = rx
-            .wait_for(|m| *m != ModelState::Discovering)
-            .await
-            .map(|m| m.clone())
-            .unwrap_or_else(|_| ModelState::Unreachable("model discovery stopped".into()));
-        match state {
-            ModelState::Ready(m) => m,
-            ModelState::Unreachable(why) => {
-                return Err(Failure::new(
-                    ErrorCode::BackendUnavailable,
-                    format!("the model is not known yet: {why}"),
-                ))
-            }
-            ModelState::Discovering => {
-                return Err(Failure::new(
-                    ErrorCode::BackendUnavailable,
-                    "the model is not known yet",
-                ))
-            }
+    let project = shared.projects.get(&req.key.project);
+    let model = project.map(|p| p.model.as_str()).filter(|m| !m.is_empty());
+    // Some backend must serve the model. While the backends' first
+    // discoveries are under way, wait for them (within the deadline), but
+    // do not hang on backends that are down.
+    loop {
+        match shared.pool.route(model, 0) {
+            Route::Ready(_) => break,
+            Route::Wait => shared.pool.discovery_changed(Duration::from_secs(1)).await,
+            Route::None(why) => return Err(Failure::new(ErrorCode::BackendUnavailable, why)),
         }
-    };
+    }
     let store = &shared.store;
     // Without its history the answer would be wrong, not just late: a
     // store failure here fails the request (`unavailable`, retry soon).
@@ -218,7 +201,7 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
         &req.message,
         shared.history_token_budget,
     );
-    let answer = call_backend(shared, req, &model, &mut prompt).await?;
+    let answer = call_backend(shared, req, model, &mut prompt).await?;
     let recorded = store
         .record(
             &req.key,
@@ -237,15 +220,19 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
 /// The backend call with its protections, composed in one place. The order
 /// matters:
 ///
-/// 1. the circuit breaker first, so an open circuit fails fast (with the
-///    time to its next probe) without waiting for budget or touching vLLM;
-/// 2. then the budget (token bucket, concurrency cap), held only for the
-///    attempt itself, so a request sleeping between retries does not keep
-///    others from the GPU;
-/// 3. the attempt; its outcome goes back to the breaker;
-/// 4. then the retry decision: only retryable failures, after a jittered
-///    exponential delay that honours `Retry-After` and never ends past the
-///    deadline (the whole loop also runs under the deadline: `process`).
+/// 1. routing orders the backends that serve the model for this session
+///    ([`crate::backend::routing`]); the first whose circuit admits the call
+///    takes it, so an open circuit fails fast (with the time to its next
+///    probe when every circuit is open) without touching vLLM;
+/// 2. then that backend's budget (token bucket, concurrency cap), held only
+///    for the attempt itself, so a request sleeping between retries does
+///    not keep others from the GPU;
+/// 3. the attempt; its outcome goes back to that backend's breaker;
+/// 4. then the retry decision: only retryable failures, on another backend
+///    at once if one is left untried, else after a jittered exponential
+///    delay that honours `Retry-After` and never ends past the deadline
+///    (the whole loop also runs under the deadline: `process`). The retry
+///    count bounds both.
 ///
 /// Two failures skip the delay: a context-length refusal (the prompt
 /// shrinks and is sent once more) and a reset before any byte that may
@@ -254,31 +241,58 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
 async fn call_backend(
     shared: &Shared,
     req: &Request,
-    model: &str,
+    model: Option<&str>,
     prompt: &mut Vec<crate::history::Turn>,
 ) -> Result<Answer, Failure> {
     let mut schedule = shared.retry.schedule();
     let mut shrunk = false;
     let mut reset_retried = false;
+    let session = routing::stable_hash(&req.key);
+    // Backends that failed this request: tried last.
+    let mut failed: Vec<usize> = Vec::new();
     loop {
-        let permit = match shared.breaker.acquire() {
-            Ok(p) => p,
-            Err(retry_after) => {
-                shared.stats.emit(Event::CircuitRejected);
+        let order = match shared.pool.route(model, session) {
+            Route::Ready(order) => order,
+            Route::Wait | Route::None(_) => {
                 return Err(Failure::new(
                     ErrorCode::BackendUnavailable,
-                    "the backend is failing; requests are paused until it recovers",
-                )
-                .retry_after(retry_after));
+                    "no backend serves this request's model now",
+                ))
             }
         };
+        let (fresh, tried): (Vec<_>, Vec<_>) =
+            order.into_iter().partition(|(i, _)| !failed.contains(i));
+        let mut soonest: Option<Duration> = None;
+        let mut chosen = None;
+        for (index, name) in fresh.into_iter().chain(tried) {
+            match shared.pool.member(index).breaker.acquire() {
+                Ok(permit) => {
+                    chosen = Some((index, name, permit));
+                    break;
+                }
+                Err(retry_after) => {
+                    soonest = Some(soonest.map_or(retry_after, |s| s.min(retry_after)));
+                }
+            }
+        }
+        let Some((index, name, permit)) = chosen else {
+            shared.stats.emit(Event::CircuitRejected);
+            let mut f = Failure::new(
+                ErrorCode::BackendUnavailable,
+                "the backend is failing; requests are paused until it recovers",
+            );
+            f.retry_after = soonest;
+            return Err(f);
+        };
+        let member = shared.pool.member(index);
         // A deadline that passes from here on drops the permit: neutral
         // (the device chose it); the backend's own silence is bounded by
         // its first-byte timeout, which is counted.
-        let slot = shared.budget.acquire().await;
+        let slot = member.budget.acquire().await;
+        let busy = member.busy();
         let started = Instant::now();
-        let result = shared.backend.chat(model, prompt, req.sampling).await;
-        drop(slot);
+        let result = member.backend.chat(&name, prompt, req.sampling).await;
+        drop((busy, slot));
         shared.stats.emit(Event::BackendCall {
             elapsed: started.elapsed(),
             ok: result.is_ok(),
@@ -317,6 +331,9 @@ async fn call_backend(
         if !err.is_retryable() {
             return Err(err.to_failure());
         }
+        if !failed.contains(&index) {
+            failed.push(index);
+        }
         let delay = schedule.next(
             err.retry_after(),
             Instant::now(),
@@ -327,6 +344,15 @@ async fn call_backend(
             // Retries used up, or the next would end past the deadline.
             return Err(err.to_failure());
         };
+        // Another backend not yet tried goes at once: the delay is for
+        // letting the same backend recover.
+        let untried = shared
+            .pool
+            .members()
+            .iter()
+            .enumerate()
+            .any(|(i, _)| !failed.contains(&i));
+        let delay = if untried { Duration::ZERO } else { delay };
         shared.stats.emit(Event::Retry {
             reason: &err.to_string(),
             delay,

@@ -973,7 +973,7 @@ async fn unfinished_requests_are_redelivered_to_the_next_instance() {
     .await;
 
     let fast = echo().await;
-    c.backend.url = fast.base_url();
+    c.backend.url = fast.base_url().into();
     c.instance_id = unique("test");
     let daemon = Daemon::start(c).await;
     let mut got = vec![];

@@ -19,7 +19,12 @@ use super::Backend;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs until `stop`.
-pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: CancellationToken) {
+pub async fn run(
+    backend: Backend,
+    breaker: Arc<SharedBreaker>,
+    name: Arc<str>,
+    stop: CancellationToken,
+) {
     // Start-up: wait for the backend's first healthy answer, unless the
     // circuit opens meanwhile (then the probe loop below takes over).
     let mut state = breaker.subscribe();
@@ -35,12 +40,12 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
         };
         match probe {
             Ok(()) => {
-                tracing::info!("backend is healthy");
+                tracing::info!(backend = %name, "backend is healthy");
                 break;
             }
             Err(e) => {
                 if !warned {
-                    tracing::warn!(error = %e, "backend health check failed; probing until it is up");
+                    tracing::warn!(backend = %name, error = %e, "backend health check failed; probing until it is up");
                     warned = true;
                 }
             }
@@ -83,7 +88,7 @@ pub async fn run(backend: Backend, breaker: Arc<SharedBreaker>, stop: Cancellati
         match result {
             Ok(Ok(())) => permit.record(Outcome::Healthy),
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "health probe failed");
+                tracing::debug!(backend = %name, error = %e, "health probe failed");
                 permit.record(Outcome::Failed);
             }
             Err(_) => permit.record(Outcome::Failed),

@@ -18,7 +18,9 @@ pub mod budget;
 pub mod health;
 pub mod model;
 pub mod openai;
+pub mod pool;
 pub mod retry;
+pub mod routing;
 pub mod sse;
 
 use std::sync::{Arc, Mutex};
@@ -285,11 +287,11 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// A client for `cfg.url`; `api_key` is sent as a bearer token.
-    pub fn new(cfg: &BackendConfig, api_key: Option<&Secret>) -> Result<Self, AppError> {
-        let base = Url::parse(&cfg.url).map_err(|e| {
-            AppError::HttpClient(format!("backend.url {}: {e}", redact_url(&cfg.url)))
-        })?;
+    /// A client for `url` with `cfg`'s settings; `api_key` is sent as a
+    /// bearer token.
+    pub fn new(cfg: &BackendConfig, url: &str, api_key: Option<&Secret>) -> Result<Self, AppError> {
+        let base = Url::parse(url)
+            .map_err(|e| AppError::HttpClient(format!("backend.url {}: {e}", redact_url(url))))?;
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = api_key {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
@@ -352,8 +354,9 @@ impl Backend {
         Ok(resp)
     }
 
-    /// Asks `GET /models` for the served model (the first one listed).
-    pub async fn discover_model(&self) -> Result<String, BackendError> {
+    /// Asks `GET /models` for the served models, in the order listed (vLLM
+    /// lists `--served-model-name`'s names, the first one first).
+    pub async fn discover_models(&self) -> Result<Vec<String>, BackendError> {
         let resp = self.send(self.http.get((*self.models_url).clone())).await?;
         let status = resp.status();
         if !status.is_success() {
@@ -367,11 +370,11 @@ impl Backend {
         }
         let list: ModelList = serde_json::from_slice(&body)
             .map_err(|e| BackendError::Protocol(format!("GET /models: {e}")))?;
-        list.data
-            .into_iter()
-            .next()
-            .map(|m| m.id)
-            .ok_or_else(|| BackendError::Protocol("GET /models listed no model".into()))
+        let models: Vec<String> = list.data.into_iter().map(|m| m.id).take(64).collect();
+        if models.is_empty() {
+            return Err(BackendError::Protocol("GET /models listed no model".into()));
+        }
+        Ok(models)
     }
 
     /// `GET /health` at the server's origin: is it up?

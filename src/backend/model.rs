@@ -1,5 +1,6 @@
-//! Which model the backend serves: configured, or discovered from
-//! `GET /v1/models` in the background, so MQTT never waits on it.
+//! Which models a backend serves: discovered from `GET /v1/models` in the
+//! background (so MQTT never waits on it), and again every
+//! [`REDISCOVER`], so a vLLM restarted with another model is noticed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,33 +14,49 @@ use crate::backoff::next_backoff;
 /// How long one discovery attempt may take.
 const ATTEMPT: Duration = Duration::from_secs(5);
 
-/// Where the model name stands: configured, discovered, or not yet known.
+/// How often a backend's model list is asked for again once known.
+pub const REDISCOVER: Duration = Duration::from_secs(30);
+
+/// Where a backend's model list stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelState {
     /// The first discovery attempt is under way: requests wait for it.
     Discovering,
     /// Discovery failed (backend down); it is being retried. Requests are
-    /// answered `backend_unavailable` at once rather than left hanging.
+    /// answered `backend_unavailable` at once rather than left hanging
+    /// (unless another backend serves them).
     Unreachable(String),
-    Ready(Arc<str>),
+    /// The models it lists, the first one first.
+    Ready(Arc<[Arc<str>]>),
 }
 
-/// What workers read.
+impl ModelState {
+    /// The model to ask this backend for: `wanted` if it lists it, else
+    /// (with no `wanted`) the first it lists.
+    pub fn serves(&self, wanted: Option<&str>) -> Option<Arc<str>> {
+        let ModelState::Ready(models) = self else {
+            return None;
+        };
+        match wanted {
+            Some(w) => models.iter().find(|m| &***m == w).cloned(),
+            None => models.first().cloned(),
+        }
+    }
+}
+
+/// What the routing reads.
 pub type ModelRx = watch::Receiver<ModelState>;
 
-/// The model state for a configured name (`""`: to be discovered); the
-/// sender is for [`discover`].
-pub fn channel(configured: &str) -> (watch::Sender<ModelState>, ModelRx) {
-    watch::channel(if configured.is_empty() {
-        ModelState::Discovering
-    } else {
-        ModelState::Ready(Arc::from(configured))
-    })
-}
-
-/// Asks the backend for its model until it answers, without holding up
-/// MQTT: requests meanwhile wait for it within their deadlines.
-pub async fn discover(backend: Backend, model: watch::Sender<ModelState>, stop: CancellationToken) {
+/// Asks the backend for its models until `stop`: quickly (with backoff)
+/// until it answers, then every [`REDISCOVER`]. A failed re-discovery
+/// keeps the last list (the breaker, not discovery, decides whether the
+/// backend is up), so one slow answer does not take a backend out.
+pub async fn discover(
+    backend: Backend,
+    name: Arc<str>,
+    model: watch::Sender<ModelState>,
+    stop: CancellationToken,
+) {
     let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
     let mut delay = min;
     let mut warned = false;
@@ -47,7 +64,7 @@ pub async fn discover(backend: Backend, model: watch::Sender<ModelState>, stop: 
         // Time-boxed: requests wait for the first attempt, so one that
         // hangs on a backend that accepts and never answers would hold
         // them all.
-        let attempt = tokio::time::timeout(ATTEMPT, backend.discover_model());
+        let attempt = tokio::time::timeout(ATTEMPT, backend.discover_models());
         let found = tokio::select! {
             _ = stop.cancelled() => return,
             r = attempt => r.unwrap_or_else(|_| {
@@ -56,26 +73,59 @@ pub async fn discover(backend: Backend, model: watch::Sender<ModelState>, stop: 
                 )))
             }),
         };
-        match found {
-            Ok(name) => {
-                tracing::info!(model = %name, "model discovered");
-                model.send_replace(ModelState::Ready(Arc::from(name)));
-                return;
+        let wait = match found {
+            Ok(names) => {
+                let list: Arc<[Arc<str>]> = names.iter().map(|n| Arc::from(n.as_str())).collect();
+                let changed = model.send_if_modified(|m| match m {
+                    ModelState::Ready(old) if *old == list => false,
+                    _ => {
+                        *m = ModelState::Ready(list.clone());
+                        true
+                    }
+                });
+                if changed {
+                    tracing::info!(backend = %name, models = ?names, "models discovered");
+                }
+                warned = false;
+                delay = min;
+                REDISCOVER
             }
             Err(e) => {
                 if warned {
-                    tracing::debug!(error = %e, "model discovery failed");
+                    tracing::debug!(backend = %name, error = %e, "model discovery failed");
                 } else {
-                    tracing::warn!(error = %e, "cannot discover the model yet; retrying");
+                    tracing::warn!(backend = %name, error = %e, "cannot discover the models yet; retrying");
                     warned = true;
                 }
-                model.send_replace(ModelState::Unreachable(e.to_string()));
+                model.send_if_modified(|m| match m {
+                    ModelState::Ready(_) => false,
+                    _ => {
+                        *m = ModelState::Unreachable(e.to_string());
+                        true
+                    }
+                });
+                let d = delay;
+                delay = next_backoff(delay, min, max);
+                d
             }
-        }
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        delay = next_backoff(delay, min, max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_serves_what_it_lists() {
+        let s = ModelState::Ready(vec![Arc::from("a"), Arc::from("b")].into());
+        assert_eq!(s.serves(None).as_deref(), Some("a"));
+        assert_eq!(s.serves(Some("b")).as_deref(), Some("b"));
+        assert_eq!(s.serves(Some("c")), None);
+        assert_eq!(ModelState::Discovering.serves(None), None);
     }
 }

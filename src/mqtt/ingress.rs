@@ -20,14 +20,14 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use rumqttc::Outgoing;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::{request_topic, ErrorCode};
 
 use crate::admission::validate::{self, Limits};
 use crate::backoff::Reconnect;
-use crate::circuit::Circuit;
+use crate::circuit::Circuits;
 use crate::config::{Identity, ProjectConfig};
 use crate::error::AppError;
 use crate::mqtt::egress::Egress;
@@ -62,8 +62,8 @@ pub struct Ingress {
     pub egress: Egress,
     pub stats: Arc<Stats>,
     pub status: StatusMessages,
-    /// The backend circuit, for the status published on (re)connect.
-    pub circuit: watch::Receiver<Circuit>,
+    /// The backends' circuits, for the status published on (re)connect.
+    pub circuits: Circuits,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
 }
@@ -146,7 +146,7 @@ impl Ingress {
             egress,
             stats,
             status,
-            circuit,
+            circuits,
             reconnect_min,
             reconnect_max,
         } = self;
@@ -188,7 +188,7 @@ impl Ingress {
                         &client,
                         &filters,
                         status.topic.clone(),
-                        status.online(*circuit.borrow()),
+                        status.online(&circuits),
                     );
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {

@@ -4,10 +4,9 @@
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use serde::Serialize;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::circuit::Circuit;
+use crate::circuit::{BackendStatus, Circuit, Circuits};
 
 /// `vllm-mqttd/{instance}/status`
 pub fn status_topic(instance: &str) -> String {
@@ -28,9 +27,13 @@ pub struct Status<'a> {
     pub version: &'static str,
     pub projects: &'a [String],
     pub started_at: &'a str,
-    /// The backend circuit: `closed`, `open` or `half_open`.
+    /// The backends' circuit as one: `closed` if any backend's is, else
+    /// `half_open` if any is, else `open`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_circuit: Option<&'static str>,
+    /// Each backend, with its circuit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backends: Option<&'a [BackendStatus]>,
 }
 
 /// Builds the status payloads.
@@ -57,7 +60,11 @@ impl StatusMessages {
         s
     }
 
-    fn payload(&self, state: &'static str, circuit: Option<Circuit>) -> Vec<u8> {
+    fn payload(
+        &self,
+        state: &'static str,
+        circuits: Option<(Circuit, &[BackendStatus])>,
+    ) -> Vec<u8> {
         // Serialising a struct of strings cannot fail.
         serde_json::to_vec(&Status {
             state,
@@ -65,14 +72,16 @@ impl StatusMessages {
             version: env!("CARGO_PKG_VERSION"),
             projects: &self.projects,
             started_at: &self.started_at,
-            backend_circuit: circuit.map(Circuit::as_str),
+            backend_circuit: circuits.map(|(c, _)| c.as_str()),
+            backends: circuits.map(|(_, b)| b),
         })
         .unwrap_or_default()
     }
 
-    /// The `online` payload with the backend circuit's current state.
-    pub fn online(&self, circuit: Circuit) -> Vec<u8> {
-        self.payload("online", Some(circuit))
+    /// The `online` payload with the backends' circuits as they are now.
+    pub fn online(&self, circuits: &Circuits) -> Vec<u8> {
+        let (all, each) = (circuits.now)();
+        self.payload("online", Some((all, &each)))
     }
 }
 /// Republishes the retained `online` status whenever the circuit changes,
@@ -80,20 +89,19 @@ impl StatusMessages {
 pub async fn follow_circuit(
     client: AsyncClient,
     status: StatusMessages,
-    mut circuit: watch::Receiver<Circuit>,
+    mut circuits: Circuits,
     stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            changed = circuit.changed() => if changed.is_err() { return },
+            alive = circuits.changed() => if !alive { return },
         }
-        let now = *circuit.borrow_and_update();
         let _ = client.try_publish(
             status.topic.clone(),
             QoS::AtLeastOnce,
             true,
-            status.online(now),
+            status.online(&circuits),
         );
     }
 }

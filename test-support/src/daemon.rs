@@ -36,7 +36,7 @@ pub fn config(host: &str, port: u16, backend_url: &str) -> Config {
     c.mqtt.port = port;
     c.mqtt.reconnect_min = Duration::from_millis(50);
     c.mqtt.reconnect_max = Duration::from_millis(500);
-    c.backend.url = backend_url.to_owned();
+    c.backend.url = backend_url.into();
     c.backend.model = "test-model".to_owned();
     // Fast retries keep the suite quick; the delays' shape is unit-tested.
     c.backend.retry_base = Duration::from_millis(20);

@@ -1,0 +1,214 @@
+//! Several backends behind one daemon (real Mosquitto, several fake vLLM
+//! servers on free ports): failover, session affinity, recovery, model
+//! routing, and the retained status listing each backend.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vllm_test_support as support;
+
+use support::broker::Mosquitto;
+use support::daemon::{config, Daemon, WAIT};
+use support::fake_vllm::{FakeVllm, Scripted};
+use support::mqtt_client::TestClient;
+use support::raw_http::{RawBackend, ResetMode};
+
+/// A fake that answers with its own name, so a reply says who served it.
+async fn named(name: &'static str) -> FakeVllm {
+    FakeVllm::builder()
+        .reply_with(move |_| name.to_owned())
+        .run()
+        .await
+}
+
+async fn ask(dev: &mut TestClient, session: &str, message: &str) -> Value {
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": session, "message": message, "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    dev.expect_on(&format!("maze/assistant_response/{session}"), WAIT)
+        .await
+        .json()
+}
+
+#[tokio::test]
+async fn failover_past_a_refusing_a_resetting_and_a_503_backend_answers_every_request() {
+    let broker = Mosquitto::start().await;
+    let refusing = format!("http://127.0.0.1:{}/v1", support::broker::free_port());
+    let resetting = RawBackend::start(ResetMode::Every).await;
+    let busy = FakeVllm::builder()
+        .script(
+            (0..200)
+                .map(|_| Scripted::Status(503, "busy".into()))
+                .collect(),
+        )
+        .run()
+        .await;
+    let healthy = named("healthy").await;
+    let mut c = config(broker.host(), broker.port(), &healthy.base_url());
+    c.backend.url = vllm_mqttd::config::Urls(vec![
+        refusing,
+        resetting.base_url(),
+        busy.base_url(),
+        healthy.base_url(),
+    ]);
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    for i in 0..20 {
+        let v = ask(&mut dev, &format!("s{i}"), "hi").await;
+        assert_eq!(v["ok"], true, "request {i}: {v}");
+        assert_eq!(v["text"], "healthy");
+    }
+    assert_eq!(healthy.chat_calls(), 20);
+    // The failing backends' circuits opened: each was tried at most
+    // breaker_threshold (5) times, not once per request.
+    assert!(resetting.chat_calls() <= 5, "{}", resetting.chat_calls());
+    assert!(busy.chat_calls() <= 5, "{}", busy.chat_calls());
+
+    // The retained status lists every backend with its circuit.
+    let mut watcher = TestClient::connect(broker.host(), broker.port(), "status-reader").await;
+    watcher
+        .subscribe(&format!("vllm-mqttd/{}/status", daemon.instance))
+        .await;
+    let status = watcher.expect(WAIT).await.json();
+    let backends = status["backends"].as_array().expect("a list of backends");
+    assert_eq!(backends.len(), 4, "{status}");
+    assert_eq!(status["backendCircuit"], "closed", "one is healthy");
+    let open = backends.iter().filter(|b| b["circuit"] == "open").count();
+    assert_eq!(open, 3, "{status}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sessions_turns_stay_on_one_backend_and_sessions_spread_over_all() {
+    let broker = Mosquitto::start().await;
+    let fakes = [named("a").await, named("b").await, named("c").await];
+    let mut c = config(broker.host(), broker.port(), &fakes[0].base_url());
+    c.backend.url = vllm_mqttd::config::Urls(fakes.iter().map(|f| f.base_url()).collect());
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    let mut homes = std::collections::HashMap::new();
+    for turn in 0..3 {
+        for s in 0..24 {
+            let session = format!("s{s}");
+            let v = ask(&mut dev, &session, &format!("turn {turn}")).await;
+            let served = v["text"].as_str().unwrap().to_owned();
+            let home = homes.entry(session.clone()).or_insert(served.clone());
+            assert_eq!(*home, served, "{session}'s turn {turn} moved");
+        }
+    }
+    for f in &fakes {
+        assert!(
+            f.chat_calls() >= 3,
+            "every backend has sessions: {}",
+            f.chat_calls()
+        );
+    }
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sessions_leave_a_failing_backend_and_come_back_when_it_recovers() {
+    let broker = Mosquitto::start().await;
+    let (a, b) = (named("a").await, named("b").await);
+    let mut c = config(broker.host(), broker.port(), &a.base_url());
+    c.backend.url = vllm_mqttd::config::Urls(vec![a.base_url(), b.base_url()]);
+    c.backend.breaker_threshold = 2;
+    c.backend.breaker_cooldown = Duration::from_millis(300);
+    c.admission.rate_limit = 1000;
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    // A session whose home is a.
+    let mut home_a = None;
+    for s in 0..32 {
+        let session = format!("s{s}");
+        if ask(&mut dev, &session, "where?").await["text"] == "a" {
+            home_a = Some(session);
+            break;
+        }
+    }
+    let session = home_a.expect("some session lives on a");
+    // a fails: the session is served by b, without an error reply.
+    for _ in 0..4 {
+        a.push(Scripted::Status(503, "down".into()));
+    }
+    for turn in 0..3 {
+        let v = ask(&mut dev, &session, &format!("during {turn}")).await;
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["text"], "b", "{v}");
+    }
+    // a answers again (its script is used up): its circuit's probe closes
+    // it after the cool-down, and the session goes home.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = ask(&mut dev, &session, "home?").await;
+        assert_eq!(v["ok"], true, "{v}");
+        if v["text"] == "a" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never came back to a"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_projects_model_goes_to_the_backends_that_serve_it() {
+    let broker = Mosquitto::start().await;
+    let small = FakeVllm::builder()
+        .model("small")
+        .reply_with(|b| format!("small served {}", b["model"].as_str().unwrap()))
+        .run()
+        .await;
+    let big = FakeVllm::builder()
+        .model("big")
+        .reply_with(|b| format!("big served {}", b["model"].as_str().unwrap()))
+        .run()
+        .await;
+    let mut c = config(broker.host(), broker.port(), &small.base_url());
+    c.backend.model = String::new();
+    c.backend.url = vllm_mqttd::config::Urls(vec![small.base_url(), big.base_url()]);
+    c.project.insert(
+        "maze".into(),
+        vllm_mqttd::config::ProjectOverride {
+            model: Some("big".into()),
+            ..Default::default()
+        },
+    );
+    c.project.insert(
+        "general".into(),
+        vllm_mqttd::config::ProjectOverride {
+            model: Some("huge".into()),
+            ..Default::default()
+        },
+    );
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    for s in 0..6 {
+        let v = ask(&mut dev, &format!("s{s}"), "hi").await;
+        assert_eq!(v["text"], "big served big", "{v}");
+    }
+    assert_eq!(small.chat_calls(), 0);
+    // A model no backend serves: a clear reason, at once.
+    let mut other = support::daemon::device(broker.host(), broker.port(), "general").await;
+    other
+        .publish(
+            "general/user_input",
+            json!({"sessionId": "g", "message": "hi", "format": "json"}).to_string(),
+            1,
+        )
+        .await;
+    let v = other
+        .expect_on("general/assistant_response/g", WAIT)
+        .await
+        .json();
+    assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
+    let why = v["error"]["message"].as_str().unwrap();
+    assert!(why.contains("huge"), "{why}");
+    daemon.stop().await.unwrap();
+}
