@@ -388,7 +388,7 @@ class Bench:
 
         def ready():
             t = p.bench_log.read_text()
-            return "subscribed" in t and "model discovered" in t
+            return "subscribed" in t and ("model discovered" in t or "models discovered" in t)
 
         wait_for("vllm-mqttd", ready, proc=p)
         wait_for("vllm-mqttd metrics", lambda: http_ok(f"http://127.0.0.1:{mport}/metrics"), proc=p)
