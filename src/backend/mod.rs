@@ -599,7 +599,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_bodies_of_both_vllm_generations() {
+    fn error_bodies_of_both_vllm_generations_and_llama_cpp() {
         let new: ErrorBody = serde_json::from_str(
             r#"{"error":{"message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens","type":"BadRequestError","param":null,"code":400}}"#,
         )
@@ -613,6 +613,12 @@ mod tests {
             old.summary(),
             ("The model `x` does not exist.".into(), false)
         );
+        // llama.cpp's server (llama-server), as scripts/e2e-real.sh met it.
+        let llama: ErrorBody = serde_json::from_str(
+            r#"{"error":{"code":400,"message":"request (285 tokens) exceeds the available context size (256 tokens), try increasing it","type":"exceed_context_size_error","n_prompt_tokens":285,"n_ctx":256}}"#,
+        )
+        .unwrap();
+        assert!(llama.summary().1, "a context-length refusal");
     }
 
     #[test]

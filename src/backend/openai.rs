@@ -133,9 +133,13 @@ impl ErrorBody {
         };
         let msg = msg.unwrap_or("").to_owned();
         // OpenAI says code "context_length_exceeded"; vLLM has no dedicated
-        // code and says so in the message. This is the one place that reads
-        // a message, and it only classifies a 400 (never decides a retry).
+        // code and says so in the message; llama.cpp's server says type
+        // "exceed_context_size_error" ("request (285 tokens) exceeds the
+        // available context size (256 tokens)"). This is the one place that
+        // reads a message, and it only classifies a 400 (never decides a
+        // retry).
         let context = code.and_then(|c| c.as_str()) == Some("context_length_exceeded")
+            || kind == Some("exceed_context_size_error")
             || msg.contains("maximum context length")
             || (kind == Some("BadRequestError") && msg.contains("context length"));
         (msg, context)
