@@ -9,6 +9,13 @@
 //! # Does the engine deliver the throughput its model predicts?
 //! cargo run --release -p vllm-sim --example selfbench -- \
 //!     --clients 64 --max-num-seqs 32 --max-tokens 64 --secs 20
+//! # ... with a long shared system prompt, which the prefix cache holds:
+//! cargo run --release -p vllm-sim --example selfbench -- \
+//!     --clients 64 --max-num-seqs 32 --system-prompt-tokens 2000 --ttft-per-token-ms 0.2
+//! # ... and without prefix caching, for the difference:
+//! cargo run --release -p vllm-sim --example selfbench -- \
+//!     --clients 64 --max-num-seqs 32 --system-prompt-tokens 2000 --ttft-per-token-ms 0.2 \
+//!     --no-enable-prefix-caching
 //! # Against a separately started `vllm-sim`, each pinned to its own core,
 //! # to see what the server alone does with one core (read its CPU time
 //! # from /proc/PID/stat before and after):
@@ -68,6 +75,17 @@ struct Args {
     /// In-process sim: --ttft-ms.
     #[arg(long, default_value_t = 20.0)]
     ttft_ms: f64,
+    /// In-process sim: --ttft-per-token-ms (prefill per uncached prompt
+    /// token).
+    #[arg(long, default_value_t = 0.02)]
+    ttft_per_token_ms: f64,
+    /// A system prompt of about this many tokens before every request's
+    /// question (the same for all, so the prefix cache holds it).
+    #[arg(long, default_value_t = 0)]
+    system_prompt_tokens: usize,
+    /// In-process sim: --no-enable-prefix-caching.
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
     /// In-process sim: --itl-base-ms.
     #[arg(long, default_value_t = 7.0)]
     itl_base_ms: f64,
@@ -97,29 +115,46 @@ async fn main() {
     } else {
         LatencyModel {
             ttft: ms(args.ttft_ms),
-            ttft_per_prompt_token: Duration::ZERO,
+            ttft_per_prompt_token: ms(args.ttft_per_token_ms),
             itl_base: ms(args.itl_base_ms),
             itl_per_running: ms(args.itl_per_seq_ms),
         }
     };
-    let (_sim, base) = match &args.url {
+    let (sim, base) = match &args.url {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let sim = Sim::builder()
+            let mut b = Sim::builder()
                 .latency_model(latency)
                 .max_num_seqs(args.max_num_seqs)
                 .model(&args.model)
-                .run()
-                .await;
+                // Long system prompts must fit the context.
+                .max_model_len(
+                    u32::try_from(args.system_prompt_tokens).unwrap_or(u32::MAX)
+                        + args.max_tokens
+                        + 4096,
+                    true,
+                );
+            if args.no_enable_prefix_caching {
+                b = b.prefix_cache_blocks(0);
+            }
+            let sim = b.run().await;
             let base = sim.base_url();
             (Some(sim), base)
         }
     };
     let url = format!("{base}/chat/completions");
+    let mut messages = Vec::new();
+    if args.system_prompt_tokens > 0 {
+        // 4 bytes a token, as the sim counts them.
+        let text = "You are terse. ".repeat(args.system_prompt_tokens * 4 / 15 + 1);
+        messages.push(json!({"role": "system", "content": text}));
+    }
+    messages.push(json!({"role": "user", "content": "Say something."}));
+    let prompt_tokens = (vllm_sim::chat_prompt(&messages).len() / 4).max(1) as u32;
     let body = bytes::Bytes::from(
         serde_json::to_vec(&json!({
             "model": args.model,
-            "messages": [{"role": "user", "content": "Say something."}],
+            "messages": messages,
             "max_tokens": args.max_tokens,
             "stream": args.stream,
         }))
@@ -229,6 +264,17 @@ async fn main() {
         100.0 * cpu / args.secs,
         1e6 * cpu / n.max(1) as f64
     );
+    let measured_cache = sim.as_ref().map(|s| s.prefix_cache());
+    // Every request has the same prompt: the first one finds nothing in the
+    // prefix cache, the others every whole block but the one holding the
+    // prompt's last token (which vLLM always computes).
+    let cached = match &sim {
+        Some(sim) if sim.prefix_cache_capacity() > 0 => {
+            let block = sim.config().engine.block_size;
+            (prompt_tokens - 1) / block * block
+        }
+        _ => 0,
+    };
     if let Some(path) = &args.json {
         let summary = json!({
             "clients": args.clients,
@@ -247,6 +293,8 @@ async fn main() {
                 "mean": hist.mean() / 1000.0,
             },
             "cpuSecs": cpu,
+            "promptTokens": prompt_tokens,
+            "prefixCacheHitRate": measured_cache.map(|p| p.hit_rate()),
         });
         let text = serde_json::to_string_pretty(&summary).unwrap() + "\n";
         if let Err(e) = std::fs::write(path, text) {
@@ -254,16 +302,31 @@ async fn main() {
             std::process::exit(1);
         }
     }
+    if let Some(measured) = measured_cache {
+        let lookups = measured.requests as f64;
+        let predicted_rate = if lookups > 0.0 {
+            (lookups - 1.0) / lookups * f64::from(cached) / f64::from(prompt_tokens)
+        } else {
+            0.0
+        };
+        println!(
+            "prefix cache: prompt={prompt_tokens} tokens, {cached} cached after the first; \
+             hit rate predicted={predicted_rate:.4} measured={:.4} ({} lookups)",
+            measured.hit_rate(),
+            measured.requests
+        );
+    }
     if args.url.is_none() && !args.zero {
         // Each client sends its next request as its last one ends, at a
         // decode-step boundary; it is admitted there (into the slot just
-        // freed, or the one after it in FCFS order), its prefill ends inside
-        // a step, and it joins the batch at the end of that step. So a
-        // request lasts ceil(prefill / itl) + max_tokens - 1 steps of
-        // itl(running), plus its wait in the queue.
+        // freed, or the one after it in FCFS order), its prefill (of its
+        // uncached prompt tokens) ends inside a step, and it joins the
+        // batch at the end of that step. So a request lasts
+        // ceil(prefill / itl) + max_tokens - 1 steps of itl(running), plus
+        // its wait in the queue.
         let running = args.clients.min(args.max_num_seqs);
         let itl = latency.itl(running).as_secs_f64();
-        let prefill = latency.prefill(1).as_secs_f64();
+        let prefill = latency.prefill(prompt_tokens - cached).as_secs_f64();
         let per_request = if itl > 0.0 {
             let steps = (prefill / itl).ceil() + f64::from(args.max_tokens.saturating_sub(1));
             steps * itl
@@ -272,9 +335,10 @@ async fn main() {
         };
         let predicted = running as f64 / per_request;
         println!(
-            "model: running={running} itl={:.1} ms per request={:.0} ms -> {predicted:.2} req/s; \
-             observed/predicted = {:.3}",
+            "model: running={running} itl={:.1} ms prefill={:.1} ms per request={:.0} ms -> \
+             {predicted:.2} req/s; observed/predicted = {:.3}",
             itl * 1000.0,
+            prefill * 1000.0,
             per_request * 1000.0,
             rps / predicted
         );

@@ -1,7 +1,8 @@
 //! The `vllm-sim` command line. Flag names follow `vllm serve` where vLLM
 //! has the setting (`--max-num-seqs`, `--max-model-len`, `--api-key`,
-//! `--port`); the latency model and failure injection are the simulator's
-//! own.
+//! `--port`, `--served-model-name`, `--block-size`,
+//! `--[no-]enable-prefix-caching`); the latency model, the prefix cache's
+//! size and failure injection are the simulator's own.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -21,15 +22,32 @@ pub struct Cli {
     /// Port to listen on (vLLM's default).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Served model name.
-    #[arg(long, visible_alias = "served-model-name", default_value = "sim-model")]
+    /// The model; also its served name unless --served-model-name is given.
+    #[arg(long, default_value = "sim-model")]
     pub model: String,
+    /// Names to serve the model under instead (several allowed: any may be
+    /// asked for, /v1/models lists each, the first is reported).
+    #[arg(long, value_name = "NAME", num_args = 1..)]
+    pub served_model_name: Vec<String>,
     /// Context window: prompt + max_tokens above it is refused with vLLM's 400.
     #[arg(long, default_value_t = 4096)]
     pub max_model_len: u32,
     /// Sequences decoded together (vLLM's default is 256).
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// Tokens per KV-cache block, the unit of prefix caching (vLLM's default).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// Prefix cache capacity in blocks; 0 turns it off [default: the modelled
+    /// KV cache, max-num-seqs * max-model-len / block-size, at most 2^20].
+    #[arg(long, value_name = "BLOCKS")]
+    pub prefix_cache_blocks: Option<usize>,
+    /// Automatic prefix caching (on by default, as in vLLM).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn automatic prefix caching off (same as --prefix-cache-blocks 0).
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
     /// Cap of the waiting queue; the excess is refused (default: unbounded, like vLLM).
     #[arg(long, value_name = "N")]
     pub max_num_queued_reqs: Option<usize>,
@@ -42,7 +60,7 @@ pub struct Cli {
     /// Time to first token once admitted, fixed part (ms).
     #[arg(long, default_value_t = 20.0)]
     pub ttft_ms: f64,
-    /// Time to first token per prompt token (ms).
+    /// Time to first token per prompt token not in the prefix cache (ms).
     #[arg(long, default_value_t = 0.02)]
     pub ttft_per_token_ms: f64,
     /// Decode step alone, `a` in itl = a + b * running (ms).
@@ -110,16 +128,24 @@ impl Cli {
             itl_per_running: millis("--itl-per-seq-ms", self.itl_per_seq_ms)?,
         }
         .scaled(self.latency_scale);
+        let prefix_cache_blocks = if self.no_enable_prefix_caching {
+            Some(0)
+        } else {
+            self.prefix_cache_blocks
+        };
         let config = SimConfig {
             host: self.host,
             port: self.port,
             model: self.model,
+            served_model_name: self.served_model_name,
             max_model_len: self.max_model_len,
             enforce_max_model_len: true,
             engine: EngineConfig {
                 max_num_seqs: self.max_num_seqs,
                 max_num_queued_reqs: self.max_num_queued_reqs,
                 latency,
+                block_size: self.block_size,
+                prefix_cache_blocks,
             },
             reject_status: self.reject_status,
             reject_retry_after: self.reject_retry_after,
@@ -198,11 +224,46 @@ mod tests {
     }
 
     #[test]
+    fn served_model_names_take_several_values() {
+        let c = parse(&["--model", "org/m-4b", "--served-model-name", "a", "b"]).unwrap();
+        assert_eq!(c.model, "org/m-4b");
+        assert_eq!(c.served_model_name, ["a", "b"]);
+        assert_eq!(c.model_name(), "a");
+        let c = parse(&["--served-model-name", "a", "--served-model-name", "b"]).unwrap();
+        assert_eq!(c.model_names().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(parse(&[]).unwrap().model_name(), "sim-model");
+    }
+
+    #[test]
+    fn prefix_caching_flags() {
+        let blocks = |args: &[&str]| parse(args).unwrap().prefix_cache_blocks();
+        // The modelled KV cache: 256 * 4096 / 16.
+        assert_eq!(blocks(&[]), 65_536);
+        assert_eq!(
+            blocks(&["--max-num-seqs", "8", "--max-model-len", "2048"]),
+            1024
+        );
+        assert_eq!(blocks(&["--max-num-seqs", "8", "--block-size", "32"]), 1024);
+        assert_eq!(blocks(&["--prefix-cache-blocks", "100"]), 100);
+        assert_eq!(blocks(&["--no-enable-prefix-caching"]), 0);
+        assert_eq!(blocks(&["--prefix-cache-blocks", "0"]), 0);
+        assert_eq!(
+            blocks(&["--no-enable-prefix-caching", "--enable-prefix-caching"]),
+            65_536
+        );
+        assert_eq!(
+            blocks(&["--enable-prefix-caching", "--no-enable-prefix-caching"]),
+            0
+        );
+    }
+
+    #[test]
     fn bad_values_name_their_flag() {
         let field = |args: &[&str]| parse(args).unwrap_err().field;
         assert_eq!(field(&["--reject-status", "500"]), "--reject-status");
         assert_eq!(field(&["--ttft-ms=-1"]), "--ttft-ms");
         assert_eq!(field(&["--latency-scale", "NaN"]), "--latency-scale");
         assert_eq!(field(&["--max-num-seqs", "0"]), "--max-num-seqs");
+        assert_eq!(field(&["--block-size", "0"]), "--block-size");
     }
 }

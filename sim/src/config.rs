@@ -41,8 +41,9 @@ impl ConfigError {
 pub struct LatencyModel {
     /// Fixed part of the time to first token, once admitted.
     pub ttft: Duration,
-    /// Added to the time to first token per prompt token (prefill is
-    /// compute bound, so it is linear in the prompt).
+    /// Added to the time to first token per prompt token computed (prefill
+    /// is compute bound, so it is linear in the prompt); tokens found in
+    /// the prefix cache are not computed and cost nothing.
     pub ttft_per_prompt_token: Duration,
     /// `a` in `itl = a + b * running`.
     pub itl_base: Duration,
@@ -86,7 +87,8 @@ impl LatencyModel {
         }
     }
 
-    /// Time from admission to the first token for a prompt of this size.
+    /// Time from admission to the first token for a prompt of which this
+    /// many tokens are not in the prefix cache.
     pub fn prefill(&self, prompt_tokens: u32) -> Duration {
         self.ttft + self.ttft_per_prompt_token * prompt_tokens
     }
@@ -120,6 +122,40 @@ pub struct EngineConfig {
     pub max_num_queued_reqs: Option<usize>,
     /// How long prefill and decode steps take.
     pub latency: LatencyModel,
+    /// Tokens per KV-cache block (`--block-size`), the unit of prefix
+    /// caching. vLLM's default is 16.
+    pub block_size: u32,
+    /// Capacity of the prefix cache in blocks (`--prefix-cache-blocks`); 0
+    /// turns prefix caching off (`--no-enable-prefix-caching`). `None`: the
+    /// whole KV cache the simulator models, [`kv_cache_blocks`].
+    pub prefix_cache_blocks: Option<usize>,
+}
+
+impl EngineConfig {
+    /// The prefix cache's capacity in blocks, for a context window of
+    /// `max_model_len` tokens.
+    pub fn prefix_cache_capacity(&self, max_model_len: u32) -> usize {
+        self.prefix_cache_blocks
+            .unwrap_or_else(|| kv_cache_blocks(self.max_num_seqs, max_model_len, self.block_size))
+    }
+}
+
+/// The simulator's context window unless told otherwise
+/// (`--max-model-len`).
+pub const DEFAULT_MAX_MODEL_LEN: u32 = 4096;
+
+/// Most blocks a derived KV cache gets: 2^20 blocks (16M tokens of 16),
+/// far above any single GPU's, and what the unbounded tests' preset gets.
+pub const MAX_DERIVED_BLOCKS: usize = 1 << 20;
+
+/// The KV cache the simulator models, in blocks: room for `max_num_seqs`
+/// sequences of `max_model_len` tokens each. That is the assumption behind
+/// its `vllm:kv_cache_usage_perc` (running / max_num_seqs) and behind its
+/// having no preemption; vLLM's prefix cache is the part of that cache no
+/// running request holds. At most [`MAX_DERIVED_BLOCKS`].
+pub fn kv_cache_blocks(max_num_seqs: usize, max_model_len: u32, block_size: u32) -> usize {
+    let tokens = max_num_seqs.saturating_mul(max_model_len as usize);
+    (tokens / block_size.max(1) as usize).min(MAX_DERIVED_BLOCKS)
 }
 
 impl Default for EngineConfig {
@@ -128,6 +164,8 @@ impl Default for EngineConfig {
             max_num_seqs: 256,
             max_num_queued_reqs: None,
             latency: LatencyModel::default(),
+            block_size: 16,
+            prefix_cache_blocks: None,
         }
     }
 }
@@ -231,8 +269,14 @@ pub struct SimConfig {
     /// Port to listen on; 0 picks a free one. The binary's default is
     /// vLLM's, 8000.
     pub port: u16,
-    /// The served model name (`--served-model-name` in vLLM).
+    /// The model (`--model`): the served name when `served_model_name` is
+    /// empty, and the `root` of every entry of `/v1/models`.
     pub model: String,
+    /// The names the model is served under (`--served-model-name`, which
+    /// takes several): requests may ask for any of them, `/v1/models` lists
+    /// each, and the first is the one responses and the `model_name` label
+    /// of `/metrics` carry. Empty: `model` alone.
+    pub served_model_name: Vec<String>,
     /// The context window, reported by `/v1/models` and checked against
     /// prompt + `max_tokens` when `enforce_max_model_len` is set.
     pub max_model_len: u32,
@@ -271,7 +315,8 @@ impl SimConfig {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 0,
             model: "sim-model".to_string(),
-            max_model_len: 4096,
+            served_model_name: Vec::new(),
+            max_model_len: DEFAULT_MAX_MODEL_LEN,
             enforce_max_model_len: true,
             engine: EngineConfig::default(),
             reject_status: 503,
@@ -296,6 +341,7 @@ impl SimConfig {
                 max_num_seqs: usize::MAX,
                 max_num_queued_reqs: None,
                 latency: LatencyModel::zero(),
+                ..EngineConfig::default()
             },
             output: OutputLen::Text,
             seed: Some(0),
@@ -304,10 +350,45 @@ impl SimConfig {
         }
     }
 
+    /// The name the model is served under: the first served name, else
+    /// `model`.
+    pub fn model_name(&self) -> &str {
+        self.served_model_name.first().unwrap_or(&self.model)
+    }
+
+    /// Every name the model is served under, the first first.
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        let names: &[String] = if self.served_model_name.is_empty() {
+            std::slice::from_ref(&self.model)
+        } else {
+            &self.served_model_name
+        };
+        names.iter().map(String::as_str)
+    }
+
+    /// Whether a request's `model` names this model.
+    pub fn serves(&self, name: &str) -> bool {
+        self.model_names().any(|n| n == name)
+    }
+
+    /// The prefix cache's capacity in blocks (0: off).
+    pub fn prefix_cache_blocks(&self) -> usize {
+        self.engine.prefix_cache_capacity(self.max_model_len)
+    }
+
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.model.is_empty() {
             return Err(ConfigError::new("--model", "must not be empty"));
+        }
+        if self.served_model_name.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                "--served-model-name",
+                "a name must not be empty",
+            ));
+        }
+        if self.engine.block_size == 0 {
+            return Err(ConfigError::new("--block-size", "must be at least 1"));
         }
         if self.max_model_len == 0 {
             return Err(ConfigError::new("--max-model-len", "must be at least 1"));
@@ -427,5 +508,37 @@ mod tests {
             "--error-rate"
         );
         assert_eq!(field(|c| c.faults.error_status = 200), "--error-status");
+        assert_eq!(field(|c| c.engine.block_size = 0), "--block-size");
+        assert_eq!(
+            field(|c| c.served_model_name = vec!["a".into(), String::new()]),
+            "--served-model-name"
+        );
+    }
+
+    #[test]
+    fn served_names_default_to_the_model() {
+        let mut c = SimConfig::vllm();
+        assert_eq!(c.model_name(), "sim-model");
+        assert_eq!(c.model_names().collect::<Vec<_>>(), ["sim-model"]);
+        c.served_model_name = vec!["a".into(), "b".into()];
+        assert_eq!(c.model_name(), "a");
+        assert_eq!(c.model_names().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(c.serves("b") && !c.serves("sim-model"));
+    }
+
+    #[test]
+    fn the_prefix_cache_defaults_to_the_modelled_kv_cache() {
+        let mut c = SimConfig::vllm();
+        // 256 sequences of 4096 tokens in blocks of 16.
+        assert_eq!(c.prefix_cache_blocks(), 65_536);
+        c.engine.max_num_seqs = 8;
+        c.engine.block_size = 32;
+        assert_eq!(c.prefix_cache_blocks(), 1024);
+        c.engine.prefix_cache_blocks = Some(0);
+        assert_eq!(c.prefix_cache_blocks(), 0);
+        assert_eq!(
+            SimConfig::scripted().prefix_cache_blocks(),
+            MAX_DERIVED_BLOCKS
+        );
     }
 }

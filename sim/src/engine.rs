@@ -2,13 +2,16 @@
 //! scheduler and GPU.
 //!
 //! A request becomes a *sequence*. It waits in a FCFS queue until one of
-//! `max_num_seqs` slots is free, is admitted, prefills for
+//! `max_num_seqs` slots is free, is admitted, looks its prompt up in the
+//! prefix cache ([`crate::prefix`]), prefills its *uncached* tokens for
 //! [`LatencyModel::prefill`] (its first token comes out at the end), then
 //! joins the decode batch: every decode step gives each sequence in the
 //! batch one token and lasts [`LatencyModel::itl`] of the number running.
 //! A sequence leaves when it has all its tokens or when its client went
 //! away (its [`Sequence`] was dropped, which vLLM sees as a disconnect and
-//! answers with an abort); its slot goes to the next waiting request.
+//! answers with an abort); its slot goes to the next waiting request, and
+//! its blocks (prompt and generated) stay in the prefix cache, most
+//! recently used.
 //!
 //! Why one task and one timer: a timer per token per request would cost
 //! thousands of wake-ups per step at thousands of sequences. The engine
@@ -22,7 +25,10 @@
 //! a sequence that finishes prefill mid-step gets its next token at the next
 //! step boundary; there is no KV-cache capacity or preemption beyond the
 //! slot count; a disconnect is noticed at the engine's next event (at most
-//! one decode step or prefill later), not at once.
+//! one decode step or prefill later), not at once; a prompt's blocks are
+//! cached as soon as it is scheduled (vLLM registers them as their
+//! prefill is scheduled, a chunk at a time), so a request scheduled during
+//! another's prefill can already hit them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,14 +38,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{EngineConfig, LatencyModel};
+use crate::config::{EngineConfig, LatencyModel, DEFAULT_MAX_MODEL_LEN};
 use crate::metrics::{FinishReason, Gauges, Metrics};
+use crate::prefix::{cached_tokens, BlockChain, PrefixCache};
 
 /// What to generate for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqSpec {
-    /// Prompt size, which sets the prefill time.
+    /// Prompt size; its uncached part sets the prefill time.
     pub prompt_tokens: u32,
+    /// The prompt's blocks and those its output fills, for the prefix
+    /// cache (empty: nothing to look up or cache).
+    pub blocks: BlockChain,
     /// Tokens to generate (at least 1, as vLLM always emits one).
     pub output_tokens: u32,
     /// How the sequence ends if it runs to `output_tokens`.
@@ -113,6 +123,10 @@ struct Shared {
     running: AtomicUsize,
     /// Requests waiting for a slot.
     waiting: AtomicUsize,
+    /// Blocks in the prefix cache (the engine task owns the cache).
+    cached_blocks: AtomicUsize,
+    /// The prefix cache's capacity in blocks (0: off).
+    prefix_cache_blocks: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -127,17 +141,23 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Spawns the engine task on the current runtime.
+    /// Spawns the engine task on the current runtime. A prefix cache of
+    /// `prefix_cache_blocks: None` is sized for a context of
+    /// [`DEFAULT_MAX_MODEL_LEN`]; the server resolves it with its own.
     pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> (Engine, JoinHandle<()>) {
+        let prefix_cache_blocks = config.prefix_cache_capacity(DEFAULT_MAX_MODEL_LEN);
         let shared = Arc::new(Shared {
             config,
             occupancy: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            cached_blocks: AtomicUsize::new(0),
+            prefix_cache_blocks,
             metrics,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let core = Core {
+            cache: PrefixCache::new(prefix_cache_blocks),
             shared: shared.clone(),
             waiting: VecDeque::new(),
             prefilling: Vec::new(),
@@ -177,6 +197,7 @@ impl Engine {
             due: now,
             last: now,
             tokens: 0,
+            cached: 0,
         };
         if let Err(mpsc::error::SendError(seq)) = self.tx.send(seq) {
             self.shared.leave_queue();
@@ -210,6 +231,22 @@ impl Engine {
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
     }
+
+    /// Whether prefix caching is on (a capacity above 0). When it is off,
+    /// [`SeqSpec::blocks`] is not looked at and need not be built.
+    pub fn prefix_caching(&self) -> bool {
+        self.shared.prefix_cache_blocks > 0
+    }
+
+    /// The prefix cache's capacity in blocks (0: off).
+    pub fn prefix_cache_capacity(&self) -> usize {
+        self.shared.prefix_cache_blocks
+    }
+
+    /// Blocks in the prefix cache now.
+    pub fn prefix_cache_len(&self) -> usize {
+        self.shared.cached_blocks.load(Ordering::Acquire)
+    }
 }
 
 impl Shared {
@@ -241,6 +278,8 @@ struct Seq {
     /// When the last token came out (for the inter-token histogram).
     last: Instant,
     tokens: u32,
+    /// Prompt tokens found in the prefix cache at admission.
+    cached: u32,
 }
 
 impl Seq {
@@ -267,6 +306,7 @@ const STEPS_PER_TURN: usize = 64;
 /// The scheduler state, owned by the engine task alone.
 struct Core {
     shared: Arc<Shared>,
+    cache: PrefixCache,
     waiting: VecDeque<Seq>,
     prefilling: Vec<Seq>,
     decoding: Vec<Seq>,
@@ -305,6 +345,7 @@ impl Core {
     fn advance_once(&mut self, now: Instant) -> Option<Instant> {
         let shared = self.shared.clone();
         let mut m = shared.metrics.step();
+        let cache = &mut self.cache;
 
         // A decode step ends: one token for every sequence in the batch.
         let stepped = self.next_step.filter(|&at| at <= now);
@@ -312,6 +353,7 @@ impl Core {
             self.decoding.retain_mut(|s| {
                 if s.abandoned() {
                     m.finished(FinishReason::Abort, now - s.arrived);
+                    cache.touch(s.spec.blocks.computed(s.tokens));
                     shared.free_slot();
                     return false;
                 }
@@ -322,6 +364,9 @@ impl Core {
                 s.publish(done);
                 if done {
                     m.finished(s.spec.finish, now - s.arrived);
+                    // Freed in reverse order: the prompt's head is the
+                    // last of its blocks to be evicted.
+                    cache.touch(s.spec.blocks.computed(s.tokens));
                     shared.free_slot();
                 }
                 !done
@@ -347,7 +392,7 @@ impl Core {
         });
 
         // Admit waiting requests, first come first served.
-        while self.running() < shared.config.max_num_seqs {
+        while self.prefilling.len() + self.decoding.len() < shared.config.max_num_seqs {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
@@ -358,7 +403,20 @@ impl Core {
                 continue;
             }
             s.admitted = now;
-            s.due = now + self.latency().prefill(s.spec.prompt_tokens);
+            if cache.enabled() {
+                // vLLM looks the prompt up as it schedules it, counts the
+                // lookup, and keeps the prompt's blocks from then on.
+                let prompt = s.spec.blocks.prompt();
+                let hit = cache.longest_hit(prompt);
+                s.cached = cached_tokens(s.spec.prompt_tokens, hit, shared.config.block_size);
+                m.prefix_cache_lookup(s.spec.prompt_tokens, s.cached);
+                cache.touch(prompt);
+            }
+            s.due = now
+                + shared
+                    .config
+                    .latency
+                    .prefill(s.spec.prompt_tokens - s.cached);
             self.prefilling.push(s);
         }
 
@@ -377,16 +435,21 @@ impl Core {
                 s.admitted - s.arrived,
                 s.spec.prompt_tokens,
             );
+            m.prefill(now - s.admitted);
             let done = s.spec.output_tokens <= 1;
             s.publish(done);
             if done {
                 m.finished(s.spec.finish, now - s.arrived);
+                cache.touch(s.spec.blocks.computed(s.tokens));
                 shared.free_slot();
             } else {
                 self.decoding.push(s);
             }
         }
         drop(m);
+        shared
+            .cached_blocks
+            .store(self.cache.len(), Ordering::Release);
 
         // The next step lasts itl(running); a late wake-up does not push
         // the schedule back (the step after is measured from when this one
@@ -462,6 +525,7 @@ mod tests {
                 max_num_seqs,
                 max_num_queued_reqs: cap,
                 latency,
+                ..EngineConfig::default()
             },
             Arc::new(Metrics::default()),
         )
@@ -481,6 +545,7 @@ mod tests {
     fn spec(output_tokens: u32) -> SeqSpec {
         SeqSpec {
             prompt_tokens: 10,
+            blocks: BlockChain::default(),
             output_tokens,
             finish: FinishReason::Length,
             each_token: true,
@@ -640,6 +705,118 @@ mod tests {
             h.await.unwrap(),
             [10, 45, 55, 65, 75].map(|n| n * MS).to_vec()
         );
+    }
+
+    /// 10 ms + 0.25 ms per uncached prompt token (tokio's timers count
+    /// whole milliseconds: 4 tokens make one); `blocks` prefix-cache blocks
+    /// of 16 tokens.
+    fn caching_engine(blocks: usize) -> Engine {
+        Engine::start(
+            EngineConfig {
+                max_num_seqs: 8,
+                max_num_queued_reqs: None,
+                latency: LatencyModel {
+                    ttft_per_prompt_token: PER_TOKEN,
+                    ..latency(0)
+                },
+                block_size: 16,
+                prefix_cache_blocks: Some(blocks),
+            },
+            Arc::new(Metrics::default()),
+        )
+        .0
+    }
+
+    const PER_TOKEN: Duration = Duration::from_micros(250);
+
+    /// A request for `prompt` (4 bytes a token) that generates `output`.
+    fn prompt_spec(prompt: &str, output: &[&str]) -> SeqSpec {
+        let n = u32::try_from(output.len()).unwrap();
+        SeqSpec {
+            prompt_tokens: u32::try_from(prompt.len() / 4).unwrap(),
+            blocks: BlockChain::new(
+                prompt.as_bytes(),
+                output[..output.len() - 1].iter().copied(),
+                64,
+            ),
+            ..spec(n)
+        }
+    }
+
+    async fn ttft(e: &Engine, spec: SeqSpec) -> Duration {
+        let t0 = Instant::now();
+        token_times(e.submit(spec).unwrap(), t0).await[0]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_prefix_is_not_prefilled_again() {
+        let e = caching_engine(1000);
+        // 1000 tokens: 62 full blocks and 8 tokens over.
+        let prompt = "abcd".repeat(1000);
+        let first = ttft(&e, prompt_spec(&prompt, &["x"])).await;
+        assert_eq!(first, 260 * MS);
+        // All 62 blocks hit: only the 8 tokens after them are computed.
+        let again = ttft(&e, prompt_spec(&prompt, &["x"])).await;
+        assert_eq!(again, 12 * MS);
+        // Changed in the middle: the blocks before the change still hit
+        // (30 of them, 480 tokens), none after it.
+        let changed = format!("{}XXXX{}", &prompt[..1960], &prompt[1964..]);
+        let partial = ttft(&e, prompt_spec(&changed, &["x"])).await;
+        assert_eq!(partial, 10 * MS + PER_TOKEN * (1000 - 480));
+        let p = e.shared.metrics.prefix_cache();
+        assert_eq!((p.requests, p.queries, p.hits), (3, 3000, 992 + 480));
+        assert_eq!(e.prefix_cache_len(), 62 + 32);
+        // Every prefill was measured from its scheduling.
+        let (n, total) = e.shared.metrics.prefill_time();
+        assert_eq!((n, total), (3, first + again + partial));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_whole_cached_prompt_still_computes_its_last_block() {
+        let e = caching_engine(1000);
+        // 64 tokens, exactly 4 blocks: the last one is computed again.
+        let prompt = "abcd".repeat(64);
+        ttft(&e, prompt_spec(&prompt, &["x"])).await;
+        let again = ttft(&e, prompt_spec(&prompt, &["x"])).await;
+        assert_eq!(again, 10 * MS + PER_TOKEN * 16);
+        assert_eq!(e.shared.metrics.prefix_cache().hits, 48);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_turn_hits_the_blocks_its_answer_filled() {
+        let e = caching_engine(1000);
+        // 32 prompt tokens (2 blocks); 16 words of 8 bytes answer it (32
+        // tokens, 2 blocks more), but the last word is never fed back.
+        let prompt = "abcd".repeat(32);
+        let answer: Vec<String> = (0..16).map(|i| format!("word{i:02}, ")).collect();
+        let answer: Vec<&str> = answer.iter().map(String::as_str).collect();
+        ttft(&e, prompt_spec(&prompt, &answer)).await;
+        // Wait for the end of the first request (its blocks are cached then).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // 2 prompt blocks + 1 of answer (the 2nd lacks its last word).
+        assert_eq!(e.prefix_cache_len(), 3);
+        // 128 + 128 + 11 + 21 bytes: 72 tokens, 48 of them cached.
+        let next = format!(
+            "{prompt}{}<|im_end|>\nand a longer question",
+            answer.concat()
+        );
+        assert_eq!(next.len(), 288);
+        let t = ttft(&e, prompt_spec(&next, &["x"])).await;
+        assert_eq!(t, 10 * MS + PER_TOKEN * (72 - 48));
+        assert_eq!(e.shared.metrics.prefix_cache().hits, 48);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_prefix_cache_no_hits() {
+        let e = caching_engine(0);
+        let prompt = "abcd".repeat(1000);
+        for _ in 0..2 {
+            assert_eq!(ttft(&e, prompt_spec(&prompt, &["x"])).await, 260 * MS);
+        }
+        // vLLM counts no lookups while caching is off.
+        assert_eq!(e.shared.metrics.prefix_cache(), Default::default());
+        assert_eq!(e.prefix_cache_len(), 0);
+        assert!(!e.prefix_caching());
     }
 
     #[tokio::test]

@@ -36,11 +36,16 @@ fn main() -> ExitCode {
         };
         let c = sim.config();
         let l = c.engine.latency;
+        let names: Vec<&str> = c.model_names().collect();
+        let prefix_cache = match sim.prefix_cache_capacity() {
+            0 => "prefix caching off".to_string(),
+            n => format!("prefix cache {n} blocks of {} tokens", c.engine.block_size),
+        };
         eprintln!(
-            "vllm-sim: listening on {} (model {}, max-num-seqs {}, ttft {:?} + {:?}/prompt token, \
-             itl {:?} + {:?} * running, output {}, seed {})",
+            "vllm-sim: listening on {} (model {}, max-num-seqs {}, {prefix_cache}, ttft {:?} + \
+             {:?}/uncached prompt token, itl {:?} + {:?} * running, output {}, seed {})",
             sim.base_url(),
-            c.model,
+            names.join(", "),
             c.engine.max_num_seqs,
             l.ttft,
             l.ttft_per_prompt_token,

@@ -113,9 +113,35 @@ struct Recorded {
     itl: Histogram,
     e2e: Histogram,
     queue: Histogram,
+    prefill: Histogram,
     success: [u64; 3],
     prompt_tokens: u64,
     generation_tokens: u64,
+    prefix_cache: PrefixCacheStats,
+}
+
+/// The prefix cache's counters since the start, as vLLM's
+/// `PrefixCacheStats` counts them: at each request's scheduling, while
+/// prefix caching is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// Requests looked up.
+    pub requests: u64,
+    /// Their prompt tokens (`vllm:prefix_cache_queries_total`).
+    pub queries: u64,
+    /// Of those, the tokens found cached (`vllm:prefix_cache_hits_total`).
+    pub hits: u64,
+}
+
+impl PrefixCacheStats {
+    /// `hits / queries`, 0 before any query.
+    pub fn hit_rate(&self) -> f64 {
+        if self.queries == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.queries as f64
+        }
+    }
 }
 
 /// The engine's counters and histograms.
@@ -136,6 +162,21 @@ impl Step<'_> {
         self.0.queue.observe(queued.as_secs_f64());
         self.0.prompt_tokens += u64::from(prompt_tokens);
         self.0.generation_tokens += 1;
+    }
+
+    /// A prefix-cache lookup for a request being scheduled: `queried`
+    /// prompt tokens, `hit` of them cached.
+    pub(crate) fn prefix_cache_lookup(&mut self, queried: u32, hit: u32) {
+        let p = &mut self.0.prefix_cache;
+        p.requests += 1;
+        p.queries += u64::from(queried);
+        p.hits += u64::from(hit);
+    }
+
+    /// A prefill is over: it took `prefill` from scheduling to the first
+    /// token.
+    pub(crate) fn prefill(&mut self, prefill: Duration) {
+        self.0.prefill.observe(prefill.as_secs_f64());
     }
 
     /// A later token, `itl` after the sequence's previous one.
@@ -178,9 +219,11 @@ impl Default for Metrics {
                 itl: Histogram::new(ITL_BUCKETS),
                 e2e: Histogram::new(REQUEST_BUCKETS),
                 queue: Histogram::new(REQUEST_BUCKETS),
+                prefill: Histogram::new(REQUEST_BUCKETS),
                 success: [0; 3],
                 prompt_tokens: 0,
                 generation_tokens: 0,
+                prefix_cache: PrefixCacheStats::default(),
             }),
         }
     }
@@ -196,6 +239,18 @@ impl Metrics {
     /// Tokens generated so far (`vllm:generation_tokens_total`).
     pub fn generation_tokens(&self) -> u64 {
         self.step().0.generation_tokens
+    }
+
+    /// The prefix cache's counters so far.
+    pub fn prefix_cache(&self) -> PrefixCacheStats {
+        self.step().0.prefix_cache
+    }
+
+    /// Prefills finished so far and their total duration (the count and
+    /// sum of `vllm:request_prefill_time_seconds`).
+    pub fn prefill_time(&self) -> (u64, Duration) {
+        let r = self.step();
+        (r.0.prefill.count, Duration::from_secs_f64(r.0.prefill.sum))
     }
 
     /// Requests finished so far with this reason.
@@ -258,6 +313,32 @@ impl Metrics {
             "counter",
             float(r.generation_tokens as f64),
         );
+        gauge(
+            "vllm:prefix_cache_queries_total",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            "counter",
+            float(r.prefix_cache.queries as f64),
+        );
+        gauge(
+            "vllm:prefix_cache_hits_total",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            "counter",
+            float(r.prefix_cache.hits as f64),
+        );
+        // The older names, deprecated, still exported beside the new ones
+        // for a while, like gpu_cache_usage_perc.
+        gauge(
+            "vllm:gpu_prefix_cache_queries_total",
+            "GPU prefix cache queries, in terms of number of queried tokens. DEPRECATED: Use vllm:prefix_cache_queries instead.",
+            "counter",
+            float(r.prefix_cache.queries as f64),
+        );
+        gauge(
+            "vllm:gpu_prefix_cache_hits_total",
+            "GPU prefix cache hits, in terms of number of cached tokens. DEPRECATED: Use vllm:prefix_cache_hits instead.",
+            "counter",
+            float(r.prefix_cache.hits as f64),
+        );
         let _ = writeln!(
             out,
             "# HELP vllm:request_success_total Count of successfully processed requests.\n\
@@ -302,6 +383,12 @@ impl Metrics {
             "Histogram of time spent in WAITING phase for request.",
             &labels,
         );
+        r.prefill.render(
+            &mut out,
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            &labels,
+        );
         out
     }
 }
@@ -333,6 +420,9 @@ mod tests {
             s.first_token(Duration::from_millis(30), Duration::ZERO, 12);
             s.token(Duration::from_millis(20));
             s.finished(FinishReason::Length, Duration::from_millis(50));
+            s.prefix_cache_lookup(12, 0);
+            s.prefix_cache_lookup(40, 32);
+            s.prefill(Duration::from_millis(10));
         }
         let text = m.render(
             "m",
@@ -352,10 +442,19 @@ mod tests {
             "vllm:time_to_first_token_seconds_bucket{le=\"0.04\",model_name=\"m\"} 1.0",
             "vllm:inter_token_latency_seconds_count{model_name=\"m\"} 1.0",
             "vllm:e2e_request_latency_seconds_bucket{le=\"0.3\",model_name=\"m\"} 1.0",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            "vllm:prefix_cache_queries_total{model_name=\"m\"} 52.0",
+            "vllm:prefix_cache_hits_total{model_name=\"m\"} 32.0",
+            "vllm:gpu_prefix_cache_hits_total{model_name=\"m\"} 32.0",
+            "vllm:request_prefill_time_seconds_count{model_name=\"m\"} 1.0",
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }
         assert_eq!(m.generation_tokens(), 2);
         assert_eq!(m.finished(FinishReason::Length), 1);
+        let p = m.prefix_cache();
+        assert_eq!((p.requests, p.queries, p.hits), (2, 52, 32));
+        assert!((p.hit_rate() - 32.0 / 52.0).abs() < 1e-12);
+        assert_eq!(m.prefill_time(), (1, Duration::from_millis(10)));
     }
 }

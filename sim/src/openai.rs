@@ -131,8 +131,47 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_tokens: Option<u32>,
-    /// Estimated prompt size: content bytes / 4, at least 1 (no tokenizer).
+    /// The prompt the model sees: the messages through the chat template
+    /// ([`chat_prompt`]).
+    pub prompt: String,
+    /// Prompt size: the templated prompt's bytes / [`BYTES_PER_TOKEN`], at
+    /// least 1 (there is no tokenizer).
     pub prompt_tokens: u32,
+}
+
+/// The simulator's tokenizer: a prompt token is this many bytes of the
+/// templated prompt (about what a BPE tokenizer gives for English).
+pub const BYTES_PER_TOKEN: usize = 4;
+
+/// The chat template: ChatML, as the Qwen models (the modelled 4B model's
+/// family) use it, with the generation prompt vLLM adds by default
+/// (`add_generation_prompt`). Every message, system and history included,
+/// is in it, so that the prompts of a conversation's turns share a prefix,
+/// and so do the conversations that share a system prompt.
+///
+/// An answer sent back as the next turn's history continues the previous
+/// prompt byte for byte (`<|im_start|>assistant\n` then the answer's text),
+/// which is what lets the next turn hit the blocks the answer filled.
+pub fn chat_prompt(messages: &[Value]) -> String {
+    let len: usize = messages
+        .iter()
+        .map(|m| 32 + m.get("content").and_then(Value::as_str).map_or(0, str::len))
+        .sum();
+    let mut out = String::with_capacity(len + 32);
+    for m in messages {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        out.push_str("<|im_start|>");
+        out.push_str(role);
+        out.push('\n');
+        match m.get("content") {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(c) => out.push_str(&content_text(c)),
+            None => {}
+        }
+        out.push_str("<|im_end|>\n");
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
 }
 
 impl ChatRequest {
@@ -165,10 +204,10 @@ impl ChatRequest {
                 }
             },
         };
-        let bytes: usize = messages
-            .iter()
-            .map(|m| content_text(m.get("content").unwrap_or(&Value::Null)).len())
-            .sum();
+        let prompt = chat_prompt(messages);
+        let prompt_tokens = u32::try_from(prompt.len() / BYTES_PER_TOKEN)
+            .unwrap_or(u32::MAX)
+            .max(1);
         Ok(ChatRequest {
             model: obj
                 .get("model")
@@ -181,7 +220,8 @@ impl ChatRequest {
                 .and_then(Value::as_bool)
                 == Some(true),
             max_tokens,
-            prompt_tokens: u32::try_from(bytes / 4).unwrap_or(u32::MAX).max(1),
+            prompt,
+            prompt_tokens,
         })
     }
 }
@@ -447,6 +487,7 @@ mod tests {
             "max_tokens": 7,
         }))
         .unwrap();
+        let prompt = "<|im_start|>user\n12345678<|im_end|>\n<|im_start|>assistant\n";
         assert_eq!(
             r,
             ChatRequest {
@@ -454,14 +495,16 @@ mod tests {
                 stream: true,
                 include_usage: true,
                 max_tokens: Some(7),
-                prompt_tokens: 2,
+                prompt: prompt.into(),
+                // 58 bytes.
+                prompt_tokens: 14,
             }
         );
         let r = ChatRequest::from_json(&json!({
             "model": "m", "messages": [], "max_tokens": 7, "max_completion_tokens": 9,
         }))
         .unwrap();
-        assert_eq!((r.max_tokens, r.prompt_tokens), (Some(9), 1));
+        assert_eq!((r.max_tokens, r.prompt_tokens), (Some(9), 5));
         assert_eq!(
             ChatRequest::from_json(&json!({"model": "m"}))
                 .unwrap_err()
@@ -475,6 +518,26 @@ mod tests {
             Some("max_tokens")
         );
         assert_eq!(ChatRequest::from_json(&json!([1])).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn the_template_keeps_every_turn_as_a_prefix_of_the_next() {
+        let system = json!({"role": "system", "content": "Be brief."});
+        let user = json!({"role": "user", "content": [{"type": "text", "text": "Hi"}]});
+        let first = chat_prompt(&[system.clone(), user.clone()]);
+        assert_eq!(
+            first,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        let answer = "echo: Hi";
+        let second = chat_prompt(&[
+            system,
+            user,
+            json!({"role": "assistant", "content": answer}),
+            json!({"role": "user", "content": "More"}),
+        ]);
+        assert!(second.starts_with(&format!("{first}{answer}<|im_end|>\n")));
     }
 
     #[test]

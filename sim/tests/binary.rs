@@ -22,7 +22,16 @@ fn wait_with_timeout(mut child: std::process::Child) -> Option<ExitStatus> {
 #[test]
 fn serves_until_sigterm() {
     let mut child = Command::new(BIN)
-        .args(["--port", "0", "--model", "m", "--seed", "9"])
+        .args([
+            "--port",
+            "0",
+            "--model",
+            "m",
+            "--seed",
+            "9",
+            "--prefix-cache-blocks",
+            "500",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -30,7 +39,9 @@ fn serves_until_sigterm() {
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     assert!(
-        line.contains("model m") && line.contains("seed 9"),
+        line.contains("model m")
+            && line.contains("seed 9")
+            && line.contains("prefix cache 500 blocks of 16 tokens"),
         "{line}"
     );
     let addr = line
@@ -66,6 +77,8 @@ fn bad_flags_are_usage_errors() {
         &["--output-tokens", "poisson:3"],
         &["--error-rate", "0.7", "--stall-rate", "0.7"],
         &["--no-such-flag"],
+        &["--block-size", "0"],
+        &["--served-model-name"],
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(64), "{args:?}");
@@ -86,6 +99,10 @@ fn bad_flags_are_usage_errors() {
         "--stall-rate",
         "--reset-rate",
         "--seed",
+        "--served-model-name",
+        "--block-size",
+        "--prefix-cache-blocks",
+        "--no-enable-prefix-caching",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

@@ -56,7 +56,9 @@ async fn completions_have_max_tokens_tokens() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 12);
-    assert_eq!(v["usage"]["prompt_tokens"], 2);
+    // The templated prompt, "<|im_start|>user\nhello there<|im_end|>\n
+    // <|im_start|>assistant\n", is 61 bytes: 15 tokens of 4 bytes.
+    assert_eq!(v["usage"]["prompt_tokens"], 15);
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.starts_with("echo: hello there the quick"), "{text}");
 
@@ -137,14 +139,15 @@ async fn vllm_errors() {
     assert_eq!(e["code"], 404);
     assert_eq!(e["param"], Value::Null);
 
-    // 4000 bytes is 1000 prompt tokens; 1000 + 3500 > 4096.
+    // 4000 bytes of content, 4050 templated, are 1012 prompt tokens;
+    // 1012 + 3500 > 4096.
     let resp = post(&sim, &body("sim-model", &"abcd".repeat(1000), 3500)).await;
     assert_eq!(resp.status(), 400);
     let e = err(&resp.json().await.unwrap());
     assert_eq!(
         e["message"],
-        "This model's maximum context length is 4096 tokens. However, you requested 4500 \
-         tokens (1000 in the messages, 3500 in the completion). Please reduce the length of \
+        "This model's maximum context length is 4096 tokens. However, you requested 4512 \
+         tokens (1012 in the messages, 3500 in the completion). Please reduce the length of \
          the messages or completion."
     );
     assert_eq!(e["type"], "BadRequestError");

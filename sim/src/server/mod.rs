@@ -37,7 +37,7 @@ use tower_service::Service;
 
 use crate::config::{ConfigError, Faults, LatencyModel, OutputLen, SimConfig};
 use crate::engine::Engine;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PrefixCacheStats};
 use crate::openai;
 use crate::script::Scripted;
 use routes::{chat, health, metrics_route, models, not_found, version};
@@ -148,9 +148,10 @@ impl Sim {
         self.addr
     }
 
-    /// The configured model name.
+    /// The name the model is served under: the first
+    /// `--served-model-name`, else `--model`.
     pub fn model(&self) -> &str {
-        &self.shared.config.model
+        self.shared.config.model_name()
     }
 
     /// The configuration it runs with.
@@ -257,6 +258,29 @@ impl Sim {
         &self.shared.metrics
     }
 
+    /// The prefix cache's counters so far: requests looked up, their
+    /// prompt tokens (`vllm:prefix_cache_queries_total`) and the cached
+    /// ones among them (`vllm:prefix_cache_hits_total`).
+    pub fn prefix_cache(&self) -> PrefixCacheStats {
+        self.shared.metrics.prefix_cache()
+    }
+
+    /// Cached prompt tokens / prompt tokens looked up so far (0 before the
+    /// first lookup, and while prefix caching is off).
+    pub fn prefix_cache_hit_rate(&self) -> f64 {
+        self.prefix_cache().hit_rate()
+    }
+
+    /// The prefix cache's capacity in blocks (0: prefix caching is off).
+    pub fn prefix_cache_capacity(&self) -> usize {
+        self.shared.engine.prefix_cache_capacity()
+    }
+
+    /// Blocks in the prefix cache now.
+    pub fn prefix_cache_blocks(&self) -> usize {
+        self.shared.engine.prefix_cache_len()
+    }
+
     /// What `GET /metrics` would answer now.
     pub fn metrics_text(&self) -> String {
         self.shared.render_metrics()
@@ -297,9 +321,33 @@ impl SimBuilder {
         self
     }
 
-    /// Model name served.
+    /// Model name served (`--model`; it is also the served name unless
+    /// [`served_model_names`](Self::served_model_names) gives others).
     pub fn model(mut self, name: &str) -> Self {
         self.config.model = name.to_string();
+        self
+    }
+
+    /// The names the model is served under (`--served-model-name`): any
+    /// of them may be asked for; the first is the one reported.
+    pub fn served_model_names<S: Into<String>>(
+        mut self,
+        names: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.config.served_model_name = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The prefix cache's capacity in blocks (`--prefix-cache-blocks`; 0
+    /// turns prefix caching off).
+    pub fn prefix_cache_blocks(mut self, blocks: usize) -> Self {
+        self.config.engine.prefix_cache_blocks = Some(blocks);
+        self
+    }
+
+    /// Tokens per KV-cache block (`--block-size`).
+    pub fn block_size(mut self, tokens: u32) -> Self {
+        self.config.engine.block_size = tokens;
         self
     }
 
@@ -432,7 +480,11 @@ impl SimBuilder {
             .map_err(|source| SimError::Bind { addr, source })?;
 
         let metrics = Arc::new(Metrics::default());
-        let (engine, engine_task) = Engine::start(self.config.engine, metrics.clone());
+        let engine_config = crate::config::EngineConfig {
+            prefix_cache_blocks: Some(self.config.prefix_cache_blocks()),
+            ..self.config.engine
+        };
+        let (engine, engine_task) = Engine::start(engine_config, metrics.clone());
         let seed = self.config.seed.unwrap_or_else(rand::random);
         let shared = Arc::new(Shared {
             engine,

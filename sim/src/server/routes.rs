@@ -21,8 +21,10 @@ use crate::config::OutputLen;
 use crate::engine::{SeqSpec, Sequence, SubmitError};
 use crate::metrics::FinishReason;
 use crate::openai::{
-    self, context_length_message, ApiError, ChatRequest, SseWriter, Tokens, CONTEXT_LENGTH_MESSAGE,
+    self, context_length_message, ApiError, ChatRequest, SseWriter, Tokens, BYTES_PER_TOKEN,
+    CONTEXT_LENGTH_MESSAGE,
 };
+use crate::prefix::BlockChain;
 use crate::script::{Fault, Scripted};
 
 /// The message of an injected generation failure.
@@ -81,7 +83,7 @@ impl Shared {
         let mut g = self.engine.gauges();
         g.running += self.held.load(Ordering::SeqCst);
         g.waiting += self.gate_waiting.load(Ordering::SeqCst);
-        self.metrics.render(&self.config.model, g)
+        self.metrics.render(self.config.model_name(), g)
     }
 
     /// `vllm serve --api-key`: `/v1/*` needs `Authorization: Bearer KEY`.
@@ -154,21 +156,25 @@ pub(super) async fn models(State(sh): State<Arc<Shared>>, headers: HeaderMap) ->
         return ApiError::new(503, "The server is not ready.").into_response();
     }
     sh.models_served.send_modify(|n| *n += 1);
-    let m = &sh.config.model;
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": m,
-            "object": "model",
-            "created": 0,
-            "owned_by": "vllm",
-            "root": m,
-            "parent": null,
-            "max_model_len": sh.config.max_model_len,
-            "permission": [],
-        }]
-    }))
-    .into_response()
+    // One entry per served name, as vLLM lists them, each rooted at the
+    // model itself.
+    let data: Vec<Value> = sh
+        .config
+        .model_names()
+        .map(|name| {
+            json!({
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "vllm",
+                "root": sh.config.model,
+                "parent": null,
+                "max_model_len": sh.config.max_model_len,
+                "permission": [],
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 pub(super) async fn metrics_route(State(sh): State<Arc<Shared>>) -> Response {
@@ -241,9 +247,10 @@ async fn chat_inner(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    // Like vLLM: a missing or empty `model` means the served model, and the
-    // 404 for another one names no `param` (clients match on its body).
-    if !req.model.is_empty() && req.model != sh.config.model {
+    // Like vLLM: a missing or empty `model` means the served model, any of
+    // its served names will do, and the 404 for another one names no
+    // `param` (clients match on its body).
+    if !req.model.is_empty() && !sh.config.serves(&req.model) {
         return ApiError::new(404, format!("The model `{}` does not exist.", req.model))
             .into_response();
     }
@@ -298,7 +305,7 @@ async fn chat_inner(
                 .into_response()
         }
         (Some(Scripted::StreamError(code, msg)), _) => {
-            return canned_stream_error(&sh.config.model, code, &msg)
+            return canned_stream_error(sh.config.model_name(), code, &msg)
         }
         (Some(Scripted::Stall), _) | (None, Some(Fault::Stall)) => {
             let _held = Gauge::up(&sh.held);
@@ -341,8 +348,22 @@ async fn chat_inner(
         }
     };
     let fail_at = (fault == Some(Fault::Generation)).then_some(n / 2);
+    // The blocks this request fills: its templated prompt's, then those of
+    // its answer's tokens but the last (whose KV is never computed), which
+    // the next turn's prompt repeats.
+    let blocks = if sh.engine.prefix_caching() {
+        let block_bytes = sh.config.engine.block_size as usize * BYTES_PER_TOKEN;
+        BlockChain::new(
+            req.prompt.as_bytes(),
+            (0..n.saturating_sub(1)).map(|i| tokens.get(i)),
+            block_bytes,
+        )
+    } else {
+        BlockChain::default()
+    };
     let seq = match sh.engine.submit(SeqSpec {
         prompt_tokens: req.prompt_tokens,
+        blocks,
         output_tokens: n,
         finish,
         each_token: req.stream || fail_at.is_some(),
@@ -366,7 +387,7 @@ async fn chat_inner(
         let stream = SseBody {
             seq: Some(seq),
             tokens,
-            sse: SseWriter::new(&id, &sh.config.model),
+            sse: SseWriter::new(&id, sh.config.model_name()),
             sent: 0,
             started: false,
             finish,
@@ -389,7 +410,7 @@ async fn chat_inner(
     match seq.wait_for(|p| p.done).await {
         Some(p) => openai::completion(
             &id,
-            &sh.config.model,
+            sh.config.model_name(),
             &tokens.text(p.tokens),
             finish.as_str(),
             openai::usage(req.prompt_tokens, p.tokens),
