@@ -46,6 +46,7 @@ use crate::queue;
 use crate::request::Request;
 use crate::session::{self, MemoryStore, SessionStore, StoreLimits};
 use crate::shutdown::{within, Shutdown};
+use crate::telemetry::stats::BackendGauge;
 use crate::telemetry::{self, Gauges, Sampler, Stats};
 use crate::worker::{self, Shared};
 
@@ -151,7 +152,7 @@ impl App {
             backends = %cfg.backend.url.redacted(),
             routing = ?cfg.backend.routing,
             projects = ?cfg.projects,
-            workers = cfg.workers.num_workers,
+            workers = %cfg.workers.num_workers,
             queue = cfg.admission.max_queue_size,
             instance = %instance,
             "starting vllm-mqttd"
@@ -181,7 +182,7 @@ impl App {
         // the queue, so a full channel means real overload.
         let (admission_tx, admission_rx) = mpsc::channel(cfg.admission.max_queue_size.max(64));
         let (egress, egress_rx) = Egress::channel(
-            cfg.admission.max_queue_size + cfg.workers.num_workers + 1024,
+            cfg.admission.max_queue_size + cfg.worker_tasks() + 1024,
             stats.clone(),
         );
         let projects: Vec<Project> = cfg
@@ -300,7 +301,7 @@ impl Parts {
         let ingress = tokio::spawn(ingress.run(phases.accept.clone(), phases.abort_mqtt.clone()));
         let admission = tokio::spawn(admission.run(admission_rx, phases.accept.clone()));
         let workers = TaskTracker::new();
-        for _ in 0..cfg.workers.num_workers {
+        for _ in 0..cfg.worker_tasks() {
             workers.spawn(worker::run(shared.clone(), phases.abandon.clone()));
         }
         workers.close();
@@ -382,6 +383,17 @@ fn sampler(shared: &Arc<Shared>, queue_capacity: usize) -> Sampler {
         in_flight: shared.running.load(Ordering::Relaxed),
         sessions: shared.store.sessions(),
         circuit: shared.pool.circuit(),
+        backends: shared
+            .pool
+            .members()
+            .iter()
+            .map(|m| BackendGauge {
+                url: m.name.to_string(),
+                circuit: m.breaker.circuit(),
+                in_flight: m.in_flight(),
+                limit: m.limit(),
+            })
+            .collect(),
     })
 }
 

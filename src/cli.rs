@@ -89,9 +89,10 @@ pub struct RunArgs {
     /// Projects to serve, comma separated.
     #[arg(long, env = "VLLM_MQTTD_PROJECTS", value_delimiter = ',')]
     pub projects: Option<Vec<String>>,
-    /// Worker tasks (concurrent backend calls).
+    /// Backend calls at once: "auto" (default: each backend's limit adapts
+    /// to its /metrics or latency) or a number (at most that many in all).
     #[arg(long, env = "VLLM_MQTTD_NUM_WORKERS")]
-    pub num_workers: Option<usize>,
+    pub num_workers: Option<crate::config::NumWorkers>,
     /// Queue capacity.
     #[arg(long, env = "VLLM_MQTTD_MAX_QUEUE_SIZE")]
     pub max_queue_size: Option<usize>,
@@ -265,7 +266,7 @@ mod tests {
         let c = cli.run.resolve().unwrap();
         assert_eq!(c.admission.max_queue_size, 7); // file
         assert_eq!(c.admission.rate_limit, 3); // file
-        assert_eq!(c.workers.num_workers, 5); // flag beats file
+        assert_eq!(c.workers.num_workers, 5.into()); // flag beats file
         assert_eq!(c.admission.rate_window, Duration::from_secs(30));
         assert_eq!(c.projects, vec!["maze", "driving"]);
         assert!(c.embedded_broker.enabled);

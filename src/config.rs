@@ -409,7 +409,8 @@ pub struct BackendConfig {
     /// Backend calls per minute at most (token bucket, bursts up to this
     /// many); 0 is unlimited.
     pub rpm: u32,
-    /// Backend calls at once at most; 0 means `workers.num_workers`.
+    /// Backend calls at once at most, per backend; 0 means
+    /// `workers.num_workers` (with `auto`: the adaptive limit alone).
     pub max_concurrent: usize,
 }
 
@@ -464,12 +465,92 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// How many backend calls may run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NumWorkers {
+    /// Each backend's limit adapts to what it reports (its waiting queue,
+    /// or its latency): see `src/backend/adaptive.rs`.
+    #[default]
+    Auto,
+    /// At most this many calls at once in total (worker tasks).
+    Fixed(usize),
+}
+
+impl NumWorkers {
+    /// Worker tasks to run for `backends` backends: the fixed count, or
+    /// enough for every backend's largest adaptive limit (bounded).
+    pub fn tasks(self, backends: usize) -> usize {
+        match self {
+            NumWorkers::Fixed(n) => n,
+            NumWorkers::Auto => {
+                (backends.max(1) * crate::backend::adaptive::DEFAULT_MAX).min(AUTO_MAX_TASKS)
+            }
+        }
+    }
+}
+
+/// Worker tasks at most with `num_workers = "auto"`.
+pub const AUTO_MAX_TASKS: usize = 4096;
+
+impl From<usize> for NumWorkers {
+    fn from(n: usize) -> Self {
+        NumWorkers::Fixed(n)
+    }
+}
+
+impl std::fmt::Display for NumWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NumWorkers::Auto => f.write_str("auto"),
+            NumWorkers::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for NumWorkers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(NumWorkers::Auto),
+            n => n
+                .parse()
+                .map(NumWorkers::Fixed)
+                .map_err(|_| format!("{n:?} is neither \"auto\" nor a number")),
+        }
+    }
+}
+
+impl Serialize for NumWorkers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            NumWorkers::Auto => s.serialize_str("auto"),
+            NumWorkers::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NumWorkers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(usize),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(NumWorkers::Fixed(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// The worker pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkersConfig {
-    /// Tasks calling the backend concurrently.
-    pub num_workers: usize,
+    /// Backend calls at once: `"auto"` (each backend's limit adapts to its
+    /// own reports) or a number (at most that many in total).
+    pub num_workers: NumWorkers,
     /// On SIGTERM, how long workers may keep draining the queue.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -478,7 +559,7 @@ pub struct WorkersConfig {
 impl Default for WorkersConfig {
     fn default() -> Self {
         Self {
-            num_workers: 8,
+            num_workers: NumWorkers::Auto,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -640,10 +721,18 @@ impl Config {
         )
     }
 
-    /// Concurrent backend calls allowed.
+    /// Worker tasks to run (see [`NumWorkers::tasks`]).
+    pub fn worker_tasks(&self) -> usize {
+        self.workers.num_workers.tasks(self.backend.url.0.len())
+    }
+
+    /// Concurrent backend calls allowed, per backend.
     pub fn backend_max_concurrent(&self) -> usize {
         match self.backend.max_concurrent {
-            0 => self.workers.num_workers,
+            0 => match self.workers.num_workers {
+                NumWorkers::Fixed(n) => n,
+                NumWorkers::Auto => crate::backend::adaptive::DEFAULT_MAX,
+            },
             n => n,
         }
     }
@@ -940,7 +1029,7 @@ impl Config {
         if self.admission.max_payload_bytes == 0 {
             return bad("admission.max_payload_bytes", "must be at least 1".into());
         }
-        if self.workers.num_workers == 0 || self.workers.num_workers > 4096 {
+        if let NumWorkers::Fixed(0 | 4097..) = self.workers.num_workers {
             return bad("workers.num_workers", "must be in [1, 4096]".into());
         }
         if self.sessions.max_sessions == 0 {

@@ -52,6 +52,13 @@ pub struct Shared {
 /// neither answered nor acknowledged, so the broker redelivers it.
 pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
     loop {
+        // With `num_workers = "auto"`, the backends' limits bound how many
+        // requests leave the queue at once (held until this one is done).
+        let _reservation = tokio::select! {
+            biased;
+            _ = abandon.cancelled() => return,
+            r = shared.pool.reserve() => r,
+        };
         let mut req = tokio::select! {
             biased;
             _ = abandon.cancelled() => return,
@@ -290,9 +297,18 @@ async fn call_backend(
         // its first-byte timeout, which is counted.
         let slot = member.budget.acquire().await;
         let busy = member.busy();
+        let in_flight_at_start = member.in_flight();
         let started = Instant::now();
         let result = member.backend.chat(&name, prompt, req.sampling).await;
         drop((busy, slot));
+        if let Ok(answer) = &result {
+            // Latency per generated token grows with the batch a backend
+            // runs: the adaptive limit's signal when it has no metrics.
+            let tokens = answer.usage.map_or(1, |u| u.completion_tokens.max(1));
+            shared
+                .pool
+                .sample(index, started.elapsed() / tokens, in_flight_at_start);
+        }
         shared.stats.emit(Event::BackendCall {
             elapsed: started.elapsed(),
             ok: result.is_ok(),

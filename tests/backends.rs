@@ -212,3 +212,88 @@ async fn a_projects_model_goes_to_the_backends_that_serve_it() {
     assert!(why.contains("huge"), "{why}");
     daemon.stop().await.unwrap();
 }
+
+/// `num_workers = "auto"` against a simulated vLLM that batches 16
+/// sequences and publishes `vllm:num_requests_{running,waiting}`: with 24
+/// sessions asking back to back, the backend's limit grows from its start
+/// (8) while nothing waits inside vLLM, overshoots once, sees requests
+/// waiting there and settles at the batch size, so the excess waits in the
+/// daemon's queue instead. (The rules' convergence for other batch sizes
+/// is `src/backend/adaptive.rs`'s, on a fake clock.)
+#[tokio::test]
+async fn auto_concurrency_settles_at_the_backends_batch_size() {
+    const BATCH: u64 = 16;
+    let broker = Mosquitto::start().await;
+    let sim = vllm_sim::Sim::builder()
+        .max_num_seqs(BATCH as usize)
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let mut c = config(broker.host(), broker.port(), &sim.base_url());
+    c.backend.model = String::new();
+    c.workers.num_workers = vllm_mqttd::config::NumWorkers::Auto;
+    c.admission.rate_limit = 100_000;
+    c.stats.interval = Duration::from_secs(1);
+    let daemon = Daemon::start(c).await;
+    let mut watcher = TestClient::connect(broker.host(), broker.port(), "stats-reader").await;
+    watcher
+        .subscribe(&format!("vllm-mqttd/{}/stats", daemon.instance))
+        .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for s in 0..24 {
+        let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let session = format!("load{s}");
+            while !stop.is_cancelled() {
+                dev.publish(
+                    "maze/user_input",
+                    json!({"sessionId": session, "message": "go", "maxTokens": 40, "format": "json"})
+                        .to_string(),
+                    1,
+                )
+                .await;
+                let v = dev
+                    .expect_on(&format!("maze/assistant_response/{session}"), WAIT)
+                    .await
+                    .json();
+                assert_eq!(v["ok"], true, "{v}");
+            }
+        }));
+    }
+    // Limits seen in the stats, until the last three are the batch size.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: limits seen {seen:?}"
+        );
+        let v = watcher.expect(WAIT).await.json();
+        let limit = v["backend"]["backends"][0]["limit"].as_u64().unwrap();
+        seen.push(limit);
+        if seen.len() >= 3 && seen[seen.len() - 3..].iter().all(|&l| l == BATCH) {
+            break;
+        }
+    }
+    eprintln!("limits seen, one stats report a second: {seen:?}");
+    assert!(
+        seen.iter().any(|&l| l > BATCH),
+        "it probed above the batch: {seen:?}"
+    );
+    // Settled: vLLM itself queues (almost) nothing.
+    let waiting = sim.metrics_text();
+    let line = waiting
+        .lines()
+        .find(|l| l.starts_with("vllm:num_requests_waiting"))
+        .unwrap()
+        .to_owned();
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n <= 1.0, "{line}");
+    stop.cancel();
+    for l in load {
+        l.await.unwrap();
+    }
+    daemon.stop().await.unwrap();
+}

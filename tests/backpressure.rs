@@ -30,7 +30,7 @@ async fn a_stop_while_the_broker_is_slow_loses_no_reply_and_no_ack() {
         .run()
         .await;
     let mut c = config(broker.host(), broker.port(), &fake.base_url());
-    c.workers.num_workers = REQUESTS;
+    c.workers.num_workers = REQUESTS.into();
     c.mqtt.max_packet_bytes = 4 * 1024 * 1024;
     c.backend.max_reply_bytes = 1024 * 1024;
     c.workers.shutdown_grace = Duration::from_secs(20);
@@ -127,7 +127,7 @@ async fn a_reconnect_with_the_request_channel_full_still_resubscribes() {
     let fake = FakeVllm::builder().gated().run().await;
     let mut c = config(broker.host(), broker.port(), &fake.base_url());
     c.mqtt.request_channel = 2;
-    c.workers.num_workers = 8;
+    c.workers.num_workers = 8.into();
     let daemon = Daemon::start(c).await;
     let dev = device(broker.host(), broker.port(), "maze").await;
     let prefix = unique("s").replace('-', "_");

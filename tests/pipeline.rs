@@ -341,7 +341,7 @@ async fn rate_limit_is_a_sliding_window_with_retry_after() {
 #[tokio::test]
 async fn full_queue_answers_overloaded_at_once() {
     let mut w = world(gated().await, |c| {
-        c.workers.num_workers = 1;
+        c.workers.num_workers = 1.into();
         c.admission.max_queue_size = 1;
     })
     .await;
@@ -368,7 +368,7 @@ async fn full_queue_answers_overloaded_at_once() {
 async fn a_noisy_project_cannot_take_the_quiet_ones_share_of_the_queue() {
     // Two projects of equal weight share a queue of 4: two slots each.
     let mut w = world(gated().await, |c| {
-        c.workers.num_workers = 1;
+        c.workers.num_workers = 1.into();
         c.admission.max_queue_size = 4;
     })
     .await;
@@ -645,7 +645,7 @@ async fn oversized_payload_with_v5_response_topic_gets_bad_request() {
 
 #[tokio::test]
 async fn message_expiry_is_the_deadline_in_flight_and_queued() {
-    let mut w = world(gated().await, |c| c.workers.num_workers = 1).await;
+    let mut w = world(gated().await, |c| c.workers.num_workers = 1.into()).await;
     let expiring = |n: u32| PublishProperties {
         message_expiry_interval: Some(n),
         ..Default::default()
@@ -833,7 +833,7 @@ async fn backend_down_at_start_answers_at_once_then_recovers() {
 #[tokio::test]
 async fn stats_topic_reports_queue_and_counts() {
     let mut w = world(gated().await, |c| {
-        c.workers.num_workers = 1;
+        c.workers.num_workers = 1.into();
         c.admission.max_queue_size = 4;
         c.stats.interval = Duration::from_secs(1);
         // One project: the whole queue is its share.
@@ -911,7 +911,7 @@ async fn status_is_retained_online_then_offline_on_shutdown() {
 
 #[tokio::test]
 async fn graceful_shutdown_drains_the_queue() {
-    let mut w = world(gated().await, |c| c.workers.num_workers = 1).await;
+    let mut w = world(gated().await, |c| c.workers.num_workers = 1.into()).await;
     for s in ["g1", "g2", "g3"] {
         w.send(json!({"sessionId": s, "message": s})).await;
     }
@@ -946,7 +946,7 @@ async fn unfinished_requests_are_redelivered_to_the_next_instance() {
     .await;
     let slow = gated().await;
     let mut c = config(broker.host(), broker.port(), &slow.base_url());
-    c.workers.num_workers = 1;
+    c.workers.num_workers = 1.into();
     c.workers.shutdown_grace = Duration::from_millis(200);
     let client_id = unique("daemon");
     c.mqtt.client_id = client_id.clone();

@@ -463,7 +463,7 @@ async fn stalled_call_is_dropped_at_the_deadline() {
 async fn concurrency_cap_is_independent_of_the_worker_count() {
     let fake = FakeVllm::builder().gated().run().await;
     let mut w = world(fake.base_url(), |c| {
-        c.workers.num_workers = 4;
+        c.workers.num_workers = 4.into();
         c.backend.max_concurrent = 1;
     })
     .await;

@@ -317,7 +317,7 @@ async fn stress_overload_accounts_for_every_request() {
         .run()
         .await;
     let env = Env::start(fake, |c| {
-        c.workers.num_workers = 1;
+        c.workers.num_workers = 1.into();
         c.admission.max_queue_size = 1;
     })
     .await;

@@ -100,7 +100,6 @@
 
 // Until the worker's scraper and permits use it (issue 11); the tests do
 // already.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::time::Duration;
 

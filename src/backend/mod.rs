@@ -13,12 +13,14 @@
 //! its 200 arrives as an in-band error event, which is classified like an
 //! HTTP status.
 
+pub(crate) mod adaptive;
 pub mod breaker;
 pub mod budget;
 pub mod health;
 pub mod model;
 pub mod openai;
 pub mod pool;
+pub(crate) mod prom;
 pub mod retry;
 pub mod routing;
 pub mod sse;
@@ -272,6 +274,7 @@ pub struct Backend {
     chat_url: Arc<Url>,
     models_url: Arc<Url>,
     health_url: Arc<Url>,
+    metrics_url: Arc<Url>,
     /// How long reqwest keeps an idle connection.
     pool_idle: Duration,
     /// How long a response's head may take.
@@ -318,6 +321,11 @@ impl Backend {
             http,
             chat_url: Arc::new(endpoint(&base, &["chat", "completions"])?),
             models_url: Arc::new(endpoint(&base, &["models"])?),
+            metrics_url: Arc::new({
+                let mut m = health.clone();
+                m.set_path("/metrics");
+                m
+            }),
             health_url: Arc::new(health),
             pool_idle: cfg.pool_idle_timeout,
             first_byte: cfg.first_byte_timeout,
@@ -386,6 +394,21 @@ impl Backend {
         } else {
             Err(status_error(status, resp).await)
         }
+    }
+
+    /// `GET {origin}/metrics` (Prometheus text), capped at 4 MiB; `None`
+    /// when the backend has none (404, llama-server's 501 without
+    /// `--metrics`) or it cannot be read.
+    pub async fn metrics(&self) -> Option<String> {
+        let resp = self
+            .send(self.http.get((*self.metrics_url).clone()))
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = read_capped(resp, 4 << 20).await.ok()?;
+        String::from_utf8(body).ok()
     }
 
     /// One chat completion for `prompt`, streamed and collected.

@@ -12,21 +12,22 @@
 //! choice until it recovers.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::select_all;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::adaptive::{AdaptiveLimit, Change};
 use super::breaker::{Breaker, SharedBreaker};
 use super::budget::Budget;
 use super::model::{self, ModelRx, ModelState};
 use super::routing::{self, Candidate, Routing};
-use super::{health, redact_url, Backend};
+use super::{health, prom, redact_url, Backend};
 use crate::circuit::{BackendStatus, Circuit, Circuits};
-use crate::config::Config;
+use crate::config::{Config, NumWorkers};
 use crate::error::AppError;
 use crate::secret::Secret;
 
@@ -45,12 +46,43 @@ pub struct Member {
     /// is configured and nothing is discovered).
     models_tx: std::sync::Mutex<Option<watch::Sender<ModelState>>>,
     in_flight: AtomicUsize,
+    /// With `num_workers = "auto"`: the adaptive limit (its pure core),
+    /// and its current value for lock-free reads.
+    adaptive: Option<std::sync::Mutex<AdaptiveLimit>>,
+    limit: AtomicUsize,
 }
 
 impl Member {
     /// Requests it has in flight from us now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls it should have at once: its adaptive limit, or its budget's
+    /// fixed cap.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Feeds the adaptive limit (if any) and publishes a change.
+    fn adapt(&self, pool_room: &Notify, f: impl FnOnce(&mut AdaptiveLimit) -> Option<Change>) {
+        let Some(adaptive) = &self.adaptive else {
+            return;
+        };
+        let mut a = adaptive.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(change) = f(&mut a) {
+            self.limit.store(change.to, Ordering::Relaxed);
+            tracing::debug!(
+                backend = %self.name,
+                from = change.from,
+                to = change.to,
+                signal = ?change.signal,
+                "concurrency limit changed"
+            );
+            if change.to > change.from {
+                pool_room.notify_waiters();
+            }
+        }
     }
 
     /// Counts a call in flight until the guard drops.
@@ -91,6 +123,24 @@ pub struct Pool {
     /// project naming its own).
     discover: bool,
     turn: AtomicU64,
+    /// With `num_workers = "auto"`: calls reserved by workers, gated by the
+    /// sum of the members' limits ([`Pool::reserve`]).
+    auto: bool,
+    reserved: AtomicUsize,
+    room: Notify,
+}
+
+/// A worker's right to take one request and call a backend for it, with
+/// `num_workers = "auto"`: dropped when the request is done.
+pub struct Reservation(Option<Arc<Pool>>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.reserved.fetch_sub(1, Ordering::AcqRel);
+            pool.room.notify_one();
+        }
+    }
 }
 
 impl Pool {
@@ -113,6 +163,12 @@ impl Pool {
                     Some(m) if !discover => ModelState::Ready(vec![m.clone()].into()),
                     _ => ModelState::Discovering,
                 });
+                let adaptive = (cfg.workers.num_workers == NumWorkers::Auto)
+                    .then(|| std::sync::Mutex::new(AdaptiveLimit::default()));
+                let limit = match &adaptive {
+                    Some(a) => a.lock().unwrap_or_else(PoisonError::into_inner).limit(),
+                    None => cfg.backend_max_concurrent(),
+                };
                 Ok(Arc::new(Member {
                     name: Arc::from(redact_url(url)),
                     id: routing::stable_hash(url),
@@ -125,6 +181,8 @@ impl Pool {
                     models: rx,
                     models_tx: std::sync::Mutex::new(Some(tx)),
                     in_flight: AtomicUsize::new(0),
+                    adaptive,
+                    limit: AtomicUsize::new(limit),
                 }))
             })
             .collect::<Result<Vec<_>, AppError>>()?;
@@ -134,7 +192,50 @@ impl Pool {
             configured_model,
             discover,
             turn: AtomicU64::new(0),
+            auto: cfg.workers.num_workers == NumWorkers::Auto,
+            reserved: AtomicUsize::new(0),
+            room: Notify::new(),
         })
+    }
+
+    /// With `num_workers = "auto"`, waits until the calls reserved are
+    /// fewer than the sum of the backends' limits and reserves one, so at
+    /// most that many requests leave the queue at once (the rest wait
+    /// there, under admission's rules); with a fixed count the worker
+    /// tasks are the bound and this returns at once.
+    pub async fn reserve(self: &Arc<Self>) -> Reservation {
+        if !self.auto {
+            return Reservation(None);
+        }
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let total: usize = self.members.iter().map(|m| m.limit()).sum();
+            let n = self.reserved.load(Ordering::Acquire);
+            if n < total
+                && self
+                    .reserved
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Reservation(Some(self.clone()));
+            }
+            if n < total {
+                continue; // lost a race: try again at once
+            }
+            notified.await;
+        }
+    }
+
+    /// A finished call on member `index`: its latency per generated token
+    /// and the calls in flight there when it started, for a latency-based
+    /// limit (used while the backend publishes no load metrics).
+    pub fn sample(&self, index: usize, per_token: Duration, in_flight_at_start: usize) {
+        let now = tokio::time::Instant::now();
+        self.members[index].adapt(&self.room, |a| {
+            a.on_sample(per_token, in_flight_at_start, now)
+        });
     }
 
     pub fn members(&self) -> &[Arc<Member>] {
@@ -145,10 +246,13 @@ impl Pool {
         &self.members[index]
     }
 
-    /// Starts each member's health probe and (if needed) its model
-    /// discovery, until `stop`.
-    pub fn spawn(&self, tasks: &TaskTracker, stop: &CancellationToken) {
-        for m in &self.members {
+    /// Starts each member's health probe, (if needed) its model discovery
+    /// and (with `auto`) its load scraper, until `stop`.
+    pub fn spawn(self: &Arc<Self>, tasks: &TaskTracker, stop: &CancellationToken) {
+        for (index, m) in self.members.iter().enumerate() {
+            if m.adaptive.is_some() {
+                tasks.spawn(scrape(self.clone(), index, stop.clone()));
+            }
             tasks.spawn(health::run(
                 m.backend.clone(),
                 m.breaker.clone(),
@@ -216,9 +320,14 @@ impl Pool {
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let order = routing::order(self.routing, &candidates, session, turn);
+        // A backend at its limit goes after those with room, in the same
+        // order: with `auto`, the pool's room was reserved, so one has it.
+        let (room, full): (Vec<usize>, Vec<usize>) = order
+            .into_iter()
+            .partition(|&i| self.members[i].in_flight() < self.members[i].limit());
         Route::Ready(
-            order
-                .into_iter()
+            room.into_iter()
+                .chain(full)
                 .filter_map(|i| models.iter().find(|(j, _)| *j == i).cloned())
                 .collect(),
         )
@@ -267,5 +376,38 @@ impl Pool {
     /// Watches every member's circuit.
     pub fn subscribe(&self) -> Vec<watch::Receiver<Circuit>> {
         self.members.iter().map(|m| m.breaker.subscribe()).collect()
+    }
+}
+
+/// How often a backend's `/metrics` is read for its load.
+pub const SCRAPE_EVERY: Duration = Duration::from_secs(1);
+
+/// Reads member `index`'s load from its `/metrics` every [`SCRAPE_EVERY`]
+/// and feeds its adaptive limit, until `stop`. A backend without the
+/// gauges (or none at all) is left to the latency samples; it is asked
+/// again every minute in case it gains them.
+async fn scrape(pool: Arc<Pool>, index: usize, stop: CancellationToken) {
+    let member = pool.members[index].clone();
+    let mut every = SCRAPE_EVERY;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let text = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(2), member.backend.metrics()) => {
+                r.ok().flatten()
+            }
+        };
+        match text.as_deref().and_then(prom::load) {
+            Some(load) => {
+                every = SCRAPE_EVERY;
+                let now = tokio::time::Instant::now();
+                let in_flight = member.in_flight();
+                member.adapt(&pool.room, |a| a.on_load(load, in_flight, now));
+            }
+            None => every = Duration::from_secs(60),
+        }
     }
 }

@@ -17,7 +17,6 @@
 //! none; deduplicating would need memory).
 
 // Until the worker's scraper uses it (issue 11); the tests do already.
-#![cfg_attr(not(test), allow(dead_code))]
 
 /// vLLM: requests in the running batch, summed over engines and models
 /// (vLLM labels each sample with `model_name`, and with `engine` since V1).
@@ -49,7 +48,9 @@ pub struct BackendLoad {
 /// The sum of every sample of metric `name` over its label sets; `None`
 /// when the text has no sample of it. `NaN` samples are left out (a gauge
 /// that does not know its value says nothing); if every sample is `NaN`,
-/// `None`.
+/// `None`. (The daemon reads pairs with [`sums`]; this is the one-name
+/// form, for tests and tools.)
+#[cfg(test)]
 pub fn sum(text: &str, name: &str) -> Option<f64> {
     let [s] = sums(text, [name]);
     s

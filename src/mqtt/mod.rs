@@ -37,7 +37,7 @@ pub fn load_password(cfg: &Config) -> Result<Option<Secret>, ConfigError> {
 /// answered, so this must cover the queue and the workers, or requests
 /// would wait in the broker instead of getting an immediate `overloaded`.
 pub fn receive_maximum(cfg: &Config) -> u16 {
-    let want = cfg.admission.max_queue_size * 2 + cfg.workers.num_workers + 256;
+    let want = cfg.admission.max_queue_size * 2 + cfg.worker_tasks() + 256;
     want.min(u16::MAX as usize) as u16
 }
 
@@ -109,6 +109,6 @@ mod tests {
     #[test]
     fn receive_maximum_covers_queue() {
         let c = Config::default();
-        assert!(receive_maximum(&c) as usize > c.admission.max_queue_size + c.workers.num_workers);
+        assert!(receive_maximum(&c) as usize > c.admission.max_queue_size + c.worker_tasks());
     }
 }

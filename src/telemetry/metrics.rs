@@ -83,7 +83,15 @@ fn describe() {
         M_CIRCUIT_REJECTED,
         "Requests failed fast by the open circuit."
     );
-    describe_gauge!(M_CIRCUIT, "Backend circuit: 0 closed, 1 half-open, 2 open.");
+    describe_gauge!(
+        M_CIRCUIT,
+        "Backend circuit: 0 closed, 1 half-open, 2 open (unlabelled: the pool's; label backend: each)."
+    );
+    describe_gauge!(M_BACKEND_IN_FLIGHT, "Calls in flight to each backend.");
+    describe_gauge!(
+        M_BACKEND_LIMIT,
+        "Each backend's concurrency limit (adaptive with num_workers = auto)."
+    );
     describe_gauge!(M_QUEUE_LEN, "Requests in the queue.");
     describe_gauge!(M_QUEUE_CAP, "Queue capacity.");
     describe_gauge!(M_IN_FLIGHT, "Requests being processed by workers.");

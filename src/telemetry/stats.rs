@@ -71,6 +71,9 @@ pub const M_BACKEND: &str = "vllm_mqttd_backend_call_duration_seconds";
 pub const M_RETRIES: &str = "vllm_mqttd_backend_retries_total";
 pub const M_CIRCUIT_REJECTED: &str = "vllm_mqttd_circuit_rejected_total";
 pub const M_CIRCUIT: &str = "vllm_mqttd_backend_circuit_state";
+/// Per backend (label `backend`): calls in flight, and the concurrency limit.
+pub const M_BACKEND_IN_FLIGHT: &str = "vllm_mqttd_backend_in_flight";
+pub const M_BACKEND_LIMIT: &str = "vllm_mqttd_backend_concurrency_limit";
 pub const M_QUEUE_LEN: &str = "vllm_mqttd_queue_length";
 pub const M_QUEUE_CAP: &str = "vllm_mqttd_queue_capacity";
 pub const M_IN_FLIGHT: &str = "vllm_mqttd_in_flight";
@@ -269,6 +272,16 @@ impl Stats {
             Circuit::HalfOpen => 1.0,
             Circuit::Open => 2.0,
         });
+        for b in &g.backends {
+            let label = [("backend", b.url.clone())];
+            gauge!(M_BACKEND_IN_FLIGHT, &label).set(b.in_flight as f64);
+            gauge!(M_BACKEND_LIMIT, &label).set(b.limit as f64);
+            gauge!(M_CIRCUIT, &label).set(match b.circuit {
+                Circuit::Closed => 0.0,
+                Circuit::HalfOpen => 1.0,
+                Circuit::Open => 2.0,
+            });
+        }
     }
 
     /// Counters now, and the latency since the last snapshot (which resets).
@@ -315,6 +328,7 @@ impl Stats {
             sessions: gauges.sessions,
             backend: BackendStats {
                 circuit: gauges.circuit,
+                backends: gauges.backends,
                 retries: self.retries.load(Relaxed),
                 circuit_rejected: self.circuit_rejected.load(Relaxed),
             },
@@ -324,13 +338,26 @@ impl Stats {
 }
 
 /// Point-in-time values read from the pipeline for a snapshot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Gauges {
     pub queue_len: usize,
     pub queue_capacity: usize,
     pub in_flight: usize,
     pub sessions: usize,
     pub circuit: Circuit,
+    /// Each backend's state.
+    pub backends: Vec<BackendGauge>,
+}
+
+/// One backend's state: its circuit, calls in flight and its concurrency
+/// limit (adaptive with `num_workers = "auto"`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendGauge {
+    pub url: String,
+    pub circuit: Circuit,
+    pub in_flight: usize,
+    pub limit: usize,
 }
 
 impl Default for Gauges {
@@ -341,6 +368,7 @@ impl Default for Gauges {
             in_flight: 0,
             sessions: 0,
             circuit: Circuit::Closed,
+            backends: Vec::new(),
         }
     }
 }
@@ -350,6 +378,8 @@ impl Default for Gauges {
 #[serde(rename_all = "camelCase")]
 pub struct BackendStats {
     pub circuit: Circuit,
+    /// Each backend, with its circuit, calls in flight and limit.
+    pub backends: Vec<BackendGauge>,
     pub retries: u64,
     pub circuit_rejected: u64,
 }
