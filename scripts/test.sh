@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need
-# (Mosquitto from apt, paho-mqtt from PyPI for the original-client test),
+# (Mosquitto and redis-server from apt, paho-mqtt from PyPI for the
+# original-client test; the tests start their own on free loopback ports),
 # then checks formatting and lints, and runs every test in the workspace.
 # This is the README's test command; .ci/run calls exactly it.
 set -euo pipefail
@@ -8,10 +9,17 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "==> installing mosquitto (apt)"
+  missing+=(mosquitto)
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  missing+=(redis-server)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]} (apt)"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
   echo "==> installing paho-mqtt (pip)"

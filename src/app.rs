@@ -64,7 +64,11 @@ pub struct App {
     config: Config,
     password: Option<Secret>,
     api_key: Option<Secret>,
+    state_password: Option<Secret>,
 }
+
+/// Where the state store's password may come from.
+pub const STATE_PASSWORD_ENV: &str = "VLLM_MQTTD_STATE_PASSWORD";
 
 impl App {
     /// Checks the configuration and reads the broker password.
@@ -76,10 +80,16 @@ impl App {
             config.backend.api_key_file.as_deref(),
             "backend.api_key_file",
         )?;
+        let state_password = crate::secret::load(
+            STATE_PASSWORD_ENV,
+            config.sessions.state_password_file.as_deref(),
+            "sessions.state_password_file",
+        )?;
         Ok(Self {
             config,
             password,
             api_key,
+            state_password,
         })
     }
 
@@ -167,7 +177,7 @@ impl App {
             );
         }
         let stats = Arc::new(Stats::new());
-        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new(StoreLimits {
+        let limits = StoreLimits {
             rate_limit: cfg.admission.rate_limit,
             rate_window: cfg.admission.rate_window,
             max_sessions: cfg.sessions.max_sessions,
@@ -176,7 +186,25 @@ impl App {
             max_session_bytes: cfg.sessions.max_session_bytes,
             max_total_bytes: cfg.sessions.max_total_bytes,
             max_system_prompt_bytes: cfg.sessions.max_system_prompt_bytes,
-        }));
+        };
+        let store: Arc<dyn SessionStore> = if cfg.sessions.state_url == "memory" {
+            Arc::new(MemoryStore::new(limits))
+        } else {
+            let store = crate::redis_store::RedisStore::connect(
+                &cfg.sessions.state_url,
+                self.state_password.as_ref().map(|s| s.expose()),
+                limits,
+                cfg.backend.request_timeout,
+            )
+            .await
+            .map_err(|e| {
+                AppError::State(format!(
+                    "{}: {e}",
+                    crate::backend::redact_url(&cfg.sessions.state_url)
+                ))
+            })?;
+            Arc::new(store)
+        };
         let (queue_tx, queue_rx) = queue::bounded(cfg.admission.max_queue_size);
         // Between the poll loop and admission: room for a burst the size of
         // the queue, so a full channel means real overload.
@@ -228,6 +256,7 @@ impl App {
             circuits: pool.circuits(),
             reconnect_min: cfg.mqtt.reconnect_min,
             reconnect_max: cfg.mqtt.reconnect_max,
+            share_group: (!cfg.mqtt.share_group.is_empty()).then(|| cfg.mqtt.share_group.clone()),
         };
         let admission = Admission {
             store,

@@ -76,6 +76,18 @@ pub struct RunArgs {
     /// Repeat it (or give a comma-separated list) for several backends.
     #[arg(long, env = "VLLM_MQTTD_BACKEND_URL", value_delimiter = ',')]
     pub backend_url: Vec<String>,
+    /// Several instances as one: subscribe through this MQTT shared
+    /// subscription group ($share/NAME/...). Off by default.
+    #[arg(long, env = "VLLM_MQTTD_SHARE_GROUP")]
+    pub share_group: Option<String>,
+    /// Session store: memory (default) or redis://HOST:PORT[/DB] (rediss://
+    /// for TLS), shared by instances. Password: VLLM_MQTTD_STATE_PASSWORD
+    /// or --state-password-file.
+    #[arg(long, env = "VLLM_MQTTD_STATE_URL")]
+    pub state_url: Option<String>,
+    /// File whose first line is the state store's password.
+    #[arg(long, env = "VLLM_MQTTD_STATE_PASSWORD_FILE")]
+    pub state_password_file: Option<PathBuf>,
     /// How requests are spread over several backends: affinity (default:
     /// a session stays on one backend), least-loaded or round-robin.
     #[arg(long, env = "VLLM_MQTTD_ROUTING")]
@@ -202,6 +214,11 @@ impl RunArgs {
             c.backend.url = crate::config::Urls(self.backend_url.clone());
         }
         set(&mut c.backend.routing, &self.routing);
+        set(&mut c.mqtt.share_group, &self.share_group);
+        set(&mut c.sessions.state_url, &self.state_url);
+        if self.state_password_file.is_some() {
+            c.sessions.state_password_file = self.state_password_file.clone();
+        }
         set(&mut c.backend.model, &self.model);
         if self.backend_api_key_file.is_some() {
             c.backend.api_key_file = self.backend_api_key_file.clone();

@@ -291,6 +291,10 @@ pub struct MqttConfig {
     /// acks waiting for the connection. Replies finished while the broker
     /// is away wait here; when it is full, workers wait for room.
     pub request_channel: usize,
+    /// Several instances serving the same projects: each subscribes
+    /// `$share/{share_group}/{project}/user_input`, so the broker gives
+    /// each request to one of them. Empty: off.
+    pub share_group: String,
 }
 
 impl Default for MqttConfig {
@@ -310,6 +314,7 @@ impl Default for MqttConfig {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             request_channel: 4096,
+            share_group: String::new(),
         }
     }
 }
@@ -590,6 +595,13 @@ pub struct SessionsConfig {
     pub max_total_bytes: usize,
     /// Longest `systemPrompt` a request may set; longer is a bad_request.
     pub max_system_prompt_bytes: usize,
+    /// Where sessions live: `memory` (one instance), or
+    /// `redis://HOST:PORT[/DB]` (`rediss://` for TLS) shared by instances.
+    /// The password comes from `VLLM_MQTTD_STATE_PASSWORD` or
+    /// `state_password_file`, never the URL in logs.
+    pub state_url: String,
+    /// File whose first line is the state store's password.
+    pub state_password_file: Option<PathBuf>,
 }
 
 impl Default for SessionsConfig {
@@ -603,6 +615,8 @@ impl Default for SessionsConfig {
             max_session_bytes: 64 * 1024,
             max_total_bytes: 256 * 1024 * 1024,
             max_system_prompt_bytes: 8 * 1024,
+            state_url: "memory".to_owned(),
+            state_password_file: None,
         }
     }
 }
@@ -680,6 +694,9 @@ impl Config {
                 .map(|u| crate::backend::redact_url(u))
                 .collect(),
         );
+        if c.sessions.state_url != "memory" {
+            c.sessions.state_url = crate::backend::redact_url(&c.sessions.state_url);
+        }
         c
     }
 
@@ -919,6 +936,28 @@ impl Config {
         }
         if self.mqtt.port == 0 {
             return bad("mqtt.port", "must not be 0".into());
+        }
+        let sg = &self.mqtt.share_group;
+        if !sg.is_empty()
+            && (sg.len() > 64
+                || !sg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return bad(
+                "mqtt.share_group",
+                "must be 1 to 64 of [A-Za-z0-9_-]".into(),
+            );
+        }
+        let state = &self.sessions.state_url;
+        if state != "memory" && !state.starts_with("redis://") && !state.starts_with("rediss://") {
+            return bad(
+                "sessions.state_url",
+                format!(
+                    "{:?} is neither \"memory\" nor a redis:// or rediss:// URL",
+                    crate::backend::redact_url(state)
+                ),
+            );
         }
         if self.mqtt.reply_qos > 1 {
             return bad("mqtt.reply_qos", "must be 0 or 1".into());

@@ -39,6 +39,9 @@ pub enum AppError {
     Metrics(String),
     #[error("signal handlers: {0}")]
     Signals(String),
+    /// The shared state store could not be reached at start.
+    #[error("state store {0}")]
+    State(String),
 }
 
 impl AppError {
@@ -50,7 +53,8 @@ impl AppError {
             AppError::EmbeddedBroker(_)
             | AppError::HttpClient(_)
             | AppError::Metrics(_)
-            | AppError::Signals(_) => EXIT_UNAVAILABLE,
+            | AppError::Signals(_)
+            | AppError::State(_) => EXIT_UNAVAILABLE,
         }
     }
 }

@@ -41,6 +41,7 @@ pub mod error;
 pub(crate) mod history;
 pub(crate) mod mqtt;
 pub(crate) mod queue;
+pub(crate) mod redis_store;
 pub mod request;
 pub(crate) mod secret;
 pub(crate) mod session;

@@ -23,7 +23,7 @@ use crate::request::SessionKey;
 /// Request ids remembered per session to drop redeliveries of answered
 /// requests. QoS 1 redelivery happens on reconnect, for requests not yet
 /// acknowledged: a few per session are plenty.
-const ANSWERED_IDS: usize = 8;
+pub(crate) const ANSWERED_IDS: usize = 8;
 
 /// The store could not do what was asked. The in-memory store never
 /// fails; a shared store fails when it cannot be reached or answers

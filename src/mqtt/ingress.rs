@@ -66,6 +66,8 @@ pub struct Ingress {
     pub circuits: Circuits,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Subscribe through `$share/{group}/` (several instances as one).
+    pub share_group: Option<String>,
 }
 
 impl Project {
@@ -149,6 +151,7 @@ impl Ingress {
             circuits,
             reconnect_min,
             reconnect_max,
+            share_group,
         } = self;
         // Stable after a minute, or after the longest delay if that is
         // longer: a poison message that gets us dropped right after each
@@ -161,7 +164,13 @@ impl Ingress {
         let mut failing = false;
         let filters: Vec<Filter> = projects
             .values()
-            .map(|p| Filter::new(p.filter(), QoS::AtLeastOnce))
+            .map(|p| {
+                let filter = match &share_group {
+                    Some(g) => format!("$share/{g}/{}", p.filter()),
+                    None => p.filter(),
+                };
+                Filter::new(filter, QoS::AtLeastOnce)
+            })
             .collect();
         let handoff = Handoff {
             projects: &projects,

@@ -24,3 +24,4 @@ pub mod mqtt_client;
 pub mod pki;
 pub mod process;
 pub mod raw_http;
+pub mod redis;

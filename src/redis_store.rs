@@ -1,0 +1,532 @@
+//! The shared session store: Redis (or Valkey), for several daemon
+//! instances behind one MQTT share group that must behave as one daemon.
+//!
+//! Rules 2-4 of admission (duplicate, busy lease, sliding window) run as
+//! one server-side Lua script per request, on the store's clock (`TIME`),
+//! so instances' clocks do not matter and no check-then-write race lets
+//! two instances admit past the limit (the bug of gateways that check
+//! locally and count in Redis). Releasing, finishing and cancelling check
+//! the lease's token (a fencing token): an instance whose lease expired
+//! cannot free a session another instance now holds.
+//!
+//! Every key of one session carries the same hash tag, `{project|device|session}`,
+//! so each script touches one slot (Redis Cluster). The busy lease's TTL
+//! is the request timeout plus a margin: every request ends by its deadline
+//! (the worker drops the backend call then), so a live instance never
+//! needs to renew it, and a session held by an instance that died is free
+//! again at most that long after. History is a capped list per session,
+//! the system prompt override a string, both with the idle TTL.
+//!
+//! The client is `redis`'s tokio `ConnectionManager` (reconnects by itself;
+//! one multiplexed connection per instance). Every call is time-boxed, and
+//! a breaker (the backend's pure core) fails requests at once while the
+//! store is down: no request waits on a dead store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use tokio::time::Instant;
+
+use crate::backend::breaker::{Breaker, Outcome, SharedBreaker};
+use crate::history::{Role, Turn};
+use crate::request::SessionKey;
+use crate::session::{Admit, Context, SessionStore, StoreError, StoreLimits, ANSWERED_IDS};
+
+/// How long one store call may take.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The busy lease outlives the request's deadline by this much.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Rules 2-4 in one step. KEYS: window, busy, answered, replying.
+/// ARGV: request id ("" if none), limit, window ms, lease ms, token.
+/// Returns {"ok"} | {"dup", answered 0/1} | {"busy"} | {"rate", retry ms}.
+const ADMIT: &str = r#"
+local rid = ARGV[1]
+if rid ~= "" then
+  if redis.call("LPOS", KEYS[3], rid) then return {"dup", 1} end
+  local held = redis.call("GET", KEYS[2])
+  if held and string.sub(held, string.find(held, "|", 1, true) + 1) == rid then
+    return {"dup", 0}
+  end
+  if redis.call("GET", KEYS[4]) == rid then return {"dup", 0} end
+end
+if redis.call("EXISTS", KEYS[2]) == 1 then return {"busy"} end
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[3])
+redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now - window)
+if redis.call("ZCARD", KEYS[1]) >= tonumber(ARGV[2]) then
+  local oldest = redis.call("ZRANGE", KEYS[1], 0, 0, "WITHSCORES")
+  local retry = tonumber(oldest[2]) + window - now
+  if retry < 1 then retry = 1 end
+  return {"rate", retry}
+end
+redis.call("ZADD", KEYS[1], now, ARGV[5])
+redis.call("PEXPIRE", KEYS[1], window)
+redis.call("SET", KEYS[2], ARGV[5] .. "|" .. rid, "PX", ARGV[4])
+return {"ok"}
+"#;
+
+/// Undoes an admission (refused later): frees the lease if still ours and
+/// gives the window place back. KEYS: window, busy. ARGV: token.
+const CANCEL: &str = r#"
+local held = redis.call("GET", KEYS[2])
+if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. "|" then
+  redis.call("DEL", KEYS[2])
+end
+redis.call("ZREM", KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// Frees the session if the lease is still ours; the request id counts as
+/// in flight until `finish`. KEYS: busy, replying. ARGV: token, request id.
+const RELEASE: &str = r#"
+local held = redis.call("GET", KEYS[1])
+if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. "|" then
+  redis.call("DEL", KEYS[1])
+end
+if ARGV[2] ~= "" then redis.call("SET", KEYS[2], ARGV[2], "PX", 60000) end
+return 1
+"#;
+
+/// Remembers the request id as answered. KEYS: answered, replying.
+/// ARGV: request id, ids kept, idle ttl ms.
+const FINISH: &str = r#"
+if ARGV[1] ~= "" then
+  redis.call("LPUSH", KEYS[1], ARGV[1])
+  redis.call("LTRIM", KEYS[1], 0, tonumber(ARGV[2]) - 1)
+  redis.call("PEXPIRE", KEYS[1], ARGV[3])
+  if redis.call("GET", KEYS[2]) == ARGV[1] then redis.call("DEL", KEYS[2]) end
+end
+return 1
+"#;
+
+/// Appends an exchange and keeps the last N messages; sets the system
+/// prompt override if given. KEYS: history, system. ARGV: user, assistant,
+/// max messages, idle ttl ms, system prompt or "" , has system (0/1).
+const RECORD: &str = r#"
+redis.call("RPUSH", KEYS[1], "u" .. ARGV[1], "a" .. ARGV[2])
+redis.call("LTRIM", KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call("PEXPIRE", KEYS[1], ARGV[4])
+if ARGV[6] == "1" then
+  redis.call("SET", KEYS[2], ARGV[5], "PX", ARGV[4])
+elseif redis.call("EXISTS", KEYS[2]) == 1 then
+  redis.call("PEXPIRE", KEYS[2], ARGV[4])
+end
+return 1
+"#;
+
+/// The keys of one session, all with its hash tag.
+#[derive(Debug, PartialEq, Eq)]
+struct Keys {
+    window: String,
+    busy: String,
+    answered: String,
+    replying: String,
+    history: String,
+    system: String,
+}
+
+impl Keys {
+    fn of(key: &SessionKey) -> Self {
+        // `|` cannot occur in a project name, a device id's reply topic
+        // level or a session id, so the tag is unambiguous.
+        let tag = format!(
+            "vm:{{{}|{}|{}}}",
+            key.project,
+            key.device.as_deref().unwrap_or(""),
+            key.session
+        );
+        Keys {
+            window: format!("{tag}:win"),
+            busy: format!("{tag}:busy"),
+            answered: format!("{tag}:ids"),
+            replying: format!("{tag}:replying"),
+            history: format!("{tag}:hist"),
+            system: format!("{tag}:sys"),
+        }
+    }
+}
+
+/// What the admit script answered.
+fn admit_result(v: &[redis::Value]) -> Result<Admit, StoreError> {
+    use redis::Value as V;
+    let text = |v: &V| match v {
+        V::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        V::SimpleString(s) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    let int = |v: Option<&V>| match v {
+        Some(V::Int(n)) => Some(*n),
+        _ => None,
+    };
+    match v.first().map(text).as_deref() {
+        Some("ok") => Ok(Admit::Admitted),
+        Some("busy") => Ok(Admit::Busy),
+        Some("dup") => Ok(Admit::Duplicate {
+            answered: int(v.get(1)) == Some(1),
+        }),
+        Some("rate") => Ok(Admit::RateLimited {
+            retry_after: Duration::from_millis(int(v.get(1)).unwrap_or(1).max(1) as u64),
+        }),
+        other => Err(StoreError::Failed(format!(
+            "the admission script answered {other:?}"
+        ))),
+    }
+}
+
+/// A stored history entry: a role letter, then the text.
+fn turn(entry: &str) -> Option<Turn> {
+    let mut chars = entry.chars();
+    let role = match chars.next()? {
+        'u' => Role::User,
+        'a' => Role::Assistant,
+        _ => return None,
+    };
+    Some(Turn::new(role, chars.as_str()))
+}
+
+/// Sessions in Redis.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    limits: StoreLimits,
+    lease: Duration,
+    breaker: Arc<SharedBreaker>,
+    /// Lease tokens of the requests this instance holds.
+    tokens: Mutex<HashMap<SessionKey, String>>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    admit: Script,
+    cancel: Script,
+    release: Script,
+    finish: Script,
+    record: Script,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://` or `rediss://`, password from
+    /// `password` if given). The first connection must succeed: a wrong
+    /// URL is an operator error, found at start.
+    pub async fn connect(
+        url: &str,
+        password: Option<&str>,
+        limits: StoreLimits,
+        request_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut info: redis::ConnectionInfo = url
+            .into_connection_info()
+            .map_err(|e| StoreError::Failed(format!("state URL: {e}")))?;
+        if let Some(pw) = password {
+            let redis_info = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(redis_info);
+        }
+        let client =
+            redis::Client::open(info).map_err(|e| StoreError::Failed(format!("state URL: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| StoreError::Unreachable("no answer from the state store".into()))?
+        .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        Ok(Self {
+            conn,
+            limits,
+            lease: request_timeout + LEASE_MARGIN,
+            breaker: SharedBreaker::new(Breaker::new(3, Duration::from_secs(2))),
+            tokens: Mutex::new(HashMap::new()),
+            scripts: Scripts {
+                admit: Script::new(ADMIT),
+                cancel: Script::new(CANCEL),
+                release: Script::new(RELEASE),
+                finish: Script::new(FINISH),
+                record: Script::new(RECORD),
+            },
+        })
+    }
+
+    /// Runs one store call behind the breaker, time-boxed.
+    async fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let permit = self.breaker.acquire().map_err(|retry| {
+            StoreError::Unreachable(format!(
+                "the state store is failing; retrying it in {}ms",
+                retry.as_millis()
+            ))
+        })?;
+        match tokio::time::timeout(CALL_TIMEOUT, f).await {
+            Ok(Ok(v)) => {
+                permit.record(Outcome::Healthy);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                let unreachable = e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout();
+                permit.record(if unreachable {
+                    Outcome::Failed
+                } else {
+                    Outcome::Healthy
+                });
+                Err(if unreachable {
+                    StoreError::Unreachable(e.to_string())
+                } else {
+                    StoreError::Failed(e.to_string())
+                })
+            }
+            Err(_) => {
+                permit.record(Outcome::Failed);
+                Err(StoreError::Unreachable(format!(
+                    "no answer within {CALL_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    fn token(&self, key: &SessionKey) -> Option<String> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.limits.idle_ttl.as_millis() as u64
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for RedisStore {
+    async fn admit(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        _now: Instant,
+    ) -> Result<Admit, StoreError> {
+        let k = Keys::of(key);
+        let token = format!("{:016x}", rand::random::<u64>());
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.admit.prepare_invoke();
+        inv.key(&k.window)
+            .key(&k.busy)
+            .key(&k.answered)
+            .key(&k.replying)
+            .arg(request_id.unwrap_or(""))
+            .arg(self.limits.rate_limit)
+            .arg(self.limits.rate_window.as_millis() as u64)
+            .arg(self.lease.as_millis() as u64)
+            .arg(&token);
+        let v: Vec<redis::Value> = self.call(inv.invoke_async(&mut conn)).await?;
+        let admit = admit_result(&v)?;
+        if admit == Admit::Admitted {
+            self.tokens
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key.clone(), token);
+        }
+        Ok(admit)
+    }
+
+    async fn cancel(&self, key: &SessionKey) -> Result<(), StoreError> {
+        let Some(token) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key)
+        else {
+            return Ok(());
+        };
+        let k = Keys::of(key);
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.cancel.prepare_invoke();
+        inv.key(&k.window).key(&k.busy).arg(&token);
+        self.call(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    async fn release(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
+        let Some(token) = self.token(key) else {
+            return Ok(());
+        };
+        let k = Keys::of(key);
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.release.prepare_invoke();
+        inv.key(&k.busy)
+            .key(&k.replying)
+            .arg(&token)
+            .arg(request_id.unwrap_or(""));
+        self.call(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    async fn finish(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+        let Some(rid) = request_id else {
+            return Ok(());
+        };
+        let k = Keys::of(key);
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.finish.prepare_invoke();
+        inv.key(&k.answered)
+            .key(&k.replying)
+            .arg(rid)
+            .arg(ANSWERED_IDS)
+            .arg(self.ttl_ms());
+        self.call(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    async fn context(&self, key: &SessionKey) -> Result<Context, StoreError> {
+        if key.ephemeral {
+            return Ok(Context::default());
+        }
+        let k = Keys::of(key);
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.lrange(&k.history, 0, -1).get(&k.system);
+        let (history, system): (Vec<String>, Option<String>) =
+            self.call(pipe.query_async(&mut conn)).await?;
+        Ok(Context {
+            system_prompt: system.map(Arc::from),
+            history: history.iter().filter_map(|e| turn(e)).collect(),
+        })
+    }
+
+    async fn reset(&self, key: &SessionKey) -> Result<(), StoreError> {
+        let k = Keys::of(key);
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.del(&k.history).del(&k.system);
+        self.call(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn record(
+        &self,
+        key: &SessionKey,
+        user: Arc<str>,
+        assistant: Arc<str>,
+        system_prompt: Option<Arc<str>>,
+    ) -> Result<(), StoreError> {
+        if key.ephemeral {
+            return Ok(());
+        }
+        let k = Keys::of(key);
+        // Bounded like the in-memory store: a prompt over its cap is not
+        // kept, and the history keeps its last `history_messages`.
+        let system = system_prompt.filter(|p| p.len() <= self.limits.max_system_prompt_bytes);
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.record.prepare_invoke();
+        inv.key(&k.history)
+            .key(&k.system)
+            .arg(&*user)
+            .arg(&*assistant)
+            .arg(self.limits.history_messages.max(2))
+            .arg(self.ttl_ms())
+            .arg(system.as_deref().unwrap_or(""))
+            .arg(if system.is_some() { "1" } else { "0" });
+        self.call(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    /// Redis forgets idle sessions by itself (every key has a TTL).
+    async fn sweep(&self, _now: Instant) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    /// Not known without scanning the store: this instance reports the
+    /// sessions it holds a lease on.
+    fn sessions(&self) -> usize {
+        self.busy()
+    }
+
+    fn busy(&self) -> usize {
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+use redis::IntoConnectionInfo;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value as V;
+
+    #[test]
+    fn every_key_of_a_session_shares_its_hash_tag() {
+        let key = SessionKey {
+            project: Arc::from("maze"),
+            device: Some(Arc::from("robot-7")),
+            session: "s1".into(),
+            ephemeral: false,
+        };
+        let k = Keys::of(&key);
+        for name in [
+            &k.window,
+            &k.busy,
+            &k.answered,
+            &k.replying,
+            &k.history,
+            &k.system,
+        ] {
+            assert!(name.starts_with("vm:{maze|robot-7|s1}:"), "{name}");
+        }
+        let plain = SessionKey {
+            device: None,
+            ..key
+        };
+        assert!(Keys::of(&plain).busy.starts_with("vm:{maze||s1}:"));
+    }
+
+    #[test]
+    fn script_answers_map_to_admission_outcomes() {
+        let s = |t: &str| V::BulkString(t.as_bytes().to_vec());
+        assert_eq!(admit_result(&[s("ok")]).unwrap(), Admit::Admitted);
+        assert_eq!(admit_result(&[s("busy")]).unwrap(), Admit::Busy);
+        assert_eq!(
+            admit_result(&[s("dup"), V::Int(1)]).unwrap(),
+            Admit::Duplicate { answered: true }
+        );
+        assert_eq!(
+            admit_result(&[s("rate"), V::Int(4200)]).unwrap(),
+            Admit::RateLimited {
+                retry_after: Duration::from_millis(4200)
+            }
+        );
+        assert!(admit_result(&[s("what")]).is_err());
+        assert!(admit_result(&[]).is_err());
+    }
+
+    #[test]
+    fn history_entries_round_trip_their_role() {
+        let t = turn("uhello").unwrap();
+        assert_eq!((t.role, &*t.content), (Role::User, "hello"));
+        let t = turn("a").unwrap();
+        assert_eq!((t.role, &*t.content), (Role::Assistant, ""));
+        assert!(turn("xoops").is_none());
+        assert!(turn("").is_none());
+    }
+}
