@@ -238,6 +238,7 @@ impl App {
                 .map(|p| (p.name.clone(), p.settings.clone()))
                 .collect::<HashMap<_, _>>(),
             history_token_budget: cfg.sessions.history_token_budget,
+            stream_interval: cfg.workers.stream_interval,
             running: AtomicUsize::new(0),
         });
         let ingress = Ingress {

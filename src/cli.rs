@@ -105,6 +105,9 @@ pub struct RunArgs {
     /// to its /metrics or latency) or a number (at most that many in all).
     #[arg(long, env = "VLLM_MQTTD_NUM_WORKERS")]
     pub num_workers: Option<crate::config::NumWorkers>,
+    /// Streamed answers: at most one delta per this long (default 50ms).
+    #[arg(long, env = "VLLM_MQTTD_STREAM_INTERVAL", value_parser = vllm_plumbing::parse_duration)]
+    pub stream_interval: Option<std::time::Duration>,
     /// Queue capacity.
     #[arg(long, env = "VLLM_MQTTD_MAX_QUEUE_SIZE")]
     pub max_queue_size: Option<usize>,
@@ -231,6 +234,7 @@ impl RunArgs {
                 .collect();
         }
         set(&mut c.workers.num_workers, &self.num_workers);
+        set(&mut c.workers.stream_interval, &self.stream_interval);
         set(&mut c.admission.max_queue_size, &self.max_queue_size);
         set(&mut c.admission.rate_limit, &self.rate_limit);
         set(&mut c.admission.rate_window, &self.rate_window);

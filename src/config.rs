@@ -556,6 +556,11 @@ pub struct WorkersConfig {
     /// Backend calls at once: `"auto"` (each backend's limit adapts to its
     /// own reports) or a number (at most that many in total).
     pub num_workers: NumWorkers,
+    /// Streamed answers (`"stream": true`): at most one delta per this
+    /// long (`streamBy: "time"`), so a thousand streaming devices do not
+    /// mean a message per token each.
+    #[serde(with = "humantime_serde")]
+    pub stream_interval: Duration,
     /// On SIGTERM, how long workers may keep draining the queue.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -565,6 +570,7 @@ impl Default for WorkersConfig {
     fn default() -> Self {
         Self {
             num_workers: NumWorkers::Auto,
+            stream_interval: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(30),
         }
     }

@@ -46,6 +46,7 @@ pub mod request;
 pub(crate) mod secret;
 pub(crate) mod session;
 pub(crate) mod shutdown;
+pub(crate) mod streaming;
 pub mod telemetry;
 pub(crate) mod worker;
 

@@ -41,11 +41,24 @@ pub struct Inbound {
     pub received_at: Instant,
 }
 
+/// How a streamed answer is cut into deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamBy {
+    /// At most one delta per `stream_interval`.
+    Time,
+    /// At sentence ends (for devices that speak the text).
+    Sentence,
+}
+
 /// Where and how to answer a request.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
     pub topic: String,
     pub format: ReplyFormat,
+    /// v1.1 `stream`: deltas, then a final JSON reply with `done` and the
+    /// number of deltas sent (`seq`, set by the worker).
+    pub stream: Option<StreamBy>,
+    pub seq: Option<u32>,
     pub correlation: Option<Bytes>,
     pub session_id: String,
     pub request_id: Option<String>,
@@ -143,8 +156,22 @@ impl Failure {
 /// The body of one reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplyBody {
-    Answer { answer: Answer, latency: Duration },
+    Answer {
+        answer: Answer,
+        latency: Duration,
+    },
     Failure(Failure),
+    /// A streamed request's failure after deltas went out: the error, and
+    /// the text generated so far.
+    Partial {
+        failure: Failure,
+        text: String,
+    },
+    /// One delta of a streamed answer (not a reply: no ack goes with it).
+    Delta {
+        seq: u32,
+        text: String,
+    },
 }
 
 /// What egress publishes: a reply (if any) and then the request's ack.

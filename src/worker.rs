@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use crate::mqtt::egress::Egress;
 use crate::queue::QueueRx;
 use crate::request::{Answer, Failure, Outbound, ReplyBody, Request, SessionKey};
 use crate::session::{SessionStore, StoreError};
+use crate::streaming::Streamer;
 use crate::telemetry::{Event, Stats};
 
 /// What every worker shares.
@@ -43,6 +44,8 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     pub projects: HashMap<Arc<str>, ProjectConfig>,
     pub history_token_budget: usize,
+    /// At most one delta per this long for `streamBy: "time"`.
+    pub stream_interval: Duration,
     /// Requests being processed now, for the stats.
     pub running: AtomicUsize,
 }
@@ -74,10 +77,12 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
         shared.stats.emit(Event::Dequeued {
             wait: req.received_at.elapsed(),
         });
+        // A streamed request's deltas sent, for its final reply's `seq`.
+        let deltas = AtomicU32::new(0);
         let body = tokio::select! {
             biased;
             _ = abandon.cancelled() => None,
-            b = guarded(process(&shared, &req), &req.key) => Some(b),
+            b = guarded(process(&shared, &req, &deltas), &req.key) => Some(b),
         };
         shared.running.fetch_sub(1, Ordering::Relaxed);
         let Some(body) = body else {
@@ -90,12 +95,15 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
                 project: &req.key.project,
                 latency,
             }),
-            ReplyBody::Failure(f) => shared.stats.emit(Event::Failed {
-                project: &req.key.project,
-                code: f.code,
-                latency,
-                reason: &f.message,
-            }),
+            ReplyBody::Failure(f) | ReplyBody::Partial { failure: f, .. } => {
+                shared.stats.emit(Event::Failed {
+                    project: &req.key.project,
+                    code: f.code,
+                    latency,
+                    reason: &f.message,
+                })
+            }
+            ReplyBody::Delta { .. } => {}
         }
         let key = req.key;
         let request_id = req.reply.request_id.clone();
@@ -105,8 +113,12 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
             // A shared store's lease expires by itself; the reply goes out.
             tracing::warn!(session = %key, error = %e, "cannot release the session");
         }
+        let mut reply = req.reply;
+        if reply.stream.is_some() {
+            reply.seq = Some(deltas.load(Ordering::Relaxed));
+        }
         let handed = Outbound {
-            reply: Some((req.reply, body)),
+            reply: Some((reply, body)),
             ack: req.ack,
         };
         tokio::select! {
@@ -143,31 +155,62 @@ async fn guarded(work: impl Future<Output = ReplyBody>, key: &SessionKey) -> Rep
     }
 }
 
-/// One request, bounded by its deadline.
-async fn process(shared: &Shared, req: &Request) -> ReplyBody {
+/// One request, bounded by its deadline. A streamed one's deltas go out
+/// as the text arrives; `deltas` ends as the number sent.
+async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBody {
     if Instant::now() >= req.deadline {
         return ReplyBody::Failure(Failure::new(
             ErrorCode::Timeout,
             "the request expired while queued",
         ));
     }
-    match tokio::time::timeout_at(req.deadline, call(shared, req)).await {
-        Ok(Ok(answer)) => ReplyBody::Answer {
-            answer,
-            latency: req.received_at.elapsed(),
-        },
-        Ok(Err(f)) => ReplyBody::Failure(f),
-        Err(_) => ReplyBody::Failure(Failure::new(
+    let mut streamer = req
+        .reply
+        .stream
+        .map(|by| Streamer::new(&shared.egress, &req.reply, by, shared.stream_interval));
+    let result = tokio::time::timeout_at(req.deadline, call(shared, req, streamer.as_mut())).await;
+    let failure = match result {
+        Ok(Ok(answer)) => {
+            if let Some(s) = streamer.as_mut() {
+                s.finish().await;
+                deltas.store(s.sent(), Ordering::Relaxed);
+            }
+            return ReplyBody::Answer {
+                answer,
+                latency: req.received_at.elapsed(),
+            };
+        }
+        Ok(Err(f)) => f,
+        Err(_) => Failure::new(
             ErrorCode::Timeout,
             format!(
                 "no answer from the model within {}s",
                 (req.deadline - req.received_at).as_secs_f32().round()
             ),
-        )),
+        ),
+    };
+    match streamer {
+        // Deltas went out: the final reply says why it ended, with the
+        // text generated so far.
+        Some(mut s) if s.sent() > 0 => {
+            // What was generated after the last delta goes as one more, so
+            // the deltas always add up to the final text.
+            s.finish().await;
+            deltas.store(s.sent(), Ordering::Relaxed);
+            ReplyBody::Partial {
+                failure,
+                text: s.text().to_owned(),
+            }
+        }
+        _ => ReplyBody::Failure(failure),
     }
 }
 
-async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
+async fn call(
+    shared: &Shared,
+    req: &Request,
+    streamer: Option<&mut Streamer<'_>>,
+) -> Result<Answer, Failure> {
     let project = shared.projects.get(&req.key.project);
     let model = project.map(|p| p.model.as_str()).filter(|m| !m.is_empty());
     // Some backend must serve the model. While the backends' first
@@ -208,7 +251,7 @@ async fn call(shared: &Shared, req: &Request) -> Result<Answer, Failure> {
         &req.message,
         shared.history_token_budget,
     );
-    let answer = call_backend(shared, req, model, &mut prompt).await?;
+    let answer = call_backend(shared, req, model, &mut prompt, streamer).await?;
     let recorded = store
         .record(
             &req.key,
@@ -250,6 +293,7 @@ async fn call_backend(
     req: &Request,
     model: Option<&str>,
     prompt: &mut Vec<crate::history::Turn>,
+    mut streamer: Option<&mut Streamer<'_>>,
 ) -> Result<Answer, Failure> {
     let mut schedule = shared.retry.schedule();
     let mut shrunk = false;
@@ -299,7 +343,18 @@ async fn call_backend(
         let busy = member.busy();
         let in_flight_at_start = member.in_flight();
         let started = Instant::now();
-        let result = member.backend.chat(&name, prompt, req.sampling).await;
+        let result = match streamer.as_deref_mut() {
+            None => member.backend.chat(&name, prompt, req.sampling).await,
+            Some(s) => {
+                // Text of an attempt that sent no delta is forgotten: the
+                // retry starts the answer over.
+                s.restart();
+                member
+                    .backend
+                    .chat_streaming(&name, prompt, req.sampling, &mut |t| s.push(t))
+                    .await
+            }
+        };
         drop((busy, slot));
         if let Ok(answer) = &result {
             // Latency per generated token grows with the batch a backend
@@ -344,7 +399,9 @@ async fn call_backend(
             }
             _ => permit.record(err.outcome()),
         }
-        if !err.is_retryable() {
+        // After the first delta a retry would show the device text twice.
+        let streamed = streamer.as_ref().is_some_and(|s| s.sent() > 0);
+        if !err.is_retryable() || streamed {
             return Err(err.to_failure());
         }
         if !failed.contains(&index) {

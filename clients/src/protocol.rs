@@ -280,6 +280,31 @@ pub struct Reply {
     /// Why there is no answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ReplyError>,
+    /// v1.1, streamed requests' final reply: the number of deltas sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// v1.1, streamed requests' final reply: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<bool>,
+}
+
+/// v1.1: one piece of a streamed answer (`"stream": true`), before its
+/// final [`Reply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delta {
+    /// The request's `requestId`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The request's session.
+    pub session_id: String,
+    /// The request's `clientId`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Counts deltas from 0, with no gaps.
+    pub seq: u32,
+    /// The next piece of the answer.
+    pub delta: String,
 }
 
 /// The request payload as a client writes it. The daemon parses requests
@@ -459,6 +484,8 @@ mod tests {
                 message: "Rate limit exceeded. Please slow down your requests.".into(),
                 retry_after_ms: Some(4200),
             }),
+            seq: None,
+            done: None,
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),

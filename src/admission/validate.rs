@@ -33,7 +33,7 @@ use vllm_chat::protocol::{
 
 use crate::admission::quota::Held;
 use crate::config::ProjectConfig;
-use crate::request::{Failure, Inbound, ReplyTo, Request, Sampling, SessionKey};
+use crate::request::{Failure, Inbound, ReplyTo, Request, Sampling, SessionKey, StreamBy};
 
 /// Longest `clientId` echoed back, in bytes.
 const MAX_CLIENT_ID_BYTES: usize = 256;
@@ -88,6 +88,8 @@ pub fn parse(
         v5_topic.map(|t| ReplyTo {
             topic: t.to_owned(),
             format,
+            stream: None,
+            seq: None,
             correlation: inbound.correlation.clone(),
             session_id: String::new(),
             request_id: None,
@@ -194,6 +196,12 @@ fn parse_object<'a>(
             limits.max_system_prompt_bytes,
         )),
         reset: f.keep(f.opt_bool("reset")),
+        stream: {
+            let by = [("time", StreamBy::Time), ("sentence", StreamBy::Sentence)];
+            let on = f.keep(f.opt_bool("stream")).unwrap_or(false);
+            let by = f.keep(f.opt_enum("streamBy", &by));
+            on.then_some(by.unwrap_or(StreamBy::Time))
+        },
         ephemeral: false,
     };
     (parts, f.first_error)
@@ -236,6 +244,8 @@ struct RequestParts<'a> {
     max_tokens: Option<u32>,
     system_prompt: Option<&'a str>,
     reset: Option<bool>,
+    /// v1.1 `stream` (with `streamBy`).
+    stream: Option<StreamBy>,
     /// Plain text on a generated session: nothing of it is stored.
     ephemeral: bool,
 }
@@ -264,7 +274,13 @@ impl RequestParts<'_> {
         };
         Some(ReplyTo {
             topic,
-            format: self.format.unwrap_or(project.format),
+            // A streamed answer is JSON whatever `format` says.
+            format: match self.stream {
+                Some(_) => ReplyFormat::Json,
+                None => self.format.unwrap_or(project.format),
+            },
+            stream: self.stream,
+            seq: None,
             correlation: inbound.correlation.clone(),
             session_id: self.session_id.clone().unwrap_or_default(),
             request_id: self.request_id.map(str::to_owned),

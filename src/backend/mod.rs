@@ -418,6 +418,19 @@ impl Backend {
         prompt: &[Turn],
         sampling: Sampling,
     ) -> Result<Answer, BackendError> {
+        self.chat_streaming(model, prompt, sampling, &mut |_| {})
+            .await
+    }
+
+    /// [`chat`](Self::chat), handing each piece of text to `on_text` as it
+    /// arrives (a streamed request's deltas).
+    pub async fn chat_streaming(
+        &self,
+        model: &str,
+        prompt: &[Turn],
+        sampling: Sampling,
+        on_text: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Answer, BackendError> {
         let body = ChatRequest {
             model,
             messages: prompt
@@ -442,7 +455,7 @@ impl Backend {
         if !status.is_success() {
             return Err(status_error(status, resp).await);
         }
-        collect_stream(resp, self.limits).await
+        collect_stream(resp, self.limits, on_text).await
     }
 }
 
@@ -480,6 +493,7 @@ async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, Bac
 async fn collect_stream(
     resp: reqwest::Response,
     limits: StreamLimits,
+    on_text: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Answer, BackendError> {
     use futures_util::StreamExt;
     let mut stream = resp.bytes_stream();
@@ -518,10 +532,12 @@ async fn collect_stream(
                             end -= 1;
                         }
                         text.push_str(&t[..end]);
+                        on_text(&t[..end]);
                         cut = true;
                         return Ok(false);
                     }
                     text.push_str(&t);
+                    on_text(&t);
                 }
                 if let Some(f) = choice.finish_reason {
                     finish_reason = Some(f.into_owned());

@@ -94,6 +94,13 @@ impl Egress {
         }
     }
 
+    /// Hands over a message if there is room now; `false` if not (a
+    /// streamed answer's delta: the worker keeps reading the backend and
+    /// offers the text again later, coalesced, rather than wait or drop).
+    pub fn offer(&self, out: Outbound) -> bool {
+        self.tx.try_send(out).is_ok()
+    }
+
     /// Hands over a reply without waiting. On a full channel, anything
     /// that acknowledges a request overflows (it is never dropped); a QoS 0
     /// reply is dropped and counted.
@@ -110,21 +117,49 @@ impl Egress {
     }
 }
 
+fn reply_error(f: &crate::request::Failure) -> ReplyError {
+    ReplyError {
+        code: f.code,
+        message: f.message.clone(),
+        retry_after_ms: f.retry_after.map(|d| d.as_millis().max(1) as u64),
+    }
+}
+
 /// Encodes a reply: payload and MQTT v5 properties.
 pub fn encode(to: &ReplyTo, body: &ReplyBody) -> (Bytes, PublishProperties) {
     let mut props = PublishProperties {
         correlation_data: to.correlation.clone(),
         ..Default::default()
     };
-    if let ReplyBody::Failure(f) = body {
+    if let ReplyBody::Failure(f) | ReplyBody::Partial { failure: f, .. } = body {
         props
             .user_properties
             .push((ERROR_USER_PROPERTY.to_owned(), f.code.as_str().to_owned()));
     }
+    if let ReplyBody::Delta { seq, text } = body {
+        // Deltas are JSON whatever `format` says (a text-mode device never
+        // asks for streaming).
+        props.content_type = Some(JSON_CONTENT_TYPE.to_owned());
+        props.payload_format_indicator = Some(1);
+        let delta = vllm_chat::protocol::Delta {
+            request_id: to.request_id.clone(),
+            session_id: to.session_id.clone(),
+            client_id: to.client_id.clone(),
+            seq: *seq,
+            delta: text.clone(),
+        };
+        return (
+            Bytes::from(serde_json::to_vec(&delta).unwrap_or_default()),
+            props,
+        );
+    }
     let payload = match to.format {
         ReplyFormat::Text => match body {
             ReplyBody::Answer { answer, .. } => Bytes::from(answer.text.clone()),
-            ReplyBody::Failure(f) => Bytes::from(error_text(f.code, &f.message)),
+            ReplyBody::Failure(f) | ReplyBody::Partial { failure: f, .. } => {
+                Bytes::from(error_text(f.code, &f.message))
+            }
+            ReplyBody::Delta { text, .. } => Bytes::from(text.clone()),
         },
         ReplyFormat::Json => {
             props.content_type = Some(JSON_CONTENT_TYPE.to_owned());
@@ -139,6 +174,8 @@ pub fn encode(to: &ReplyTo, body: &ReplyBody) -> (Bytes, PublishProperties) {
                 usage: None,
                 latency_ms: None,
                 error: None,
+                seq: to.stream.map(|_| to.seq.unwrap_or(0)),
+                done: to.stream.map(|_| true),
             };
             match body {
                 ReplyBody::Answer { answer, latency } => {
@@ -148,13 +185,12 @@ pub fn encode(to: &ReplyTo, body: &ReplyBody) -> (Bytes, PublishProperties) {
                     reply.usage = answer.usage;
                     reply.latency_ms = Some(latency.as_millis() as u64);
                 }
-                ReplyBody::Failure(f) => {
-                    reply.error = Some(ReplyError {
-                        code: f.code,
-                        message: f.message.clone(),
-                        retry_after_ms: f.retry_after.map(|d| d.as_millis().max(1) as u64),
-                    });
+                ReplyBody::Failure(f) => reply.error = Some(reply_error(f)),
+                ReplyBody::Partial { failure, text } => {
+                    reply.error = Some(reply_error(failure));
+                    reply.text = Some(text.clone());
                 }
+                ReplyBody::Delta { .. } => {}
             }
             // Serialising plain strings and numbers cannot fail.
             Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
@@ -217,6 +253,8 @@ mod tests {
 
     fn to(format: ReplyFormat) -> ReplyTo {
         ReplyTo {
+            stream: None,
+            seq: None,
             topic: "p/assistant_response/s".into(),
             format,
             correlation: Some(Bytes::from_static(b"c1")),

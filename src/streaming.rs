@@ -1,0 +1,193 @@
+//! Streamed answers (protocol v1.1, `"stream": true`): the text the backend
+//! generates goes to the device as deltas while it is generated, then the
+//! final reply carries the whole text, `done` and the number of deltas.
+//!
+//! Deltas are coalesced: with `streamBy: "time"`, at most one per
+//! `stream_interval` (the first at once, so an answer starts streaming as
+//! soon as its first token is out); with `"sentence"`, cut after a sentence
+//! end, so a delta never splits a sentence (the last one may be a
+//! fragment). Coalescing is decided as text arrives, never on a timer: a
+//! backend that produces nothing produces no delta.
+//!
+//! A delta is *offered* to egress, never awaited: when egress has no room
+//! (the broker is slow) the text stays pending and goes with the next
+//! delta, so the worker keeps reading the backend's stream and the text
+//! held here is bounded by the answer's own cap (`max_reply_bytes`). No
+//! `seq` is spent on a delta that did not go out, so `seq` has no gaps.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::mqtt::egress::Egress;
+use crate::request::{Outbound, ReplyBody, ReplyTo, StreamBy};
+
+/// One streamed request's deltas.
+pub struct Streamer<'a> {
+    egress: &'a Egress,
+    to: &'a ReplyTo,
+    by: StreamBy,
+    interval: Duration,
+    pending: String,
+    /// Everything generated so far (for a final reply that ends early).
+    text: String,
+    sent: u32,
+    last: Option<Instant>,
+}
+
+impl<'a> Streamer<'a> {
+    pub fn new(egress: &'a Egress, to: &'a ReplyTo, by: StreamBy, interval: Duration) -> Self {
+        Self {
+            egress,
+            to,
+            by,
+            interval,
+            pending: String::new(),
+            text: String::new(),
+            sent: 0,
+            last: None,
+        }
+    }
+
+    /// Deltas sent so far (the final reply's `seq`).
+    pub fn sent(&self) -> u32 {
+        self.sent
+    }
+
+    /// The text generated so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// A new attempt: unless a delta went out (then there is no retry),
+    /// what the last one generated is forgotten.
+    pub fn restart(&mut self) {
+        if self.sent == 0 {
+            self.pending.clear();
+            self.text.clear();
+            self.last = None;
+        }
+    }
+
+    /// More generated text.
+    pub fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+        self.pending.push_str(text);
+        let cut = match self.by {
+            StreamBy::Time => {
+                let due = self.last.is_none_or(|t| t.elapsed() >= self.interval);
+                if due {
+                    self.pending.len()
+                } else {
+                    0
+                }
+            }
+            StreamBy::Sentence => sentence_cut(&self.pending),
+        };
+        self.offer(cut);
+    }
+
+    /// The generation ended: what is pending goes out as the last delta,
+    /// waiting for room if needed (the backend is done; the final reply
+    /// must come after every delta).
+    pub async fn finish(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let text = std::mem::take(&mut self.pending);
+        self.egress.send(self.delta(text)).await;
+        self.sent += 1;
+    }
+
+    fn delta(&self, text: String) -> Outbound {
+        Outbound {
+            reply: Some((
+                self.to.clone(),
+                ReplyBody::Delta {
+                    seq: self.sent,
+                    text,
+                },
+            )),
+            ack: None,
+        }
+    }
+
+    fn offer(&mut self, cut: usize) {
+        if cut == 0 {
+            return;
+        }
+        let text = self.pending[..cut].to_owned();
+        if self.egress.offer(self.delta(text)) {
+            self.pending.drain(..cut);
+            self.sent += 1;
+            self.last = Some(Instant::now());
+        }
+    }
+}
+
+/// Where a delta of `text` may end in sentence mode: after the last
+/// sentence end (`.`, `!`, `?`, `…` or their CJK forms, with any closing
+/// quotes or brackets, followed by whitespace) and that whitespace; 0 if
+/// no sentence has ended yet.
+pub fn sentence_cut(text: &str) -> usize {
+    let mut cut = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        let end = matches!(c, '.' | '!' | '?' | '…' | '。' | '！' | '？');
+        if !end {
+            continue;
+        }
+        // Closing quotes or brackets belong to the sentence.
+        while let Some(&(_, q)) = chars.peek() {
+            if matches!(q, '"' | '\'' | ')' | ']' | '”' | '’' | '»') {
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let cjk = matches!(c, '。' | '！' | '？');
+        match chars.peek() {
+            Some(&(i, w)) if w.is_whitespace() => {
+                // Take the whitespace with this sentence.
+                let mut j = i;
+                while let Some(&(k, w)) = chars.peek() {
+                    if !w.is_whitespace() {
+                        break;
+                    }
+                    j = k + w.len_utf8();
+                    chars.next();
+                }
+                cut = j;
+            }
+            Some(&(i, _)) if cjk => cut = i,
+            _ => {}
+        }
+    }
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentences_end_at_punctuation_and_space() {
+        assert_eq!(sentence_cut("Hello there"), 0);
+        assert_eq!(
+            sentence_cut("Hello there."),
+            0,
+            "the sentence may go on: 3.14"
+        );
+        assert_eq!(sentence_cut("Hi. How"), "Hi. ".len());
+        assert_eq!(
+            sentence_cut("One. Two! Three? Fo"),
+            "One. Two! Three? ".len()
+        );
+        assert_eq!(sentence_cut("Pi is 3.14 and"), 0);
+        assert_eq!(
+            sentence_cut("He said \"go.\" Then"),
+            "He said \"go.\" ".len()
+        );
+        assert_eq!(sentence_cut("好。然后"), "好。".len());
+    }
+}
