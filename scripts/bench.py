@@ -19,8 +19,23 @@ Scenarios:
                 burst is the baseline), peak RSS.
   4 sessions    100 000 sessions, one short turn each: RSS per session.
   5 workers     --num-workers 1..64 against max-num-seqs 32: goodput and p99.
+  6 routing     (issue 11) --routing affinity | least-loaded | round-robin over 3
+                sims with a small prefix cache each, a ~1500-token project system
+                prompt, closed-loop sessions of several turns: time to first token
+                p50/p99 (the sims' vllm:time_to_first_token_seconds histograms,
+                summed, quantiles as Prometheus's histogram_quantile), prefix-cache
+                hit rate (hits/queries over the sims), throughput; ratios against
+                round-robin. Target: affinity TTFT p50 <= 0.5x, throughput >= 1x.
+  7 auto        (issue 11) --num-workers auto vs 8 against one sim with
+                max-num-seqs 8, 32 and 128, offered 2x the sim's own best
+                throughput (selfbench at max-num-seqs and twice that, as in 2):
+                goodput ratio, and the sim's vllm:num_requests_waiting sampled
+                every 0.25 s. Target: auto >= 0.95 with the waiting queue near 0.
+  8 failover    (issue 11) 3 sims, an open loop, one sim SIGKILLed mid-run:
+                lost and error replies from vllm-stress's accounting (both 0).
 
-Each measurement is repeated (3 times; once with --quick) and the table
+Each measurement is repeated (3 times; once with --quick; 7 once unless
+--reps is given, it is the longest) and the table
 shows medians; ratios are the median of the per-repetition ratios (each
 repetition measures value and baseline back to back).
 
@@ -37,6 +52,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -107,6 +124,52 @@ def settings(quick):
         "sweep_secs": 12.0,
         "sweep_warm": 3.0,
         "sweep_queue": 32,
+        # 6 routing: 3 sims, a long project system prompt, multi-turn sessions
+        "rt_sims": 3,
+        "rt_seqs": 16,
+        "rt_tokens": 48,  # reply length (fixed)
+        "rt_system_tokens": 1500,
+        "rt_ttft_ms": 10.0,  # prefill: 10 ms + 0.1 ms per uncached prompt token
+        "rt_ttft_per_token_ms": 0.1,
+        # Phase 1, time to first token: an open loop well below the pool's
+        # capacity over a fixed set of sessions, so that each session gets
+        # rate x secs / sessions turns, one every sessions / rate seconds.
+        # (vllm-stress numbers every request "(#n)" over the whole run, so
+        # the sessions' histories differ; its closed loop numbers each
+        # client's turns alike, and identical conversations would share
+        # their cache blocks.) Fixed workers: nothing waits in the daemon.
+        "rt_rate": 30.0,
+        "rt_sessions": 45,
+        "rt_secs": 12.0,  # 8 turns per session
+        "rt_workers": 48,
+        # Phase 2, throughput: the same sims (caches as phase 1 left them),
+        # the default --num-workers auto, offered 1.5x the pool's modelled
+        # capacity; goodput in [warm, secs].
+        "rt_sat_factor": 1.5,
+        "rt_sat_secs": 12.0,
+        "rt_sat_warm": 4.0,
+        "rt_sat_sessions": 150,
+        "rt_sat_queue": 64,
+        # prefix cache per sim: the system prompt plus this many times the
+        # final history of its share of the sessions (affinity's working set)
+        "rt_cache_factor": 1.4,
+        "rt_policies": ["round-robin", "least-loaded", "affinity"],
+        # 7 auto: --num-workers auto vs 8 against one sim per batch size
+        "auto_seqs": [8, 32, 128],
+        "auto_tokens": 64,
+        "auto_fixed": 8,
+        "auto_queue": 32,
+        "auto_warm": 8.0,  # plus 1.5 request durations at a full batch
+        "auto_window": 20.0,  # goodput window after the warm-up
+        "auto_reps": 1,
+        # 8 failover: 3 sims, one SIGKILLed mid-load
+        "fo_sims": 3,
+        "fo_seqs": 16,
+        "fo_tokens": 32,
+        "fo_rate": 30.0,
+        "fo_secs": 20.0,
+        "fo_kill_at": 8.0,
+        "fo_sessions": 300,
     }
     if quick:
         s.update(
@@ -124,6 +187,15 @@ def settings(quick):
             sess_sessions=20000,
             sweep_secs=6.0,
             sweep_warm=2.0,
+            rt_secs=8.0,
+            rt_sessions=40,  # 6 turns
+            rt_sat_secs=8.0,
+            rt_sat_warm=3.0,
+            rt_policies=["round-robin", "affinity"],
+            auto_warm=6.0,
+            auto_window=8.0,
+            fo_secs=10.0,
+            fo_kill_at=4.0,
         )
     return s
 
@@ -285,6 +357,134 @@ def requests_counted(m):
     return sum(v for k, v in m.items() if k.startswith("vllm_mqttd_requests_total"))
 
 
+def msum(m, name):
+    """Sum of a metric over its series (every label set)."""
+    return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+
+def label(key, name):
+    """A label's value in a series key such as name{a="x",b="y"}."""
+    m = re.search(name + r'="([^"]*)"', key)
+    return m.group(1) if m else None
+
+
+def hist(m, name):
+    """A histogram's cumulative buckets {upper bound: count}, summed over its series."""
+    out = {}
+    pre = name + "_bucket{"
+    for k, v in m.items():
+        if k.startswith(pre):
+            le = label(k, "le")
+            b = math.inf if le == "+Inf" else float(le)
+            out[b] = out.get(b, 0.0) + v
+    return out
+
+
+def hist_add(a, b, sign=1.0):
+    return {le: a.get(le, 0.0) + sign * b.get(le, 0.0) for le in set(a) | set(b)}
+
+
+def hist_quantile(q, buckets):
+    """Prometheus's histogram_quantile: the bucket holding rank q, linear
+    inside it (the first bucket starts at 0; in +Inf: the last finite bound)."""
+    items = sorted(buckets.items())
+    if not items or items[-1][1] <= 0:
+        return None
+    rank = q * items[-1][1]
+    lo, below = 0.0, 0.0
+    for le, c in items:
+        if c >= rank:
+            if le == math.inf:
+                return lo
+            return le if c == below else lo + (le - lo) * (rank - below) / (c - below)
+        lo, below = le, c
+    return lo
+
+
+class Sampler(threading.Thread):
+    """Reads /metrics of some ports every `every` s into (t, [metrics or None])."""
+
+    def __init__(self, ports, every=0.25):
+        super().__init__(daemon=True)
+        self.ports = list(ports)
+        self.every = every
+        self.samples = []
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            t = time.monotonic()
+            row = []
+            for port in self.ports:
+                try:
+                    row.append(metrics(port))
+                except (OSError, ValueError):
+                    row.append(None)
+            self.samples.append((t, row))
+            self.done.wait(self.every)
+
+    def stop(self):
+        self.done.set()
+        self.join(5)
+
+    def series(self, i, name, t0=None, t1=None):
+        """Values of metric `name` (summed over labels) at port i within [t0, t1]."""
+        return [
+            msum(row[i], name) for t, row in self.samples
+            if row[i] is not None and (t0 is None or t >= t0) and (t1 is None or t <= t1)
+        ]
+
+
+# --------------------------------------------------------------------------
+# What vllm-sim does with a prompt (sim/src/openai.rs): a token is 4 bytes of
+# the ChatML-templated prompt; a reply is "echo: <last user message>" cut into
+# words (each with its trailing spaces), then filler words.
+
+SIM_BYTES_PER_TOKEN = 4
+SIM_FILLER = [" the", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog."]
+
+
+def sim_words(text):
+    pieces, cur, seen, space = [], "", False, False
+    for ch in text:
+        if ch.isspace():
+            space = True
+        else:
+            if space and seen:
+                pieces.append(cur)
+                cur = ""
+            space, seen = False, True
+        cur += ch
+    if cur:
+        pieces.append(cur)
+    return pieces
+
+
+def sim_reply(message, tokens):
+    w = sim_words(f"echo: {message}")
+    return "".join(w[i] if i < len(w) else SIM_FILLER[(i - len(w)) % len(SIM_FILLER)] for i in range(tokens))
+
+
+def chatml(role, content):
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def project_system_prompt(tokens):
+    """A long project system prompt of about `tokens` sim tokens: a
+    warehouse-robot assistant's numbered operating rules."""
+    head = ("You are the assistant of the Northfield warehouse robots. Answer operators "
+            "briefly and precisely, in the language they use. Follow these operating rules.\n")
+    verbs = ["check", "report", "confirm", "log", "avoid", "reroute", "pause", "verify"]
+    things = ["aisle", "shelf", "charging dock", "loading bay", "conveyor", "pallet", "door", "lift"]
+    rules, n = [head], 1
+    while sum(map(len, rules)) < tokens * SIM_BYTES_PER_TOKEN:
+        v, th = verbs[n % len(verbs)], things[(n * 3) % len(things)]
+        rules.append(f"Rule {n}: before moving past {th} {n % 17 + 1}, {v} its state, and if a "
+                     f"person is within {n % 5 + 2} metres, stop and wait {n % 9 + 3} seconds.\n")
+        n += 1
+    return "".join(rules)
+
+
 # --------------------------------------------------------------------------
 # Statistics
 
@@ -364,17 +564,21 @@ class Bench:
         time.sleep(0.3)
         return p
 
-    def daemon(self, broker, sim, workers, queue, max_sessions=10000):
+    def daemon(self, broker, sim, workers, queue, max_sessions=10000, extra=(), config=None):
+        """The daemon against `sim` (one sim, or a list: one --backend-url
+        each); `extra` flags go last (they win), `config` is a TOML file."""
         mport = free_port()
         name = self.name(f"vllm-mqttd-w{workers}")
         ident = f"bench-{self.run_tag}-{self.seq}"
+        sims = sim if isinstance(sim, (list, tuple)) else [sim]
         argv = [
             BINS["daemon"],
+            *(["--config", config] if config else []),
             "--mqtt-host", "127.0.0.1",
             "--mqtt-port", broker.port,
             "--mqtt-client-id", ident,
             "--instance-id", ident,
-            "--backend-url", sim.url,
+            *[a for s in sims for a in ("--backend-url", s.url)],
             "--num-workers", workers,
             "--max-queue-size", queue,
             "--max-sessions", max_sessions,
@@ -383,12 +587,16 @@ class Bench:
             "--shutdown-grace", "2s",
             "--stats-interval", "1h",
             "--metrics-addr", f"127.0.0.1:{mport}",
+            *extra,
         ]
         p = self.procs.start(name, argv)
 
         def ready():
             t = p.bench_log.read_text()
-            return "subscribed" in t and ("model discovered" in t or "models discovered" in t)
+            # One "models discovered" line per backend (older builds: one
+            # "model discovered" line): wait for every backend's.
+            found = t.count("models discovered") or t.count("model discovered")
+            return "subscribed" in t and found >= len(sims)
 
         wait_for("vllm-mqttd", ready, proc=p)
         wait_for("vllm-mqttd metrics", lambda: http_ok(f"http://127.0.0.1:{mport}/metrics"), proc=p)
@@ -870,6 +1078,381 @@ class Bench:
         }
 
 
+    # ---------------------------------------------------------------------
+    # Helpers of 6-8
+
+    def warm_prefix(self, sim, system_prompt):
+        """One request with the project's system prompt, so that each sim has
+        it cached before the run (as any vLLM has after its first request)."""
+        body = json.dumps({
+            "model": "sim-model",
+            "messages": [{"role": "system", "content": system_prompt},
+                         {"role": "user", "content": "warm-up"}],
+            "max_tokens": 1,
+        }).encode()
+        req = urllib.request.Request(sim.url + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+
+    @staticmethod
+    def sim_load(m):
+        """A sim's counters of interest from one /metrics read."""
+        return {
+            "queries": msum(m, "vllm:prefix_cache_queries_total"),
+            "hits": msum(m, "vllm:prefix_cache_hits_total"),
+            "requests": msum(m, "vllm:request_success_total"),
+            "ttft": hist(m, "vllm:time_to_first_token_seconds"),
+        }
+
+    # ---------------------------------------------------------------------
+    # 6. Routing: affinity vs round-robin vs least-loaded
+
+    def routing_setup(self):
+        s = self.s
+        sp = project_system_prompt(s["rt_system_tokens"])
+        msg = ("Please check shelf 12 in aisle 4 and tell me whether the robot can pick "
+               "the blue boxes before noon, then plan its route back to the charging dock "
+               "avoiding the loading bay.")
+        turns = max(1, round(s["rt_rate"] * s["rt_secs"] / s["rt_sessions"]))
+        # The sim's view of one session's last prompt, to size its cache:
+        # system prompt, then (user, assistant) per earlier turn.
+        block = 16 * SIM_BYTES_PER_TOKEN
+        n = s["rt_sessions"] * turns  # request numbers run this high
+        turn_bytes = [len(chatml("user", f"{msg} (#{n})")) + len(chatml("assistant", sim_reply(f"{msg} (#{n})", s["rt_tokens"])))
+                      for _ in range(turns)]
+        sys_blocks = len(chatml("system", sp)) // block
+        session_blocks = math.ceil(sum(turn_bytes) / block)  # its history at the end, reply included
+        per_sim = s["rt_sessions"] / s["rt_sims"]
+        cache = int(sys_blocks + s["rt_cache_factor"] * per_sim * session_blocks)
+        conf = self.workdir / "routing.toml"
+        conf.write_text(
+            'projects = ["general"]\n'
+            "[project_defaults]\n"
+            f"system_prompt = {json.dumps(sp)}\n"
+            f"max_tokens = {s['rt_tokens']}\n"
+            'format = "json"\n'
+            "[sessions]\n"
+            "history_messages = 64\n"
+            "history_token_budget = 32000\n"
+        )
+        # The sim's own model: a request at a full batch holds its slot for
+        # about ttft + tokens x (7 + 0.5 x seqs) ms (uncached prompt aside).
+        req_secs = (s["rt_ttft_ms"] + s["rt_tokens"] * (7.0 + 0.5 * s["rt_seqs"])) / 1000.0
+        return {
+            "system_prompt": sp,
+            "system_prompt_tokens": len(chatml("system", sp)) // SIM_BYTES_PER_TOKEN,
+            "message": msg,
+            "config": conf,
+            "turns": turns,
+            "sys_blocks": sys_blocks,
+            "session_history_blocks": session_blocks,
+            "last_prompt_tokens": (len(chatml("system", sp)) + sum(turn_bytes[:-1]) + len(chatml("user", msg)) + 32) // SIM_BYTES_PER_TOKEN,
+            "cache_blocks": cache,
+            "cache_blocks_all_sessions": sys_blocks + s["rt_sessions"] * session_blocks,
+            "pool_capacity_modelled": s["rt_sims"] * s["rt_seqs"] / req_secs,
+        }
+
+    def routing(self):
+        s = self.s
+        st = self.routing_setup()
+        sim_args = [
+            "--max-num-seqs", s["rt_seqs"],
+            "--output-tokens", f"fixed:{s['rt_tokens']}",
+            "--ttft-ms", s["rt_ttft_ms"],
+            "--ttft-per-token-ms", s["rt_ttft_per_token_ms"],
+            "--prefix-cache-blocks", st["cache_blocks"],
+            "--max-model-len", 32768,
+        ]
+        log(f"6 routing: {s['rt_sims']} sims, system prompt {st['system_prompt_tokens']} tokens, "
+            f"{s['rt_sessions']} sessions x {st['turns']} turns at {fmt(s['rt_rate'])} req/s "
+            f"(last prompt ~{st['last_prompt_tokens']} tokens); prefix cache {st['cache_blocks']} blocks per sim "
+            f"(all sessions' would need {st['cache_blocks_all_sessions']}); then "
+            f"{fmt(s['rt_sat_factor'] * st['pool_capacity_modelled'])} req/s for the throughput")
+        reps = []
+        pols = s["rt_policies"]
+        for rep in range(s["reps"]):
+            r = {}
+            # Rotate the order so that no policy always runs first.
+            for pol in pols[rep % len(pols):] + pols[:rep % len(pols)]:
+                r[pol] = self.routing_run(pol, sim_args, st)
+                x = r[pol]
+                log(f"  rep {rep + 1} {pol:>12}: TTFT p50 {fmt(x['ttft_p50_ms'])} p99 {fmt(x['ttft_p99_ms'])} ms, "
+                    f"hit rate {x['hit_rate']:.3f}, reply p50 {fmt(x['reply_p50_ms'])} ms, per sim {x['per_sim_requests']}, "
+                    f"not ok {x['not_ok']}; saturated goodput {fmt(x['sat_goodput'])} req/s")
+            base = r["round-robin"]
+
+            def ratio(a, b):
+                return a / b if a is not None and b else None
+
+            for pol in pols:
+                if pol == "round-robin":
+                    continue
+                x = r[pol]
+                x["vs_rr"] = {
+                    "ttft_p50": ratio(x["ttft_p50_ms"], base["ttft_p50_ms"]),
+                    "ttft_p99": ratio(x["ttft_p99_ms"], base["ttft_p99_ms"]),
+                    "throughput": ratio(x["sat_goodput"], base["sat_goodput"]),
+                    "reply_p50": ratio(x["reply_p50_ms"], base["reply_p50_ms"]),
+                }
+            reps.append(r)
+        setup = {k: v for k, v in st.items() if k not in ("system_prompt", "config")}
+        return {"settings": {k: v for k, v in s.items() if k.startswith("rt_")}, "setup": setup,
+                "sim_args": [str(a) for a in sim_args], "reps": reps}
+
+    def routing_run(self, pol, sim_args, st):
+        s = self.s
+        sims = []
+        broker = d = None
+        sat_rate = s["rt_sat_factor"] * st["pool_capacity_modelled"]
+        sat_total = int(round(sat_rate * s["rt_sat_secs"]))
+        try:
+            for _ in range(s["rt_sims"]):
+                sims.append(self.sim(*sim_args))
+            for sim in sims:
+                self.warm_prefix(sim, st["system_prompt"])
+            broker = self.mosquitto()
+            # Phase 1: TTFT and cache hits below capacity.
+            d = self.daemon(broker, sims, workers=s["rt_workers"], queue=1000,
+                            extra=["--routing", pol], config=st["config"])
+            m0 = [self.sim_load(metrics(x.port)) for x in sims]
+            load = ["--rate", f"{s['rt_rate']}/s", "--duration", f"{s['rt_secs']}s", "--sessions", s["rt_sessions"]]
+            summ, recs = self.stress(broker, load, f"routing-{pol}", message=st["message"])
+            m1 = [self.sim_load(metrics(x.port)) for x in sims]
+            self.procs.stop(d)
+            # Phase 2: goodput at saturation, --num-workers auto.
+            d = self.daemon(broker, sims, workers="auto", queue=s["rt_sat_queue"], max_sessions=10000,
+                            extra=["--routing", pol], config=st["config"])
+            load = ["--rate", f"{sat_rate:.3f}/s", "--duration", f"{s['rt_sat_secs']}s",
+                    "--sessions", s["rt_sat_sessions"]]
+            ssumm, srecs = self.stress(broker, load, f"routing-sat-{pol}", message=st["message"])
+            m2 = [self.sim_load(metrics(x.port)) for x in sims]
+        finally:
+            for x in (d, broker, *sims):
+                if x is not None:
+                    self.procs.stop(x)
+        ttft = {}
+        for a, b in zip(m0, m1):
+            ttft = hist_add(ttft, hist_add(b["ttft"], a["ttft"], -1.0))
+        q = sum(b["queries"] - a["queries"] for a, b in zip(m0, m1))
+        h = sum(b["hits"] - a["hits"] for a, b in zip(m0, m1))
+        q2 = sum(b["queries"] - a["queries"] for a, b in zip(m1, m2))
+        h2 = sum(b["hits"] - a["hits"] for a, b in zip(m1, m2))
+        oks = [lat for _, lat, out in recs if out == "ok" and lat is not None]
+        p50, p99 = hist_quantile(0.5, ttft), hist_quantile(0.99, ttft)
+        goodput, _ = self.open_window(srecs, s["rt_sat_warm"], s["rt_sat_secs"])
+        return {
+            "policy": pol,
+            "sent": summ["sent"],
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "not_ok": summ["sent"] - summ["outcomes"]["ok"],
+            "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+            "throughput": summ["okThroughput"],
+            "ttft_p50_ms": p50 * 1000.0 if p50 is not None else None,
+            "ttft_p99_ms": p99 * 1000.0 if p99 is not None else None,
+            "ttft_buckets": {("+Inf" if k == math.inf else k): v for k, v in sorted(ttft.items())},
+            "prefix_queries": q,
+            "prefix_hits": h,
+            "hit_rate": h / q if q else None,
+            "per_sim_requests": [int(b["requests"] - a["requests"]) for a, b in zip(m0, m1)],
+            "reply_p50_ms": pct(oks, 50),
+            "reply_p99_ms": pct(oks, 99),
+            "summary": summ,
+            "sat_offered_rate": sat_rate,
+            "sat_goodput": goodput,
+            "sat_sent": ssumm["sent"],
+            "sat_lost": ssumm["outcomes"]["lost"],
+            "sat_outcomes": {k: v for k, v in ssumm["outcomes"].items() if v},
+            "sat_hit_rate": h2 / q2 if q2 else None,
+            "sat_per_sim_requests": [int(b["requests"] - a["requests"]) for a, b in zip(m1, m2)],
+            "sat_summary": ssumm,
+        }
+
+    # ---------------------------------------------------------------------
+    # 7. --num-workers auto vs a fixed 8, against batches of 8, 32 and 128
+
+    def auto(self):
+        s = self.s
+        tokens = s["auto_tokens"]
+        reps = max(1, min(s["reps"], s["auto_reps"])) if not self.args.reps else s["reps"]
+        out = {}
+        for seqs in s["auto_seqs"]:
+            # The sim's own model (sim/src/config.rs defaults): a request at a
+            # full batch lasts about ttft + tokens x (7 + 0.5 x seqs) ms.
+            req_secs = 0.02 + tokens * (0.007 + 0.0005 * seqs)
+            sim = self.sim("--max-num-seqs", seqs, "--output-tokens", f"fixed:{tokens}")
+            runs = {"sim_max": [], "auto": [], "fixed": []}
+            try:
+                for rep in range(reps):
+                    by_c = {}
+                    for c in (seqs, 2 * seqs):
+                        by_c[c] = self.selfbench(sim.url, c, max(6.0, 3.0 * req_secs), max(2.0, 1.5 * req_secs),
+                                                 tokens, f"automax-s{seqs}-c{c}")
+                    best = max(by_c, key=lambda c: by_c[c]["throughput"])
+                    cap = by_c[best]["throughput"]
+                    runs["sim_max"].append({
+                        "by_concurrency": {str(c): {"throughput": x["throughput"], "p50": x["latencyMs"]["p50"],
+                                                    "p99": x["latencyMs"]["p99"]} for c, x in by_c.items()},
+                        "best_concurrency": best, "max_throughput": cap,
+                    })
+                    log(f"7 auto: max-num-seqs {seqs}, rep {rep + 1}/{reps}: sim max {cap:.2f} req/s "
+                        f"(" + ", ".join(f"c{c} {x['throughput']:.2f}" for c, x in by_c.items()) + ")")
+                    for mode in ("auto", s["auto_fixed"]):
+                        r = self.auto_run(sim, seqs, mode, cap, req_secs)
+                        runs["auto" if mode == "auto" else "fixed"].append(r)
+                        log(f"  workers {mode}: goodput {r['goodput']:.2f} req/s ({r['goodput_ratio']:.3f}), "
+                            f"sim waiting mean {r['sim_waiting_mean']:.2f} max {r['sim_waiting_max']:.0f}, "
+                            f"running mean {r['sim_running_mean']:.1f}, daemon limit {r['limit_last']}, "
+                            f"lost {r['lost']}")
+            finally:
+                self.procs.stop(sim)
+            out[str(seqs)] = runs
+        return {"settings": {k: v for k, v in s.items() if k.startswith("auto_")}, "reps": reps, "by_seqs": out}
+
+    def auto_run(self, sim, seqs, mode, cap, req_secs):
+        s = self.s
+        warm = s["auto_warm"] + 1.5 * req_secs
+        secs = warm + s["auto_window"]
+        rate = 2.0 * cap
+        total = int(round(rate * secs))
+        load = ["--rate", f"{rate:.3f}/s", "--duration", f"{secs:.1f}s", "--sessions", total + 10]
+        broker = self.mosquitto()
+        d = None
+        try:
+            d = self.daemon(broker, sim, workers=mode, queue=s["auto_queue"], max_sessions=total + 100)
+            sampler = Sampler([sim.port, d.metrics_port])
+            sampler.start()
+            t_start = time.monotonic()
+            try:
+                summ, recs = self.stress(broker, load, f"auto-s{seqs}-w{mode}")
+            finally:
+                sampler.stop()
+        finally:
+            for x in (d, broker):
+                if x is not None:
+                    self.procs.stop(x)
+        goodput, _ = self.open_window(recs, warm, secs)
+        w0, w1 = t_start + warm, t_start + secs
+        waiting = sampler.series(0, "vllm:num_requests_waiting", w0, w1)
+        running = sampler.series(0, "vllm:num_requests_running", w0, w1)
+        limit_all = [(round(t - t_start, 2), msum(row[1], "vllm_mqttd_backend_concurrency_limit"))
+                     for t, row in sampler.samples if row[1] is not None]
+        limit_win = [v for t, v in limit_all if warm <= t <= secs]
+        # When the limit first reached the batch size (auto's ramp).
+        reached = next((t for t, v in limit_all if v >= seqs), None)
+        lats = [lat for _, lat, out in recs if out == "ok" and lat is not None]
+        return {
+            "workers": mode,
+            "offered_rate": rate,
+            "warm_secs": warm,
+            "secs": secs,
+            "sent": summ["sent"],
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+            "goodput": goodput,
+            "goodput_ratio": goodput / cap,
+            "sim_max": cap,
+            "sim_waiting_mean": statistics.fmean(waiting) if waiting else 0.0,
+            "sim_waiting_p95": pct(waiting, 95) or 0.0,
+            "sim_waiting_max": max(waiting) if waiting else 0.0,
+            "sim_waiting_samples": len(waiting),
+            "sim_running_mean": statistics.fmean(running) if running else 0.0,
+            "limit_window_min": min(limit_win) if limit_win else None,
+            "limit_window_max": max(limit_win) if limit_win else None,
+            "limit_last": limit_all[-1][1] if limit_all else None,
+            "limit_reached_batch_at_secs": reached,
+            "limit_trace": limit_all[::4],
+            "ok_p50_ms": pct(lats, 50),
+            "ok_p99_ms": pct(lats, 99),
+            "summary": summ,
+        }
+
+    # ---------------------------------------------------------------------
+    # 8. Failover: one of 3 backends SIGKILLed mid-load
+
+    def failover(self):
+        s = self.s
+        reps = []
+        for rep in range(s["reps"]):
+            log(f"8 failover: repetition {rep + 1}/{s['reps']} ({s['fo_rate']:.0f} req/s for {s['fo_secs']:.0f} s, "
+                f"one of {s['fo_sims']} sims SIGKILLed at {s['fo_kill_at']:.0f} s)")
+            r = self.failover_run(rep)
+            reps.append(r)
+            log(f"  sent {r['sent']}, ok {r['ok']}, errors {r['errors']}, lost {r['lost']}; "
+                f"{r['victim_in_flight']} in flight on the killed sim; daemon retries {r['daemon_retries']:.0f}; "
+                f"ok p99 before / after the kill {fmt(r['ok_p99_before_ms'])} / {fmt(r['ok_p99_after_ms'])} ms")
+        return {"settings": {k: v for k, v in s.items() if k.startswith("fo_")}, "reps": reps}
+
+    def failover_run(self, rep):
+        s = self.s
+        sims, broker, d = [], None, None
+        total = int(round(s["fo_rate"] * s["fo_secs"]))
+        load = ["--rate", f"{s['fo_rate']}/s", "--duration", f"{s['fo_secs']}s", "--sessions", s["fo_sessions"]]
+        killed = {}
+        try:
+            for _ in range(s["fo_sims"]):
+                sims.append(self.sim("--max-num-seqs", s["fo_seqs"], "--output-tokens", f"fixed:{s['fo_tokens']}"))
+            victim = sims[rep % len(sims)]
+            broker = self.mosquitto()
+            d = self.daemon(broker, sims, workers="auto", queue=1000, max_sessions=total + 100)
+            m0 = metrics(d.metrics_port)
+
+            def kill():
+                try:
+                    vm = metrics(victim.port)
+                    killed["in_flight"] = msum(vm, "vllm:num_requests_running") + msum(vm, "vllm:num_requests_waiting")
+                    killed["served_before"] = msum(vm, "vllm:request_success_total")
+                except (OSError, ValueError):
+                    killed["in_flight"] = None
+                killed["t"] = time.monotonic()
+                os.killpg(victim.pid, signal.SIGKILL)
+
+            t_start = time.monotonic()
+            timer = threading.Timer(s["fo_kill_at"], kill)
+            timer.start()
+            try:
+                summ, recs = self.stress(broker, load, "failover")
+            finally:
+                timer.cancel()
+            m1 = metrics(d.metrics_port)
+        finally:
+            for x in (d, broker, *sims):
+                if x is not None:
+                    self.procs.stop(x)
+        kill_ms = (killed["t"] - t_start) * 1000.0 if "t" in killed else None
+        errors = {k: v for k, v in summ["outcomes"].items() if k not in ("ok", "lost") and v}
+        before = [lat for sent, lat, out in recs if out == "ok" and lat is not None and kill_ms and sent + lat < kill_ms]
+        after = [lat for sent, lat, out in recs if out == "ok" and lat is not None and kill_ms and sent > kill_ms]
+        # Sent before the kill and answered after it. vllm-stress's clock
+        # starts once its connections are up, a few tens of ms after
+        # t_start: the window allows 100 ms of that.
+        spanning = [out for sent, lat, out in recs
+                    if kill_ms and sent <= kill_ms and (lat is None or sent + lat >= kill_ms - 100.0)]
+        circuits = {label(k, "backend"): v for k, v in m1.items() if k.startswith("vllm_mqttd_backend_circuit_state")}
+        return {
+            "sent": summ["sent"],
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "errors": sum(errors.values()),
+            "error_outcomes": errors,
+            "victim": victim.url,
+            "kill_at_ms": kill_ms,
+            "victim_in_flight": killed.get("in_flight"),
+            "victim_served_before": killed.get("served_before"),
+            "spanning_kill": len(spanning),
+            "spanning_kill_not_ok": sum(1 for out in spanning if out != "ok"),
+            "ok_p50_ms": summ["latencyMs"]["p50"],
+            "ok_p99_before_ms": pct(before, 99),
+            "ok_p99_after_ms": pct(after, 99),
+            "daemon_retries": msum(m1, "vllm_mqttd_backend_retries_total") - msum(m0, "vllm_mqttd_backend_retries_total"),
+            "daemon_counted": requests_counted(m1) - requests_counted(m0),
+            "circuit_state_after": circuits,
+            "summary": summ,
+        }
+
+
 # --------------------------------------------------------------------------
 # The table
 
@@ -1009,6 +1592,92 @@ def build_rows(res, s):
             p99 = med(reps, "ok_p99_ms")
             row(scn, f"workers {w}: ok p99, ms (baseline: sim direct p99 at {s['sat_seqs']})", fmt(p99),
                 fmt(p99_base), (p99 / p99_base) if p99 and p99_base else None)
+    if "routing" in res:
+        rt = res["routing"]
+        reps = rt["reps"]
+        st = rt["setup"]
+        pols = [p for p in s["rt_policies"] if all(p in r for r in reps)]
+        scn = (f"6 routing ({s['rt_sims']} sims x max-num-seqs {s['rt_seqs']}, prefix cache {st['cache_blocks']} blocks/sim; "
+               f"project system prompt {st['system_prompt_tokens']} tokens; {s['rt_sessions']} sessions x {st['turns']} turns, "
+               f"{fmt(s['rt_rate'])} req/s open loop; {s['rt_tokens']}-token replies)")
+        medp = lambda pol, k: median([r[pol][k] for r in reps])  # noqa: E731
+        medr = lambda pol, k: median([r[pol]["vs_rr"][k] for r in reps])  # noqa: E731
+        for pol in pols:
+            if pol == "round-robin":
+                continue
+            r50 = medr(pol, "ttft_p50")
+            tp = medr(pol, "throughput")
+            main = pol == "affinity"
+            row(scn, f"{pol}: TTFT p50, ms (sims' histograms; baseline: round-robin)", fmt(medp(pol, "ttft_p50_ms")),
+                fmt(medp("round-robin", "ttft_p50_ms")), r50,
+                "<= 0.5 x round-robin" if main else "", check_le(r50, 0.5, "") if main else "")
+            row(scn, f"{pol}: TTFT p99, ms (baseline: round-robin)", fmt(medp(pol, "ttft_p99_ms")),
+                fmt(medp("round-robin", "ttft_p99_ms")), medr(pol, "ttft_p99"))
+            row(scn, f"{pol}: throughput at saturation, req/s (goodput at {fmt(s['rt_sat_factor'])}x the pool's "
+                f"capacity, workers auto; baseline: round-robin)", fmt(medp(pol, "sat_goodput")),
+                fmt(medp("round-robin", "sat_goodput")), tp,
+                ">= 1.0 x round-robin" if main else "", check_ge(tp, 1.0) if main else "")
+            row(scn, f"{pol}: reply latency p50, ms (baseline: round-robin)", fmt(medp(pol, "reply_p50_ms")),
+                fmt(medp("round-robin", "reply_p50_ms")), medr(pol, "reply_p50"))
+        row(scn, "prefix-cache hit rate, hits / queries over the sims: " + " / ".join(pols),
+            " / ".join(fmt(medp(p, "hit_rate"), 3) for p in pols))
+        row(scn, "(info) reply latency p99, ms: " + " / ".join(pols),
+            " / ".join(fmt(medp(p, "reply_p99_ms")) for p in pols))
+        row(scn, "(info) requests per sim, first repetition: " + " / ".join(pols),
+            " / ".join("-".join(str(n) for n in reps[0][p]["per_sim_requests"]) for p in pols))
+        row(scn, "(info) saturation: offered req/s; hit rate " + " / ".join(pols),
+            f"{fmt(medp(pols[0], 'sat_offered_rate'))}; " + " / ".join(fmt(medp(p, "sat_hit_rate"), 3) for p in pols))
+        bad = max(r[p]["not_ok"] for r in reps for p in pols)
+        row(scn, "replies not ok below capacity (worst run)", fmt(bad), "", None, "0",
+            "met" if bad == 0 else f"**MISSED** ({bad})")
+        lost = max(max(r[p]["lost"], r[p]["sat_lost"]) for r in reps for p in pols)
+        row(scn, "lost (worst run)", fmt(lost), "", None, "0", "met" if lost == 0 else f"**MISSED** ({lost} lost)")
+
+    if "auto" in res:
+        au = res["auto"]
+        scn = (f"7 workers auto vs {s['auto_fixed']} (one sim, {s['auto_tokens']}-token replies, 2x its max offered "
+               f"open loop, queue {s['auto_queue']}, {au['reps']} repetition(s))")
+        for seqs, runs in au["by_seqs"].items():
+            cap = median([m["max_throughput"] for m in runs["sim_max"]])
+            a, f = runs["auto"], runs["fixed"]
+            ar = median([r["goodput_ratio"] for r in a])
+            row(scn, f"max-num-seqs {seqs}: auto goodput, req/s (baseline: sim max)",
+                fmt(median([r["goodput"] for r in a])), fmt(cap), ar, ">= 0.95", check_ge(ar, 0.95))
+            row(scn, f"max-num-seqs {seqs}: {s['auto_fixed']} workers goodput, req/s (baseline: sim max)",
+                fmt(median([r["goodput"] for r in f])), fmt(cap), median([r["goodput_ratio"] for r in f]))
+            wm = median([r["sim_waiting_mean"] for r in a])
+            row(scn, f"max-num-seqs {seqs}: auto: sim's num_requests_waiting mean / p95 / max (steady window)",
+                f"{fmt(wm)} / {fmt(median([r['sim_waiting_p95'] for r in a]))} / {fmt(median([r['sim_waiting_max'] for r in a]))}",
+                "", None, "mean <= 1", check_le(wm, 1.0, ""))
+            row(scn, f"max-num-seqs {seqs}: (info) auto: sim running mean; daemon limit min-max in window; "
+                "limit >= batch after, s",
+                f"{fmt(median([r['sim_running_mean'] for r in a]))}; "
+                f"{fmt(median([r['limit_window_min'] for r in a]))}-{fmt(median([r['limit_window_max'] for r in a]))}; "
+                f"{fmt(median([r['limit_reached_batch_at_secs'] for r in a]))}")
+            row(scn, f"max-num-seqs {seqs}: (info) ok p50 / p99, ms: auto; {s['auto_fixed']} workers",
+                f"{fmt(median([r['ok_p50_ms'] for r in a]))} / {fmt(median([r['ok_p99_ms'] for r in a]))}; "
+                f"{fmt(median([r['ok_p50_ms'] for r in f]))} / {fmt(median([r['ok_p99_ms'] for r in f]))}",
+                f"sim waiting with {s['auto_fixed']} workers: mean {fmt(median([r['sim_waiting_mean'] for r in f]))}")
+        lost = max(r["lost"] for runs in au["by_seqs"].values() for k in ("auto", "fixed") for r in runs[k])
+        row(scn, "lost (worst run)", fmt(lost), "", None, "0", "met" if lost == 0 else f"**MISSED** ({lost} lost)")
+
+    if "failover" in res:
+        reps = res["failover"]["reps"]
+        scn = (f"8 failover ({s['fo_sims']} sims x max-num-seqs {s['fo_seqs']}, {fmt(s['fo_rate'])} req/s open loop "
+               f"for {fmt(s['fo_secs'], 0)} s, one sim SIGKILLed at {fmt(s['fo_kill_at'], 0)} s; affinity, auto)")
+        lost = max(r["lost"] for r in reps)
+        errs = max(r["errors"] for r in reps)
+        row(scn, "lost (worst repetition; baseline: sent)", fmt(lost), fmt(min(r["sent"] for r in reps)), None, "0",
+            "met" if lost == 0 else f"**MISSED** ({lost} lost)")
+        row(scn, "error replies (worst repetition; 5 min deadlines)", fmt(errs), "", None, "0",
+            "met" if errs == 0 else f"**MISSED** ({errs}: " + ", ".join(
+                f"{k} {v}" for r in reps for k, v in r["error_outcomes"].items()) + ")")
+        row(scn, "(info) requests in flight on the killed sim at the kill; requests spanning the kill +-0.1 s (not ok)",
+            f"{fmt(median([r['victim_in_flight'] for r in reps]))}; {fmt(median([r['spanning_kill'] for r in reps]))} "
+            f"({fmt(max(r['spanning_kill_not_ok'] for r in reps))})")
+        row(scn, "(info) ok p99 before / after the kill, ms; daemon retries",
+            f"{fmt(median([r['ok_p99_before_ms'] for r in reps]))} / {fmt(median([r['ok_p99_after_ms'] for r in reps]))}; "
+            f"{fmt(median([r['daemon_retries'] for r in reps]))}")
     return rows
 
 
@@ -1080,7 +1749,7 @@ def machine():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="each scenario briefly, once (a smoke check)")
-    ap.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 1,3 (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,3 (default: all)")
     ap.add_argument("--reps", type=int, default=None,
                     help="repetitions of every measurement (default 3, burst 5; 1 with --quick)")
     ap.add_argument("--build-secs", type=float, default=None, help="(from bench.sh) release build time")
@@ -1151,6 +1820,12 @@ def main():
             timed("burst", b.burst)
         if 4 in only:
             timed("sessions", b.sessions)
+        if 6 in only:
+            timed("routing", b.routing)
+        if 7 in only:
+            timed("auto", b.auto)
+        if 8 in only:
+            timed("failover", b.failover)
         ok = True
     finally:
         b.procs.stop_all()
