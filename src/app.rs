@@ -221,6 +221,7 @@ impl App {
                 settings: cfg.project_settings(p),
             })
             .collect();
+        let cancels = Arc::new(crate::cancel::Cancels::default());
         let quotas = Arc::new(Quotas::new(
             projects.iter().map(|p| (&p.name, &p.settings)),
             cfg.admission.max_queue_size,
@@ -258,8 +259,10 @@ impl App {
             reconnect_min: cfg.mqtt.reconnect_min,
             reconnect_max: cfg.mqtt.reconnect_max,
             share_group: (!cfg.mqtt.share_group.is_empty()).then(|| cfg.mqtt.share_group.clone()),
+            cancels: cancels.clone(),
         };
         let admission = Admission {
+            cancels: cancels.clone(),
             store,
             quotas,
             queue: queue_tx,

@@ -34,6 +34,7 @@ pub mod admission;
 pub mod app;
 pub(crate) mod backend;
 pub(crate) mod backoff;
+pub(crate) mod cancel;
 pub(crate) mod circuit;
 pub mod cli;
 pub mod config;

@@ -114,6 +114,8 @@ pub struct Request {
     pub deadline: Instant,
     /// Queue and device slots, given back when the request is dropped.
     pub held: Held,
+    /// Its registration for cancels (set when admitted).
+    pub cancel: Option<crate::cancel::Registered>,
 }
 
 /// A successful completion.

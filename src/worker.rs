@@ -164,11 +164,27 @@ async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBod
             "the request expired while queued",
         ));
     }
+    let cancelled = || Failure::new(ErrorCode::Cancelled, "cancelled");
+    let token = req
+        .cancel
+        .as_ref()
+        .map(|c| c.token.clone())
+        .unwrap_or_default();
+    if token.is_cancelled() {
+        // Cancelled while queued: the backend never sees it.
+        return ReplyBody::Failure(cancelled());
+    }
     let mut streamer = req
         .reply
         .stream
         .map(|by| Streamer::new(&shared.egress, &req.reply, by, shared.stream_interval));
-    let result = tokio::time::timeout_at(req.deadline, call(shared, req, streamer.as_mut())).await;
+    // A cancel drops the call (and so the backend connection: vLLM aborts
+    // the generation), like a deadline.
+    let result = tokio::select! {
+        biased;
+        _ = token.cancelled() => Ok(Err(cancelled())),
+        r = tokio::time::timeout_at(req.deadline, call(shared, req, streamer.as_mut())) => r,
+    };
     let failure = match result {
         Ok(Ok(answer)) => {
             if let Some(s) = streamer.as_mut() {

@@ -163,3 +163,141 @@ async fn a_failure_after_the_first_delta_ends_with_the_text_so_far() {
     );
     env.stop().await;
 }
+
+// ---------------------------------------------------------------------
+// Cancelling a request (protocol v1.1).
+// ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_cancelled_queued_request_never_reaches_the_backend() {
+    let env = Env::start(FakeVllm::builder().gated().run().await, |c| {
+        c.workers.num_workers = 1.into();
+    })
+    .await;
+    let mut dev = env.device("maze").await;
+    let ask = |s: &str, r: &str| {
+        json!({"sessionId": s, "requestId": r, "message": "hi", "format": "json"}).to_string()
+    };
+    dev.publish("maze/user_input", ask("a", "ra"), 1).await;
+    assert!(env.fake.wait_for_calls(1, WAIT).await, "a runs");
+    dev.publish("maze/user_input", ask("b", "rb"), 1).await; // queued
+    dev.publish(
+        "maze/cancel",
+        json!({"sessionId": "b", "requestId": "rb"}).to_string(),
+        1,
+    )
+    .await;
+    // Answered when the worker reaches it, without a backend call.
+    env.fake.release(1);
+    let a = dev
+        .expect_on("maze/assistant_response/a", WAIT)
+        .await
+        .json();
+    assert_eq!(a["ok"], true);
+    let b = dev
+        .expect_on("maze/assistant_response/b", WAIT)
+        .await
+        .json();
+    assert_eq!(b["error"]["code"], "cancelled", "{b}");
+    assert_eq!(env.fake.chat_calls(), 1, "b never reached the backend");
+    // A cancel for nothing in flight is ignored: no reply, nothing breaks.
+    dev.publish("maze/cancel", json!({"sessionId": "nobody"}).to_string(), 1)
+        .await;
+    dev.publish("maze/cancel", "not json", 1).await;
+    dev.expect_none(Duration::from_millis(300)).await;
+    env.fake.release(1);
+    dev.publish("maze/user_input", ask("c", "rc"), 1).await;
+    let c = dev
+        .expect_on("maze/assistant_response/c", WAIT)
+        .await
+        .json();
+    assert_eq!(c["ok"], true, "{c}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_running_request_drops_its_backend_call_and_keeps_its_text() {
+    // The real pace of a simulated vLLM: a long answer streams for seconds.
+    let sim = vllm_sim::Sim::builder()
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let mut dev = env.device("maze").await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "s", "message": "talk", "maxTokens": 2000, "stream": true}).to_string(),
+        1,
+    )
+    .await;
+    // Once it streams, cancel the session's request (no requestId).
+    let first = dev
+        .expect_on("maze/assistant_response/s", WAIT)
+        .await
+        .json();
+    assert_eq!(first["seq"], 0, "{first}");
+    dev.publish("maze/cancel", json!({"sessionId": "s"}).to_string(), 1)
+        .await;
+    let (mut deltas, last, _) = until_done(&mut dev, "maze/assistant_response/s").await;
+    deltas.insert(0, first);
+    assert_eq!(last["ok"], false, "{last}");
+    assert_eq!(last["error"]["code"], "cancelled", "{last}");
+    assert!(
+        !check_sequence(&deltas, &last).is_empty(),
+        "the text so far"
+    );
+    // The backend saw the client go away (vLLM aborts the generation).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.disconnected() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no disconnect seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_whose_connection_dies_cancels_its_own_generation_by_last_will() {
+    use rumqttc::v5::mqttbytes::v5::LastWill;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let env = Env::start(FakeVllm::builder().gated().run().await, |_| {}).await;
+    let mut watcher = env.device("maze").await;
+    // The device's will: a cancel for its own session.
+    let mut opts = MqttOptions::new("robot-with-will", env.broker.host(), env.broker.port());
+    opts.set_last_will(LastWill::new(
+        "maze/cancel",
+        json!({"sessionId": "w"}).to_string(),
+        QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    let poll = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    client
+        .publish(
+            "maze/user_input",
+            QoS::AtLeastOnce,
+            false,
+            json!({"sessionId": "w", "message": "long", "format": "json"}).to_string(),
+        )
+        .await
+        .unwrap();
+    assert!(env.fake.wait_for_calls(1, WAIT).await, "generating");
+    // The connection dies without DISCONNECT: the broker sends the will.
+    poll.abort();
+    drop(client);
+    let v = watcher
+        .expect_on("maze/assistant_response/w", WAIT)
+        .await
+        .json();
+    assert_eq!(v["error"]["code"], "cancelled", "{v}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.fake.disconnected() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.stop().await;
+}

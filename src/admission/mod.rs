@@ -33,6 +33,7 @@ use crate::telemetry::{Event, Stats};
 pub struct Admission {
     pub store: Arc<dyn SessionStore>,
     pub quotas: Arc<Quotas>,
+    pub cancels: Arc<crate::cancel::Cancels>,
     pub queue: QueueTx,
     pub egress: Egress,
     pub stats: Arc<Stats>,
@@ -83,6 +84,11 @@ impl Admission {
                     Ok(held) => req.held = held,
                     Err(f) => return self.undo_admit(req, f).await,
                 }
+                // From now on a cancel reaches it, queued or running.
+                req.cancel = Some(
+                    self.cancels
+                        .register(&req.key, req.reply.request_id.as_deref()),
+                );
                 match self.queue.try_send(req) {
                     Ok(()) => return,
                     Err(async_channel::TrySendError::Full(mut req)) => {
@@ -266,6 +272,7 @@ mod tests {
         let (egress, mut out) = Egress::channel(4, stats.clone());
         let admission = Admission {
             store: Arc::new(Down),
+            cancels: Arc::default(),
             quotas: Arc::new(Quotas::new(
                 [(&Arc::from("maze"), &ProjectConfig::default())],
                 4,

@@ -322,6 +322,7 @@ fn finish(
         received_at: inbound.received_at,
         deadline: inbound.received_at + timeout,
         held: Held::default(),
+        cancel: None,
     }
 }
 

@@ -27,12 +27,13 @@ use vllm_chat::protocol::{request_topic, ErrorCode};
 
 use crate::admission::validate::{self, Limits};
 use crate::backoff::Reconnect;
+use crate::cancel::Cancels;
 use crate::circuit::Circuits;
 use crate::config::{Identity, ProjectConfig};
 use crate::error::AppError;
 use crate::mqtt::egress::Egress;
 use crate::mqtt::status::StatusMessages;
-use crate::request::{AckToken, Failure, Inbound, Outbound, ReplyBody, Request};
+use crate::request::{AckToken, Failure, Inbound, Outbound, ReplyBody, Request, SessionKey};
 use crate::telemetry::{Event as Ev, Stats};
 
 /// How long we keep reading after our DISCONNECT, waiting for the broker to
@@ -68,9 +69,25 @@ pub struct Ingress {
     pub reconnect_max: Duration,
     /// Subscribe through `$share/{group}/` (several instances as one).
     pub share_group: Option<String>,
+    /// Admitted requests' cancel tokens (`{project}/cancel`).
+    pub cancels: Arc<Cancels>,
+}
+
+/// `{project}/cancel`
+fn cancel_topic(project: &str) -> String {
+    format!("{project}/cancel")
 }
 
 impl Project {
+    /// The cancel subscription: `{project}/cancel`, or with a device
+    /// identity `{project}/cancel/+` (the ACL binds the level to the user).
+    pub fn cancel_filter(&self) -> String {
+        match self.settings.identity {
+            Identity::None => cancel_topic(&self.name),
+            Identity::Topic => format!("{}/+", cancel_topic(&self.name)),
+        }
+    }
+
     /// What the daemon subscribes for this project: `{project}/user_input`,
     /// or with a device identity `{project}/user_input/+`.
     pub fn filter(&self) -> String {
@@ -152,6 +169,7 @@ impl Ingress {
             reconnect_min,
             reconnect_max,
             share_group,
+            cancels,
         } = self;
         // Stable after a minute, or after the longest delay if that is
         // longer: a poison message that gets us dropped right after each
@@ -162,7 +180,7 @@ impl Ingress {
             reconnect_max.max(STABLE_CONNECTION),
         );
         let mut failing = false;
-        let filters: Vec<Filter> = projects
+        let mut filters: Vec<Filter> = projects
             .values()
             .map(|p| {
                 let filter = match &share_group {
@@ -172,7 +190,20 @@ impl Ingress {
                 Filter::new(filter, QoS::AtLeastOnce)
             })
             .collect();
+        // Cancels are never shared: every instance must see each one, as
+        // only the one holding the request can act on it.
+        filters.extend(
+            projects
+                .values()
+                .map(|p| Filter::new(p.cancel_filter(), QoS::AtLeastOnce)),
+        );
+        let cancel_topics: HashMap<String, Arc<Project>> = projects
+            .values()
+            .map(|p| (cancel_topic(&p.name), p.clone()))
+            .collect();
         let handoff = Handoff {
+            cancel_topics: &cancel_topics,
+            cancels: &cancels,
             projects: &projects,
             limits: &limits,
             egress: &egress,
@@ -303,6 +334,9 @@ fn fatal(e: &ConnectionError) -> Option<AppError> {
 
 /// The decode-and-hand-off half of the poll loop.
 struct Handoff<'a> {
+    /// `{project}/cancel` -> project.
+    cancel_topics: &'a HashMap<String, Arc<Project>>,
+    cancels: &'a Cancels,
     projects: &'a HashMap<String, Arc<Project>>,
     limits: &'a Limits,
     egress: &'a Egress,
@@ -313,6 +347,12 @@ impl Handoff<'_> {
     fn publish(&self, p: Publish, admission: Option<&mpsc::Sender<Request>>) {
         let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken { pkid: p.pkid });
         let topic = String::from_utf8_lossy(&p.topic);
+        if self.cancel(&topic, &p.payload) {
+            if ack.is_some() {
+                self.egress.try_send(Outbound { reply: None, ack });
+            }
+            return;
+        }
         let (project, device) = match route(self.projects, &topic) {
             Route::Project(p, device) => (p, device),
             Route::BadDevice(p) => {
@@ -394,6 +434,40 @@ impl Handoff<'_> {
             };
             self.reject(request, code);
         }
+    }
+
+    /// A cancel message, if `topic` is a cancel topic: acted on at once
+    /// (tokens only; the worker answers). Anything malformed, or a cancel
+    /// for nothing in flight, is counted and ignored.
+    fn cancel(&self, topic: &str, payload: &[u8]) -> bool {
+        let (project, device) = match self.cancel_topics.get(topic) {
+            Some(p) if p.settings.identity == Identity::None => (p, None),
+            _ => match topic.rsplit_once('/') {
+                Some((base, device)) => match self.cancel_topics.get(base) {
+                    Some(p)
+                        if p.settings.identity == Identity::Topic
+                            && validate::is_valid_device_id(&p.name, device) =>
+                    {
+                        (p, Some(Arc::from(device)))
+                    }
+                    _ => return false,
+                },
+                None => return false,
+            },
+        };
+        let cancelled = crate::cancel::parse(payload).map_or(0, |(session, request_id)| {
+            let key = SessionKey {
+                project: project.name.clone(),
+                device,
+                session: session.into_boxed_str(),
+                ephemeral: false,
+            };
+            self.cancels.cancel(&key, request_id.as_deref())
+        });
+        if cancelled == 0 {
+            self.stats.emit(Ev::Ignored { topic });
+        }
+        true
     }
 
     fn reject(&self, request: Request, code: ErrorCode) {
