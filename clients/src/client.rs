@@ -367,6 +367,24 @@ impl Client {
         }
     }
 
+    /// Cancels whatever `session` of `project` has queued or running
+    /// (protocol v1.1, `{project}/cancel`): its final reply is then the
+    /// error `cancelled` (a `send` waiting for it ends with that error). A
+    /// cancel for nothing in flight is ignored by the daemon.
+    pub async fn cancel(&self, project: &str, session: &str) -> Result<(), ClientError> {
+        let payload = serde_json::json!({ "sessionId": session }).to_string();
+        self.inner
+            .link
+            .publish(
+                format!("{project}/cancel"),
+                1,
+                payload.into_bytes(),
+                RequestProps::default(),
+            )
+            .await
+            .map_err(ClientError::Connection)
+    }
+
     /// Queues a DISCONNECT (behind anything already queued); the
     /// connection task ends once it is sent. Requests still waiting end
     /// with a timeout. Dropping the last clone closes the connection

@@ -607,3 +607,33 @@ async fn the_default_mqtt5_falls_back_to_3_1_1_on_a_listener_that_drops_it() {
     client.disconnect().await;
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn cancel_ends_a_running_request_with_cancelled_and_drops_its_generation() {
+    let env = Env::start(FakeVllm::builder().gated().run().await, |_| {}).await;
+    let client = Client::connect(env.options()).await.unwrap();
+    let running = tokio::spawn({
+        let client = client.clone();
+        async move { client.chat("maze", "c1", "a long story").await }
+    });
+    assert!(env.fake.wait_for_calls(1, WAIT).await, "generating");
+    client.cancel("maze", "c1").await.unwrap();
+    match running.await.unwrap() {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::Cancelled),
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    // Not retried: the backend saw one call, and its client went away.
+    assert_eq!(env.fake.chat_calls(), 1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.fake.disconnected() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.fake.release(1);
+    let again = client.chat("maze", "c1", "short one").await.unwrap();
+    assert_eq!(again.text.as_deref(), Some("echo: short one"));
+    env.stop().await;
+}
