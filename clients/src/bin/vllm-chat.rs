@@ -293,7 +293,17 @@ fn repl(
                 prompt = None;
             }
             Some(Err(e)) => eprintln!("error: {e}"),
-            None => eprintln!("(cancelled)"),
+            None => {
+                // Stop the generation too, not only the wait for it (the
+                // daemon drops the backend call), so the next message does
+                // not queue behind it.
+                let project = req.project.clone();
+                let cancelled = runtime.block_on(client.cancel(&project, &session));
+                match cancelled {
+                    Ok(()) => eprintln!("(cancelled)"),
+                    Err(e) => eprintln!("(cancelled here; the daemon was not told: {e})"),
+                }
+            }
         }
     }
     if let Some(h) = &history {
