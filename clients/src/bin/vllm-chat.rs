@@ -297,8 +297,7 @@ fn repl(
                 // Stop the generation too, not only the wait for it (the
                 // daemon drops the backend call), so the next message does
                 // not queue behind it.
-                let project = req.project.clone();
-                let cancelled = runtime.block_on(client.cancel(&project, &session));
+                let cancelled = runtime.block_on(client.cancel(&cli.project, &session));
                 match cancelled {
                     Ok(()) => eprintln!("(cancelled)"),
                     Err(e) => eprintln!("(cancelled here; the daemon was not told: {e})"),
