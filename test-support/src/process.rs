@@ -106,6 +106,26 @@ impl DaemonProcess {
         assert!(ok, "kill -TERM failed");
     }
 
+    /// SIGSTOP: the process freezes (a stalled instance: its sockets stay
+    /// open, nothing it holds is released, its timers stop firing).
+    pub fn sigstop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: a process frozen by [`DaemonProcess::sigstop`] goes on.
+    pub fn sigcont(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
     /// Waits for the process to exit, then for its last log lines: the
     /// exit status arrives before the reader has drained the pipe, and a
     /// test that checks the log right after the exit must see all of it.
