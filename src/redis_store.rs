@@ -42,17 +42,42 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Rules 2-4 in one step. KEYS: window, busy, answered, replying.
-/// ARGV: request id ("" if none), limit, window ms, lease ms, token.
+/// ARGV: request id ("" if none), limit, window ms, lease ms, token
+/// ("{process}.{random}"), this process's id, "1" for a broker redelivery.
 /// Returns {"ok"} | {"dup", answered 0/1} | {"busy"} | {"rate", retry ms}.
+///
+/// The lease is "{token}|{request id}" and `replying` "{process}|{request
+/// id}". A broker redelivery (DUP) of a request some *other* process holds
+/// takes it over: the broker redelivers only to our client id, so that
+/// process was this instance before a crash, and nobody else will answer.
 const ADMIT: &str = r#"
 local rid = ARGV[1]
-if rid ~= "" then
-  if redis.call("LPOS", KEYS[3], rid) then return {"dup", 1} end
-  local held = redis.call("GET", KEYS[2])
-  if held and string.sub(held, string.find(held, "|", 1, true) + 1) == rid then
-    return {"dup", 0}
+local redelivery = ARGV[7] == "1"
+if rid ~= "" and redis.call("LPOS", KEYS[3], rid) then return {"dup", 1} end
+local held = redis.call("GET", KEYS[2])
+if held then
+  local bar = string.find(held, "|", 1, true)
+  if string.sub(held, bar + 1) == rid then
+    local holder = string.sub(held, 1, string.find(held, ".", 1, true) - 1)
+    if redelivery and holder ~= ARGV[6] then
+      redis.call("DEL", KEYS[2])
+    elseif rid ~= "" then
+      return {"dup", 0}
+    end
   end
-  if redis.call("GET", KEYS[4]) == rid then return {"dup", 0} end
+end
+if rid ~= "" then
+  local replying = redis.call("GET", KEYS[4])
+  if replying then
+    local bar = string.find(replying, "|", 1, true)
+    if string.sub(replying, bar + 1) == rid then
+      if redelivery and string.sub(replying, 1, bar - 1) ~= ARGV[6] then
+        redis.call("DEL", KEYS[4])
+      else
+        return {"dup", 0}
+      end
+    end
+  end
 end
 if redis.call("EXISTS", KEYS[2]) == 1 then return {"busy"} end
 local t = redis.call("TIME")
@@ -83,24 +108,25 @@ return 1
 "#;
 
 /// Frees the session if the lease is still ours; the request id counts as
-/// in flight until `finish`. KEYS: busy, replying. ARGV: token, request id.
+/// in flight (held by this process) until `finish`. KEYS: busy, replying.
+/// ARGV: token, request id, this process's id.
 const RELEASE: &str = r#"
 local held = redis.call("GET", KEYS[1])
 if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. "|" then
   redis.call("DEL", KEYS[1])
 end
-if ARGV[2] ~= "" then redis.call("SET", KEYS[2], ARGV[2], "PX", 60000) end
+if ARGV[2] ~= "" then redis.call("SET", KEYS[2], ARGV[3] .. "|" .. ARGV[2], "PX", 60000) end
 return 1
 "#;
 
 /// Remembers the request id as answered. KEYS: answered, replying.
-/// ARGV: request id, ids kept, idle ttl ms.
+/// ARGV: request id, ids kept, idle ttl ms, this process's id.
 const FINISH: &str = r#"
 if ARGV[1] ~= "" then
   redis.call("LPUSH", KEYS[1], ARGV[1])
   redis.call("LTRIM", KEYS[1], 0, tonumber(ARGV[2]) - 1)
   redis.call("PEXPIRE", KEYS[1], ARGV[3])
-  if redis.call("GET", KEYS[2]) == ARGV[1] then redis.call("DEL", KEYS[2]) end
+  if redis.call("GET", KEYS[2]) == ARGV[4] .. "|" .. ARGV[1] then redis.call("DEL", KEYS[2]) end
 end
 return 1
 "#;
@@ -198,6 +224,10 @@ pub struct RedisStore {
     breaker: Arc<SharedBreaker>,
     /// Lease tokens of the requests this instance holds.
     tokens: Mutex<HashMap<SessionKey, String>>,
+    /// This process's id, drawn at start: leases name their holder, so a
+    /// restarted instance can tell its own (live) requests from those of
+    /// its previous life.
+    process: String,
     scripts: Scripts,
 }
 
@@ -245,6 +275,7 @@ impl RedisStore {
             lease: request_timeout + LEASE_MARGIN,
             breaker: SharedBreaker::new(Breaker::new(3, Duration::from_secs(2))),
             tokens: Mutex::new(HashMap::new()),
+            process: format!("{:016x}", rand::random::<u64>()),
             scripts: Scripts {
                 admit: Script::new(ADMIT),
                 cancel: Script::new(CANCEL),
@@ -315,10 +346,20 @@ impl SessionStore for RedisStore {
         &self,
         key: &SessionKey,
         request_id: Option<&str>,
+        now: Instant,
+    ) -> Result<Admit, StoreError> {
+        self.admit_delivery(key, request_id, false, now).await
+    }
+
+    async fn admit_delivery(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        dup: bool,
         _now: Instant,
     ) -> Result<Admit, StoreError> {
         let k = Keys::of(key);
-        let token = format!("{:016x}", rand::random::<u64>());
+        let token = format!("{}.{:016x}", self.process, rand::random::<u64>());
         let mut conn = self.conn.clone();
         let mut inv = self.scripts.admit.prepare_invoke();
         inv.key(&k.window)
@@ -329,7 +370,9 @@ impl SessionStore for RedisStore {
             .arg(self.limits.rate_limit)
             .arg(self.limits.rate_window.as_millis() as u64)
             .arg(self.lease.as_millis() as u64)
-            .arg(&token);
+            .arg(&token)
+            .arg(&self.process)
+            .arg(if dup { "1" } else { "0" });
         let v: Vec<redis::Value> = self.call(inv.invoke_async(&mut conn)).await?;
         let admit = admit_result(&v)?;
         if admit == Admit::Admitted {
@@ -369,7 +412,8 @@ impl SessionStore for RedisStore {
         inv.key(&k.busy)
             .key(&k.replying)
             .arg(&token)
-            .arg(request_id.unwrap_or(""));
+            .arg(request_id.unwrap_or(""))
+            .arg(&self.process);
         self.call(inv.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
@@ -390,7 +434,8 @@ impl SessionStore for RedisStore {
             .key(&k.replying)
             .arg(rid)
             .arg(ANSWERED_IDS)
-            .arg(self.ttl_ms());
+            .arg(self.ttl_ms())
+            .arg(&self.process);
         self.call(inv.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)

@@ -98,6 +98,21 @@ pub trait SessionStore: Send + Sync + 'static {
         request_id: Option<&str>,
         now: Instant,
     ) -> Result<Admit, StoreError>;
+    /// [`admit`](Self::admit) for a delivery the broker flagged as a
+    /// redelivery (`dup`). A shared store must not drop it as "in flight"
+    /// when the request is held by another process: the broker redelivers
+    /// only to our own client id, so that process was a previous life of
+    /// this instance and is dead. One process never sees that case.
+    async fn admit_delivery(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        dup: bool,
+        now: Instant,
+    ) -> Result<Admit, StoreError> {
+        let _ = dup;
+        self.admit(key, request_id, now).await
+    }
     /// Undoes an `Admitted` whose request was then refused (queue full):
     /// frees the session and gives the window slot back.
     async fn cancel(&self, key: &SessionKey) -> Result<(), StoreError>;

@@ -288,12 +288,9 @@ async fn poll_until(mut cond: impl FnMut() -> bool, timeout: Duration, what: &st
 /// down). Judged by the checker: nothing lost; duplicates are allowed and
 /// counted.
 ///
-/// Fails today (lost 3-4 of 96 in our runs: the requests A had in hand at
-/// the kill), by the daemon bug shown on its own by
-/// `a_request_in_hand_of_a_killed_instance_is_answered_after_its_restart`.
-/// Without `--state-url` (each instance its own memory) it passes: 96 ok.
+/// Before the fix this lost 3-4 of 96 (the requests A had in hand at the
+/// kill); see the next test for why.
 #[tokio::test]
-#[ignore = "daemon bug: a QoS 1 request in hand at a kill -9 is dropped as an in-flight duplicate when redelivered to the restarted instance (its lease in Redis names it), and never answered"]
 async fn one_instance_killed_mid_load_loses_nothing() {
     let broker = Mosquitto::start().await;
     let redis = Redis::start().await;
@@ -537,26 +534,14 @@ async fn a_lease_expires_under_a_stalled_instance_and_fencing_keeps_the_new_hold
 /// instance is back under the same `--instance-id` (the broker delivers it
 /// again, DUP set, within the restarted instance's persistent session).
 ///
-/// Daemon bug (src/redis_store.rs, ADMIT): the dead process's busy lease
-/// in Redis is `token|r1`, so the redelivered r1 finds "its own" request
-/// id in the lease and the script answers `{"dup", 0}` (in flight).
-/// Admission (src/admission/mod.rs, `Admit::Duplicate { answered: false }`
-/// with the DUP flag set) then drops it without a reply and without an ack,
-/// trusting the original delivery, which lived in the dead process, to
-/// answer and acknowledge it. Nothing ever does: the restarted instance
-/// logs `duplicate delivery dropped`, the lease expires 8 s later, and the
-/// broker does not deliver r1 again until this client reconnects. By the
-/// same reasoning (not reproduced separately), the `replying` key, set by
-/// RELEASE for 60 s before the reply is handed to egress, loses a request
-/// whose instance dies between the release and the reply's publication. With the in-memory store (drop
-/// `--state-url`) this test passes: the crash wipes the in-flight record.
-/// Fixing it needs the lease (and `replying`) to name the process that
-/// holds it (e.g. a random id drawn at start-up), so that a DUP delivery
-/// whose request id is in flight in another, necessarily dead, incarnation
-/// takes the lease over and runs, while one in flight in this process is
-/// still dropped.
+/// The fault this caught (src/redis_store.rs, ADMIT): the dead process's
+/// busy lease in Redis was `token|r1`, so the redelivered r1 found "its
+/// own" request id in the lease and was dropped as in flight, without a
+/// reply or an ack, and never answered. Leases (and `replying`) now name
+/// the process holding them (an id drawn at start-up): a DUP delivery of a
+/// request held by another, necessarily dead, incarnation takes the lease
+/// over and runs; one held by this process is still a duplicate.
 #[tokio::test]
-#[ignore = "daemon bug: the redelivered request finds its own request id in the dead process's Redis lease, is dropped as an in-flight duplicate (no reply, no ack) and is never answered"]
 async fn a_request_in_hand_of_a_killed_instance_is_answered_after_its_restart() {
     const LEASE: Duration = Duration::from_secs(3 + 5);
     let broker = Mosquitto::start().await;

@@ -70,7 +70,10 @@ impl Admission {
     async fn admit(&self, mut req: Request) {
         let request_id = req.reply.request_id.as_deref();
         let now = Instant::now();
-        let admitted = self.store.admit(&req.key, request_id, now).await;
+        let admitted = self
+            .store
+            .admit_delivery(&req.key, request_id, req.dup, now)
+            .await;
         let failure = match admitted {
             // No request waits on a store that cannot answer: it is told at
             // once when to try again (and a QoS 1 one is acknowledged with
