@@ -138,8 +138,14 @@ def settings(quick):
         # the sessions' histories differ; its closed loop numbers each
         # client's turns alike, and identical conversations would share
         # their cache blocks.) Fixed workers: nothing waits in the daemon.
+        # vllm-stress hands requests to the sessions in a fixed cycle, and
+        # round-robin cycles over the sims: with a number of sessions that
+        # is a multiple of the number of sims, every turn of a session would
+        # reach the same sim, and round-robin would be affinity by accident.
+        # With 44 sessions over 3 sims, a session's turns visit the sims in
+        # turn (each sim saw the session's conversation 3 turns before).
         "rt_rate": 30.0,
-        "rt_sessions": 45,
+        "rt_sessions": 44,
         "rt_secs": 12.0,  # 8 turns per session
         "rt_workers": 48,
         # Phase 2, throughput: the same sims (caches as phase 1 left them),
@@ -148,7 +154,7 @@ def settings(quick):
         "rt_sat_factor": 1.5,
         "rt_sat_secs": 12.0,
         "rt_sat_warm": 4.0,
-        "rt_sat_sessions": 150,
+        "rt_sat_sessions": 148,  # not a multiple of rt_sims either
         "rt_sat_queue": 64,
         # prefix cache per sim: the system prompt plus this many times the
         # final history of its share of the sessions (affinity's working set)
@@ -156,16 +162,23 @@ def settings(quick):
         "rt_policies": ["round-robin", "least-loaded", "affinity"],
         # 7 auto: --num-workers auto vs 8 against one sim per batch size
         "auto_seqs": [8, 32, 128],
+        # Reply lengths uniform in [tokens/2, 3 tokens/2] (mean `tokens`): with
+        # one fixed length, the requests admitted together (auto doubles its
+        # limit at once) would also finish together, every request duration,
+        # and a window's count of replies would swing by a whole batch.
         "auto_tokens": 64,
         "auto_fixed": 8,
         "auto_queue": 32,
-        "auto_warm": 8.0,  # plus 1.5 request durations at a full batch
+        # auto's slow start reaches 128 in about 10 s, overshoots to 256 for
+        # 2 scrapes, and the requests it queued in the sim then take a
+        # request's duration to drain: the window starts after that.
+        "auto_warm": 14.0,  # plus 1.5 request durations at a full batch
         "auto_window": 20.0,  # goodput window after the warm-up
         "auto_reps": 1,
         # 8 failover: 3 sims, one SIGKILLed mid-load
         "fo_sims": 3,
         "fo_seqs": 16,
-        "fo_tokens": 32,
+        "fo_tokens": 64,  # about 0.6 s each: ~6 in flight per sim at the kill
         "fo_rate": 30.0,
         "fo_secs": 20.0,
         "fo_kill_at": 8.0,
@@ -192,8 +205,8 @@ def settings(quick):
             rt_sat_secs=8.0,
             rt_sat_warm=3.0,
             rt_policies=["round-robin", "affinity"],
-            auto_warm=6.0,
-            auto_window=8.0,
+            auto_warm=12.0,
+            auto_window=6.0,
             fo_secs=10.0,
             fo_kill_at=4.0,
         )
@@ -1103,6 +1116,8 @@ class Bench:
             "hits": msum(m, "vllm:prefix_cache_hits_total"),
             "requests": msum(m, "vllm:request_success_total"),
             "ttft": hist(m, "vllm:time_to_first_token_seconds"),
+            "ttft_sum": msum(m, "vllm:time_to_first_token_seconds_sum"),
+            "ttft_count": msum(m, "vllm:time_to_first_token_seconds_count"),
         }
 
     # ---------------------------------------------------------------------
@@ -1114,6 +1129,9 @@ class Bench:
         msg = ("Please check shelf 12 in aisle 4 and tell me whether the robot can pick "
                "the blue boxes before noon, then plan its route back to the charging dock "
                "avoiding the loading bay.")
+        for k in ("rt_sessions", "rt_sat_sessions"):  # see settings()
+            if s[k] % s["rt_sims"] == 0:
+                s[k] += 1
         turns = max(1, round(s["rt_rate"] * s["rt_secs"] / s["rt_sessions"]))
         # The sim's view of one session's last prompt, to size its cache:
         # system prompt, then (user, assistant) per earlier turn.
@@ -1192,6 +1210,7 @@ class Bench:
                 x["vs_rr"] = {
                     "ttft_p50": ratio(x["ttft_p50_ms"], base["ttft_p50_ms"]),
                     "ttft_p99": ratio(x["ttft_p99_ms"], base["ttft_p99_ms"]),
+                    "ttft_mean": ratio(x["ttft_mean_ms"], base["ttft_mean_ms"]),
                     "throughput": ratio(x["sat_goodput"], base["sat_goodput"]),
                     "reply_p50": ratio(x["reply_p50_ms"], base["reply_p50_ms"]),
                 }
@@ -1240,6 +1259,8 @@ class Bench:
         h2 = sum(b["hits"] - a["hits"] for a, b in zip(m1, m2))
         oks = [lat for _, lat, out in recs if out == "ok" and lat is not None]
         p50, p99 = hist_quantile(0.5, ttft), hist_quantile(0.99, ttft)
+        tsum = sum(b["ttft_sum"] - a["ttft_sum"] for a, b in zip(m0, m1))
+        tcount = sum(b["ttft_count"] - a["ttft_count"] for a, b in zip(m0, m1))
         goodput, _ = self.open_window(srecs, s["rt_sat_warm"], s["rt_sat_secs"])
         return {
             "policy": pol,
@@ -1252,6 +1273,8 @@ class Bench:
             "ttft_p50_ms": p50 * 1000.0 if p50 is not None else None,
             "ttft_p99_ms": p99 * 1000.0 if p99 is not None else None,
             "ttft_buckets": {("+Inf" if k == math.inf else k): v for k, v in sorted(ttft.items())},
+            # exact, from the histograms' _sum / _count
+            "ttft_mean_ms": 1000.0 * tsum / tcount if tcount else None,
             "prefix_queries": q,
             "prefix_hits": h,
             "hit_rate": h / q if q else None,
@@ -1281,7 +1304,7 @@ class Bench:
             # The sim's own model (sim/src/config.rs defaults): a request at a
             # full batch lasts about ttft + tokens x (7 + 0.5 x seqs) ms.
             req_secs = 0.02 + tokens * (0.007 + 0.0005 * seqs)
-            sim = self.sim("--max-num-seqs", seqs, "--output-tokens", f"fixed:{tokens}")
+            sim = self.sim("--max-num-seqs", seqs, "--output-tokens", f"uniform:{tokens // 2}-{tokens * 3 // 2}")
             runs = {"sim_max": [], "auto": [], "fixed": []}
             try:
                 for rep in range(reps):
@@ -1335,12 +1358,13 @@ class Bench:
         goodput, _ = self.open_window(recs, warm, secs)
         w0, w1 = t_start + warm, t_start + secs
         waiting = sampler.series(0, "vllm:num_requests_waiting", w0, w1)
+        waiting_run = sampler.series(0, "vllm:num_requests_waiting", t_start, w1)
         running = sampler.series(0, "vllm:num_requests_running", w0, w1)
         limit_all = [(round(t - t_start, 2), msum(row[1], "vllm_mqttd_backend_concurrency_limit"))
                      for t, row in sampler.samples if row[1] is not None]
         limit_win = [v for t, v in limit_all if warm <= t <= secs]
         # When the limit first reached the batch size (auto's ramp).
-        reached = next((t for t, v in limit_all if v >= seqs), None)
+        reached = next((max(0.0, t) for t, v in limit_all if v >= seqs), None)
         lats = [lat for _, lat, out in recs if out == "ok" and lat is not None]
         return {
             "workers": mode,
@@ -1358,6 +1382,9 @@ class Bench:
             "sim_waiting_p95": pct(waiting, 95) or 0.0,
             "sim_waiting_max": max(waiting) if waiting else 0.0,
             "sim_waiting_samples": len(waiting),
+            # the whole run, auto's ramp included
+            "sim_waiting_mean_run": statistics.fmean(waiting_run) if waiting_run else 0.0,
+            "sim_waiting_max_run": max(waiting_run) if waiting_run else 0.0,
             "sim_running_mean": statistics.fmean(running) if running else 0.0,
             "limit_window_min": min(limit_win) if limit_win else None,
             "limit_window_max": max(limit_win) if limit_win else None,
@@ -1613,6 +1640,8 @@ def build_rows(res, s):
                 "<= 0.5 x round-robin" if main else "", check_le(r50, 0.5, "") if main else "")
             row(scn, f"{pol}: TTFT p99, ms (baseline: round-robin)", fmt(medp(pol, "ttft_p99_ms")),
                 fmt(medp("round-robin", "ttft_p99_ms")), medr(pol, "ttft_p99"))
+            row(scn, f"{pol}: TTFT mean, ms (histograms' sum / count; baseline: round-robin)",
+                fmt(medp(pol, "ttft_mean_ms")), fmt(medp("round-robin", "ttft_mean_ms")), medr(pol, "ttft_mean"))
             row(scn, f"{pol}: throughput at saturation, req/s (goodput at {fmt(s['rt_sat_factor'])}x the pool's "
                 f"capacity, workers auto; baseline: round-robin)", fmt(medp(pol, "sat_goodput")),
                 fmt(medp("round-robin", "sat_goodput")), tp,
@@ -1635,7 +1664,8 @@ def build_rows(res, s):
 
     if "auto" in res:
         au = res["auto"]
-        scn = (f"7 workers auto vs {s['auto_fixed']} (one sim, {s['auto_tokens']}-token replies, 2x its max offered "
+        scn = (f"7 workers auto vs {s['auto_fixed']} (one sim, replies of {s['auto_tokens'] // 2}-{s['auto_tokens'] * 3 // 2} "
+               f"tokens, 2x its max offered "
                f"open loop, queue {s['auto_queue']}, {au['reps']} repetition(s))")
         for seqs, runs in au["by_seqs"].items():
             cap = median([m["max_throughput"] for m in runs["sim_max"]])
@@ -1646,14 +1676,19 @@ def build_rows(res, s):
             row(scn, f"max-num-seqs {seqs}: {s['auto_fixed']} workers goodput, req/s (baseline: sim max)",
                 fmt(median([r["goodput"] for r in f])), fmt(cap), median([r["goodput_ratio"] for r in f]))
             wm = median([r["sim_waiting_mean"] for r in a])
+            row(scn, f"max-num-seqs {seqs}: (info) sim batch occupancy, running mean / max-num-seqs: auto; "
+                f"{s['auto_fixed']} workers",
+                f"{fmt(median([r['sim_running_mean'] for r in a]) / int(seqs), 3)}; "
+                f"{fmt(median([r['sim_running_mean'] for r in f]) / int(seqs), 3)}")
             row(scn, f"max-num-seqs {seqs}: auto: sim's num_requests_waiting mean / p95 / max (steady window)",
                 f"{fmt(wm)} / {fmt(median([r['sim_waiting_p95'] for r in a]))} / {fmt(median([r['sim_waiting_max'] for r in a]))}",
                 "", None, "mean <= 1", check_le(wm, 1.0, ""))
             row(scn, f"max-num-seqs {seqs}: (info) auto: sim running mean; daemon limit min-max in window; "
-                "limit >= batch after, s",
+                "limit >= batch after, s; sim waiting mean / max over the whole run (ramp included)",
                 f"{fmt(median([r['sim_running_mean'] for r in a]))}; "
                 f"{fmt(median([r['limit_window_min'] for r in a]))}-{fmt(median([r['limit_window_max'] for r in a]))}; "
-                f"{fmt(median([r['limit_reached_batch_at_secs'] for r in a]))}")
+                f"{fmt(median([r['limit_reached_batch_at_secs'] for r in a]))}; "
+                f"{fmt(median([r['sim_waiting_mean_run'] for r in a]))} / {fmt(median([r['sim_waiting_max_run'] for r in a]))}")
             row(scn, f"max-num-seqs {seqs}: (info) ok p50 / p99, ms: auto; {s['auto_fixed']} workers",
                 f"{fmt(median([r['ok_p50_ms'] for r in a]))} / {fmt(median([r['ok_p99_ms'] for r in a]))}; "
                 f"{fmt(median([r['ok_p50_ms'] for r in f]))} / {fmt(median([r['ok_p99_ms'] for r in f]))}",
@@ -1670,8 +1705,9 @@ def build_rows(res, s):
         row(scn, "lost (worst repetition; baseline: sent)", fmt(lost), fmt(min(r["sent"] for r in reps)), None, "0",
             "met" if lost == 0 else f"**MISSED** ({lost} lost)")
         row(scn, "error replies (worst repetition; 5 min deadlines)", fmt(errs), "", None, "0",
-            "met" if errs == 0 else f"**MISSED** ({errs}: " + ", ".join(
-                f"{k} {v}" for r in reps for k, v in r["error_outcomes"].items()) + ")")
+            "met" if errs == 0 else f"**MISSED** (" + "; ".join(
+                f"rep {i + 1}: " + ", ".join(f"{k} {v}" for k, v in r["error_outcomes"].items())
+                for i, r in enumerate(reps) if r["error_outcomes"]) + ")")
         row(scn, "(info) requests in flight on the killed sim at the kill; requests spanning the kill +-0.1 s (not ok)",
             f"{fmt(median([r['victim_in_flight'] for r in reps]))}; {fmt(median([r['spanning_kill'] for r in reps]))} "
             f"({fmt(max(r['spanning_kill_not_ok'] for r in reps))})")
@@ -1735,7 +1771,8 @@ def machine():
         "cargo": sh(["cargo", "--version"]),
         "mosquitto": mosq.splitlines()[0] if mosq else None,
         "python": platform.python_version(),
-        "git_commit": sh(["git", "rev-parse", "HEAD"]),
+        # BENCH_COMMIT: the commit of a tree without .git (a git archive)
+        "git_commit": sh(["git", "rev-parse", "HEAD"]) or os.environ.get("BENCH_COMMIT"),
         "git_dirty": bool(status.strip()),
         "git_modified_files": [line[3:] for line in status.splitlines()],
         "clk_tck": CLK_TCK,
