@@ -46,46 +46,64 @@ fn shipped_client_id_rule() -> String {
     rule.to_owned()
 }
 
-#[tokio::test]
-async fn devices_are_confined_to_their_own_replies() {
+/// Mosquitto with the shipped ACL and client-id rule, the daemon's user
+/// and `users` (each with password `{user}-pw`).
+async fn shipped_broker(persistence: bool, users: &[&str]) -> Mosquitto {
     let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mosquitto/acl");
     let mut broker = Mosquitto::start_with(MosquittoOptions {
-        persistence: true,
+        persistence,
         password: Some(("vllm-mqttd".into(), "daemon-pw".into())),
         extra_conf: format!("acl_file {acl}\n{}\n", shipped_client_id_rule()),
     })
     .await;
-    add_user(&broker, "robot-7", "robot-7-pw");
-    add_user(&broker, "robot-8", "robot-8-pw");
-    add_user(&broker, "mallory", "mallory-pw");
-    // Its own user: with client ids bound to users, two connections of one
-    // user would knock each other off.
-    add_user(&broker, "watcher", "watcher-pw");
+    for user in users {
+        add_user(&broker, user, &format!("{user}-pw"));
+    }
     broker.restart().await; // reload the password file
+    broker
+}
 
-    let fake = FakeVllm::builder().run().await;
-    let mut c = config(broker.host(), broker.port(), &fake.base_url());
-    c.projects = vec!["general".into()];
+/// Starts the daemon as user `vllm-mqttd` (password from a file in `dir`)
+/// and waits, as `watcher`, for its online status: the watcher in
+/// `Daemon::start` reads anonymously, and anonymous logins are off here.
+async fn start_as_daemon_user(
+    broker: &Mosquitto,
+    mut c: vllm_mqttd::Config,
+    dir: &tempfile::TempDir,
+) -> (
+    TestClient,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), vllm_mqttd::error::AppError>>,
+) {
     c.mqtt.username = Some("vllm-mqttd".into());
-    let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "daemon-pw\n").unwrap();
     c.mqtt.password_file = Some(pw);
-    // The watcher in Daemon::start reads the status anonymously; the ACL
-    // lets anyone read it but anonymous logins are off, so start by hand.
-    let instance = c.instance_id.clone();
-    let mut watcher = login(&broker, "watcher").await;
+    let mut watcher = login(broker, "watcher").await;
     watcher
-        .subscribe(&format!("vllm-mqttd/{instance}/status"))
+        .subscribe(&format!("vllm-mqttd/{}/status", c.instance_id))
         .await;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let app = vllm_mqttd::App::new(c).unwrap();
-    let handle = tokio::spawn(app.run(shutdown.clone()));
+    let handle = tokio::spawn(vllm_mqttd::App::new(c).unwrap().run(shutdown.clone()));
     loop {
         if watcher.expect(WAIT).await.json()["state"] == "online" {
             break;
         }
     }
+    (watcher, shutdown, handle)
+}
+
+#[tokio::test]
+async fn devices_are_confined_to_their_own_replies() {
+    // The watcher has its own user: with client ids bound to users, two
+    // connections of one user would knock each other off.
+    let broker = shipped_broker(true, &["robot-7", "robot-8", "mallory", "watcher"]).await;
+    let fake = FakeVllm::builder().run().await;
+    let mut c = config(broker.host(), broker.port(), &fake.base_url());
+    c.projects = vec!["general".into()];
+    let instance = c.instance_id.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut watcher, shutdown, handle) = start_as_daemon_user(&broker, c, &dir).await;
 
     // robot-8 asks first and gets its answer.
     let mut r8 = login(&broker, "robot-8").await;
@@ -171,18 +189,7 @@ async fn devices_are_confined_to_their_own_replies() {
 /// session by guessing the sessionId, and reads only its own replies.
 #[tokio::test]
 async fn a_device_cannot_touch_another_devices_session() {
-    let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mosquitto/acl");
-    let mut broker = Mosquitto::start_with(MosquittoOptions {
-        persistence: false,
-        password: Some(("vllm-mqttd".into(), "daemon-pw".into())),
-        extra_conf: format!("acl_file {acl}\n{}\n", shipped_client_id_rule()),
-    })
-    .await;
-    for user in ["robot-7", "robot-8", "watcher"] {
-        add_user(&broker, user, &format!("{user}-pw"));
-    }
-    broker.restart().await;
-
+    let broker = shipped_broker(false, &["robot-7", "robot-8", "watcher"]).await;
     // The backend answers with how many messages the prompt held: the
     // system prompt, the history, and the new message.
     let fake = FakeVllm::builder()
@@ -198,23 +205,8 @@ async fn a_device_cannot_touch_another_devices_session() {
             ..Default::default()
         },
     );
-    c.mqtt.username = Some("vllm-mqttd".into());
     let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, "daemon-pw\n").unwrap();
-    c.mqtt.password_file = Some(pw);
-    let instance = c.instance_id.clone();
-    let mut watcher = login(&broker, "watcher").await;
-    watcher
-        .subscribe(&format!("vllm-mqttd/{instance}/status"))
-        .await;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(vllm_mqttd::App::new(c).unwrap().run(shutdown.clone()));
-    loop {
-        if watcher.expect(WAIT).await.json()["state"] == "online" {
-            break;
-        }
-    }
+    let (_watcher, shutdown, handle) = start_as_daemon_user(&broker, c, &dir).await;
 
     let ask = |session: &str, message: &str| {
         json!({"sessionId": session, "message": message, "format": "json"}).to_string()
