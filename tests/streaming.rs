@@ -29,6 +29,19 @@ async fn until_done(dev: &mut TestClient, topic: &str) -> (Vec<Value>, Value, Ve
     }
 }
 
+/// Waits (bounded) until the backend has seen a client go away: the
+/// daemon dropped its call, which is what makes vLLM abort a generation.
+async fn until_disconnected(disconnects: impl Fn() -> usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while disconnects() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backend call was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The deltas' `seq` run 0.. with no gap, the final's is their count, and
 /// the deltas add up to the final text.
 fn check_sequence(deltas: &[Value], last: &Value) -> String {
@@ -247,11 +260,7 @@ async fn a_cancelled_running_request_drops_its_backend_call_and_keeps_its_text()
         "the text so far"
     );
     // The backend saw the client go away (vLLM aborts the generation).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sim.disconnected() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no disconnect seen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_disconnected(|| sim.disconnected()).await;
     env.stop().await;
 }
 
@@ -291,13 +300,6 @@ async fn a_device_whose_connection_dies_cancels_its_own_generation_by_last_will(
         .await
         .json();
     assert_eq!(v["error"]["code"], "cancelled", "{v}");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while env.fake.disconnected() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the call was not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_disconnected(|| env.fake.disconnected()).await;
     env.stop().await;
 }
