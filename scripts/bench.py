@@ -175,6 +175,8 @@ def settings(quick):
         "auto_warm": 14.0,  # plus 1.5 request durations at a full batch
         "auto_window": 20.0,  # goodput window after the warm-up
         "auto_reps": 1,
+        "auto_max_at": [1, 2],  # the sim's max: selfbench at these multiples of max-num-seqs
+        "auto_with_fixed": True,  # also the fixed-workers baseline runs
         # 8 failover: 3 sims, one SIGKILLed mid-load
         "fo_sims": 3,
         "fo_seqs": 16,
@@ -207,6 +209,8 @@ def settings(quick):
             rt_policies=["round-robin", "affinity"],
             auto_warm=12.0,
             auto_window=6.0,
+            auto_max_at=[1],
+            auto_with_fixed=False,
             fo_secs=10.0,
             fo_kill_at=4.0,
         )
@@ -1157,6 +1161,13 @@ class Bench:
         # The sim's own model: a request at a full batch holds its slot for
         # about ttft + tokens x (7 + 0.5 x seqs) ms (uncached prompt aside).
         req_secs = (s["rt_ttft_ms"] + s["rt_tokens"] * (7.0 + 0.5 * s["rt_seqs"])) / 1000.0
+        capacity = s["rt_sims"] * s["rt_seqs"] / req_secs
+        # Phase 2 runs on fresh sims whose cache is sized the same way for
+        # its own sessions: about 1 / rt_sat_factor of its requests are
+        # answered ok (the rest overloaded), and only those extend a history.
+        sat_turns = s["rt_sat_secs"] * capacity / s["rt_sat_sessions"]
+        sat_blocks = math.ceil(sat_turns * turn_bytes[0] / block)
+        sat_cache = int(sys_blocks + s["rt_cache_factor"] * s["rt_sat_sessions"] / s["rt_sims"] * sat_blocks)
         return {
             "system_prompt": sp,
             "system_prompt_tokens": len(chatml("system", sp)) // SIM_BYTES_PER_TOKEN,
@@ -1168,7 +1179,10 @@ class Bench:
             "last_prompt_tokens": (len(chatml("system", sp)) + sum(turn_bytes[:-1]) + len(chatml("user", msg)) + 32) // SIM_BYTES_PER_TOKEN,
             "cache_blocks": cache,
             "cache_blocks_all_sessions": sys_blocks + s["rt_sessions"] * session_blocks,
-            "pool_capacity_modelled": s["rt_sims"] * s["rt_seqs"] / req_secs,
+            "pool_capacity_modelled": capacity,
+            "sat_ok_turns": sat_turns,
+            "sat_cache_blocks": sat_cache,
+            "sat_cache_blocks_all_sessions": sys_blocks + s["rt_sat_sessions"] * sat_blocks,
         }
 
     def routing(self):
@@ -1186,7 +1200,9 @@ class Bench:
             f"{s['rt_sessions']} sessions x {st['turns']} turns at {fmt(s['rt_rate'])} req/s "
             f"(last prompt ~{st['last_prompt_tokens']} tokens); prefix cache {st['cache_blocks']} blocks per sim "
             f"(all sessions' would need {st['cache_blocks_all_sessions']}); then "
-            f"{fmt(s['rt_sat_factor'] * st['pool_capacity_modelled'])} req/s for the throughput")
+            f"{fmt(s['rt_sat_factor'] * st['pool_capacity_modelled'])} req/s over {s['rt_sat_sessions']} sessions "
+            f"for the throughput, prefix cache {st['sat_cache_blocks']} blocks per sim "
+            f"(all sessions' would need {st['sat_cache_blocks_all_sessions']})")
         reps = []
         pols = s["rt_policies"]
         for rep in range(s["reps"]):
@@ -1239,7 +1255,16 @@ class Bench:
             summ, recs = self.stress(broker, load, f"routing-{pol}", message=st["message"])
             m1 = [self.sim_load(metrics(x.port)) for x in sims]
             self.procs.stop(d)
-            # Phase 2: goodput at saturation, --num-workers auto.
+            d = None
+            for x in sims:
+                self.procs.stop(x)
+            # Phase 2: goodput at saturation, --num-workers auto, fresh sims.
+            cache_at = sim_args.index("--prefix-cache-blocks") + 1
+            sim_args2 = sim_args[:cache_at] + [st["sat_cache_blocks"]] + sim_args[cache_at + 1:]
+            sims = [self.sim(*sim_args2) for _ in range(s["rt_sims"])]
+            for sim in sims:
+                self.warm_prefix(sim, st["system_prompt"])
+            m1b = [self.sim_load(metrics(x.port)) for x in sims]
             d = self.daemon(broker, sims, workers="auto", queue=s["rt_sat_queue"], max_sessions=10000,
                             extra=["--routing", pol], config=st["config"])
             load = ["--rate", f"{sat_rate:.3f}/s", "--duration", f"{s['rt_sat_secs']}s",
@@ -1255,8 +1280,8 @@ class Bench:
             ttft = hist_add(ttft, hist_add(b["ttft"], a["ttft"], -1.0))
         q = sum(b["queries"] - a["queries"] for a, b in zip(m0, m1))
         h = sum(b["hits"] - a["hits"] for a, b in zip(m0, m1))
-        q2 = sum(b["queries"] - a["queries"] for a, b in zip(m1, m2))
-        h2 = sum(b["hits"] - a["hits"] for a, b in zip(m1, m2))
+        q2 = sum(b["queries"] - a["queries"] for a, b in zip(m1b, m2))
+        h2 = sum(b["hits"] - a["hits"] for a, b in zip(m1b, m2))
         oks = [lat for _, lat, out in recs if out == "ok" and lat is not None]
         p50, p99 = hist_quantile(0.5, ttft), hist_quantile(0.99, ttft)
         tsum = sum(b["ttft_sum"] - a["ttft_sum"] for a, b in zip(m0, m1))
@@ -1288,7 +1313,7 @@ class Bench:
             "sat_lost": ssumm["outcomes"]["lost"],
             "sat_outcomes": {k: v for k, v in ssumm["outcomes"].items() if v},
             "sat_hit_rate": h2 / q2 if q2 else None,
-            "sat_per_sim_requests": [int(b["requests"] - a["requests"]) for a, b in zip(m1, m2)],
+            "sat_per_sim_requests": [int(b["requests"] - a["requests"]) for a, b in zip(m1b, m2)],
             "sat_summary": ssumm,
         }
 
@@ -1309,9 +1334,11 @@ class Bench:
             try:
                 for rep in range(reps):
                     by_c = {}
-                    for c in (seqs, 2 * seqs):
-                        by_c[c] = self.selfbench(sim.url, c, max(6.0, 3.0 * req_secs), max(2.0, 1.5 * req_secs),
-                                                 tokens, f"automax-s{seqs}-c{c}")
+                    for c in [k * seqs for k in s["auto_max_at"]]:
+                        # max_tokens at the top of the range: the sim cuts its
+                        # uniform length at max_tokens (the daemon asks for 512)
+                        by_c[c] = self.selfbench(sim.url, c, max(10.0, 3.0 * req_secs), max(2.0, 1.5 * req_secs),
+                                                 tokens * 3 // 2, f"automax-s{seqs}-c{c}")
                     best = max(by_c, key=lambda c: by_c[c]["throughput"])
                     cap = by_c[best]["throughput"]
                     runs["sim_max"].append({
@@ -1321,7 +1348,7 @@ class Bench:
                     })
                     log(f"7 auto: max-num-seqs {seqs}, rep {rep + 1}/{reps}: sim max {cap:.2f} req/s "
                         f"(" + ", ".join(f"c{c} {x['throughput']:.2f}" for c, x in by_c.items()) + ")")
-                    for mode in ("auto", s["auto_fixed"]):
+                    for mode in ("auto", s["auto_fixed"]) if s["auto_with_fixed"] else ("auto",):
                         r = self.auto_run(sim, seqs, mode, cap, req_secs)
                         runs["auto" if mode == "auto" else "fixed"].append(r)
                         log(f"  workers {mode}: goodput {r['goodput']:.2f} req/s ({r['goodput_ratio']:.3f}), "
@@ -1673,13 +1700,14 @@ def build_rows(res, s):
             ar = median([r["goodput_ratio"] for r in a])
             row(scn, f"max-num-seqs {seqs}: auto goodput, req/s (baseline: sim max)",
                 fmt(median([r["goodput"] for r in a])), fmt(cap), ar, ">= 0.95", check_ge(ar, 0.95))
-            row(scn, f"max-num-seqs {seqs}: {s['auto_fixed']} workers goodput, req/s (baseline: sim max)",
-                fmt(median([r["goodput"] for r in f])), fmt(cap), median([r["goodput_ratio"] for r in f]))
+            if f:
+                row(scn, f"max-num-seqs {seqs}: {s['auto_fixed']} workers goodput, req/s (baseline: sim max)",
+                    fmt(median([r["goodput"] for r in f])), fmt(cap), median([r["goodput_ratio"] for r in f]))
+            occ = lambda runs: fmt(median([r["sim_running_mean"] for r in runs]) / int(seqs), 3) if runs else "n/a"  # noqa: E731
             wm = median([r["sim_waiting_mean"] for r in a])
             row(scn, f"max-num-seqs {seqs}: (info) sim batch occupancy, running mean / max-num-seqs: auto; "
                 f"{s['auto_fixed']} workers",
-                f"{fmt(median([r['sim_running_mean'] for r in a]) / int(seqs), 3)}; "
-                f"{fmt(median([r['sim_running_mean'] for r in f]) / int(seqs), 3)}")
+                f"{occ(a)}; {occ(f)}")
             row(scn, f"max-num-seqs {seqs}: auto: sim's num_requests_waiting mean / p95 / max (steady window)",
                 f"{fmt(wm)} / {fmt(median([r['sim_waiting_p95'] for r in a]))} / {fmt(median([r['sim_waiting_max'] for r in a]))}",
                 "", None, "mean <= 1", check_le(wm, 1.0, ""))

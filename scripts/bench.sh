@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Benchmarks of issue 5: builds in release mode, starts Mosquitto, vllm-sim,
-# mqtt-echo and vllm-mqttd on loopback (free ports), drives them with
-# vllm-stress and selfbench, prints one markdown table and writes
-# bench/results/<YYYY-MM-DD>.json (every raw number and the machine).
+# Benchmarks of issues 5 and 11: builds in release mode, starts Mosquitto,
+# vllm-sim (one, or three for routing and failover), mqtt-echo and vllm-mqttd
+# on loopback (free ports), drives them with vllm-stress and selfbench,
+# prints one markdown table and writes bench/results/<YYYY-MM-DD>.json
+# (every raw number and the machine).
 #
-#   scripts/bench.sh            # every scenario, 3 repetitions (about 13 min on 2 cores)
-#   scripts/bench.sh --quick    # each scenario briefly, once (under 3 min)
-#   scripts/bench.sh --only 1,3 --keep-logs   # see scripts/bench.py --help
+#   scripts/bench.sh            # every scenario, 3 repetitions (about 24 min on 2 cores:
+#                               # 1-5 about 13, 6 routing 5, 7 auto 5, 8 failover 1)
+#   scripts/bench.sh --quick    # each scenario briefly, once (about 6 min)
+#   scripts/bench.sh --only 6,7,8 --keep-logs   # see scripts/bench.py --help
 #
 # The scenarios and their targets are described in scripts/bench.py.
 set -euo pipefail
