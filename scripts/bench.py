@@ -1280,6 +1280,10 @@ class Bench:
             ttft = hist_add(ttft, hist_add(b["ttft"], a["ttft"], -1.0))
         q = sum(b["queries"] - a["queries"] for a, b in zip(m0, m1))
         h = sum(b["hits"] - a["hits"] for a, b in zip(m0, m1))
+        ttft2 = {}
+        for a, b in zip(m1b, m2):
+            ttft2 = hist_add(ttft2, hist_add(b["ttft"], a["ttft"], -1.0))
+        sat_p50 = hist_quantile(0.5, ttft2)
         q2 = sum(b["queries"] - a["queries"] for a, b in zip(m1b, m2))
         h2 = sum(b["hits"] - a["hits"] for a, b in zip(m1b, m2))
         oks = [lat for _, lat, out in recs if out == "ok" and lat is not None]
@@ -1313,6 +1317,7 @@ class Bench:
             "sat_lost": ssumm["outcomes"]["lost"],
             "sat_outcomes": {k: v for k, v in ssumm["outcomes"].items() if v},
             "sat_hit_rate": h2 / q2 if q2 else None,
+            "sat_ttft_p50_ms": sat_p50 * 1000.0 if sat_p50 is not None else None,
             "sat_per_sim_requests": [int(b["requests"] - a["requests"]) for a, b in zip(m1b, m2)],
             "sat_summary": ssumm,
         }
@@ -1681,8 +1686,9 @@ def build_rows(res, s):
             " / ".join(fmt(medp(p, "reply_p99_ms")) for p in pols))
         row(scn, "(info) requests per sim, first repetition: " + " / ".join(pols),
             " / ".join("-".join(str(n) for n in reps[0][p]["per_sim_requests"]) for p in pols))
-        row(scn, "(info) saturation: offered req/s; hit rate " + " / ".join(pols),
-            f"{fmt(medp(pols[0], 'sat_offered_rate'))}; " + " / ".join(fmt(medp(p, "sat_hit_rate"), 3) for p in pols))
+        row(scn, "(info) saturation: offered req/s; hit rate; TTFT p50, ms: " + " / ".join(pols),
+            f"{fmt(medp(pols[0], 'sat_offered_rate'))}; " + " / ".join(fmt(medp(p, "sat_hit_rate"), 3) for p in pols)
+            + "; " + " / ".join(fmt(medp(p, "sat_ttft_p50_ms")) for p in pols))
         bad = max(r[p]["not_ok"] for r in reps for p in pols)
         row(scn, "replies not ok below capacity (worst run)", fmt(bad), "", None, "0",
             "met" if bad == 0 else f"**MISSED** ({bad})")
