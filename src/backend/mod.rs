@@ -79,6 +79,12 @@ pub enum BackendError {
     /// The response broke off or could not be decoded.
     #[error("bad response from the backend: {0}")]
     Protocol(String),
+    /// The connection broke mid-answer (the server died or reset it): the
+    /// backend's failure, worth another backend while nothing of the
+    /// answer has reached the device (a streamed request that sent a delta
+    /// is not retried; see the worker).
+    #[error("the backend's stream broke: {0}")]
+    Broken(String),
     /// The event stream went silent mid-answer for longer than
     /// `stream_gap_timeout`: the backend is stuck, not refusing this
     /// request. Not retried (a stuck backend would likely hold the retry
@@ -118,7 +124,10 @@ impl BackendError {
     /// Can the same request succeed if sent again?
     pub fn is_retryable(&self) -> bool {
         match self {
-            BackendError::Connect(_) | BackendError::Reset { .. } | BackendError::Timeout => true,
+            BackendError::Connect(_)
+            | BackendError::Reset { .. }
+            | BackendError::Timeout
+            | BackendError::Broken(_) => true,
             BackendError::Status { status, .. } => RETRYABLE_STATUS.contains(status),
             BackendError::ContextLength(_)
             | BackendError::Protocol(_)
@@ -157,6 +166,7 @@ impl BackendError {
             | BackendError::Reset { .. }
             | BackendError::Timeout
             | BackendError::Protocol(_)
+            | BackendError::Broken(_)
             | BackendError::Stalled(_) => Outcome::Failed,
             BackendError::Status { .. } if self.is_retryable() => Outcome::Failed,
             BackendError::Status { .. } | BackendError::ContextLength(_) => Outcome::Healthy,
@@ -510,7 +520,7 @@ async fn collect_stream(
             Err(_) => return Err(BackendError::Stalled(limits.gap)),
         };
         let chunk = chunk
-            .map_err(|e| BackendError::Protocol(format!("stream broke: {}", root_cause(&e))))?;
+            .map_err(|e| BackendError::Broken(root_cause(&e)))?;
         // One event per generated token: parsed in place, borrowing from
         // the chunk, with no allocation but the reply text's growth.
         let go = parser.push(&chunk, |data| {
