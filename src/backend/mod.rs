@@ -519,8 +519,7 @@ async fn collect_stream(
             Ok(None) => break,
             Err(_) => return Err(BackendError::Stalled(limits.gap)),
         };
-        let chunk = chunk
-            .map_err(|e| BackendError::Broken(root_cause(&e)))?;
+        let chunk = chunk.map_err(|e| BackendError::Broken(root_cause(&e)))?;
         // One event per generated token: parsed in place, borrowing from
         // the chunk, with no allocation but the reply text's growth.
         let go = parser.push(&chunk, |data| {
