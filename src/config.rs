@@ -17,6 +17,9 @@ use vllm_chat::protocol::{is_valid_session_id, ReplyFormat};
 use crate::backend::retry::{Jitter, RetryPolicy};
 use crate::error::ConfigError;
 
+/// How requests are spread over several backends (`backend.routing`).
+pub use crate::backend::routing::Routing;
+
 /// The annotated default configuration, as shipped.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/vllm-mqttd.toml");
 

@@ -233,7 +233,7 @@ async fn call(
     // discoveries are under way, wait for them (within the deadline), but
     // do not hang on backends that are down.
     loop {
-        match shared.pool.route(model, 0) {
+        match shared.pool.available(model) {
             Route::Ready(_) => break,
             Route::Wait => shared.pool.discovery_changed(Duration::from_secs(1)).await,
             Route::None(why) => return Err(Failure::new(ErrorCode::BackendUnavailable, why)),

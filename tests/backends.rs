@@ -297,3 +297,22 @@ async fn auto_concurrency_settles_at_the_backends_batch_size() {
     }
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn round_robin_takes_every_backend_in_turn() {
+    // Two backends: a request that took two routing turns (a check and a
+    // choice) would always land on the same one.
+    let broker = Mosquitto::start().await;
+    let (a, b) = (named("a").await, named("b").await);
+    let mut c = config(broker.host(), broker.port(), &a.base_url());
+    c.backend.url = vllm_mqttd::config::Urls(vec![a.base_url(), b.base_url()]);
+    c.backend.routing = vllm_mqttd::config::Routing::RoundRobin;
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    for s in 0..6 {
+        let v = ask(&mut dev, &format!("rr{s}"), "hi").await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    assert_eq!((a.chat_calls(), b.chat_calls()), (3, 3));
+    daemon.stop().await.unwrap();
+}

@@ -280,6 +280,16 @@ impl Pool {
     /// The members that can serve `model` (the project's; `None`: the
     /// default), in the order `session` should try them.
     pub fn route(&self, model: Option<&str>, session: u64) -> Route {
+        self.candidates(model, Some(session))
+    }
+
+    /// Whether some backend can serve `model` now (`Ready` with no order),
+    /// without taking a routing turn: a check must not move round-robin.
+    pub fn available(&self, model: Option<&str>) -> Route {
+        self.candidates(model, None)
+    }
+
+    fn candidates(&self, model: Option<&str>, session: Option<u64>) -> Route {
         let wanted = model.or(self.configured_model.as_deref());
         let mut candidates = Vec::with_capacity(self.members.len());
         let mut models = Vec::with_capacity(self.members.len());
@@ -318,6 +328,9 @@ impl Pool {
                 })
             };
         }
+        let Some(session) = session else {
+            return Route::Ready(Vec::new());
+        };
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let order = routing::order(self.routing, &candidates, session, turn);
         // A backend at its limit goes after those with room, in the same
