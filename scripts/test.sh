@@ -27,6 +27,12 @@ if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --break-system-packages 'paho-mqtt>=1.6,<3'
 fi
 
+# Incremental artefacts doubled the target folder for a one-shot run; a
+# developer who wants them sets CARGO_INCREMENTAL=1. The free space is
+# printed because a full disk shows up only as a linker crash (SIGBUS).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "==> free disk: $(df -h . | awk 'NR==2 {print $4}') (the suite's build needs about 3 GB)"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
