@@ -29,6 +29,16 @@
 //! Other outcomes are typed errors ([`ClientError`]); the client never
 //! makes up an answer.
 //!
+//! [`Client::stream`] does the same with `"stream": true` (protocol v1.1)
+//! and hands over the answer's deltas as they come, then the final reply,
+//! as a [`ReplyStream`]. Its request runs in a task of its own, so that
+//! dropping the stream can still tell the daemon to stop (a cancel for
+//! that request id) and wait, holding the session's turn, for the daemon
+//! to confirm, so the session's next request does not meet
+//! `session_busy`. A retry is made only before the first delta: after one,
+//! a retry would repeat the text the caller already has, so an error then
+//! ends the stream, with the text so far in the error's reply.
+//!
 //! This module is the top of the client's layers and only sequences the
 //! steps; the parts live below it and none of them imports it:
 //! [`ClientOptions`] and [`Protocol`] (`options`), [`ClientError`]
@@ -59,18 +69,22 @@
 //! broker blip during a long generation would end in `session_busy`.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Dispatch, Wake};
 use crate::pacing::Pacer;
-use crate::protocol::{request_topic, ErrorCode, Reply};
+use crate::protocol::{request_topic, Delta, ErrorCode, Reply};
 use crate::retry::{Decision, RetryPolicy};
 use crate::stats::{Counters, Seen};
 use crate::subscriptions::Subscriptions;
@@ -141,6 +155,117 @@ impl Drop for SlotGuard<'_> {
 }
 
 type SessionKey = (String, String);
+
+/// How long a streamed request whose caller cancelled it waits for the
+/// daemon's `cancelled` reply (which comes at once from a live daemon)
+/// before it gives the session's turn back anyway.
+const CANCEL_CONFIRM: Duration = Duration::from_secs(5);
+
+/// One event of a streamed answer ([`Client::stream`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamEvent {
+    /// The next piece of the answer, in order (`seq` counts from 0).
+    Delta(Delta),
+    /// The final reply: `ok`, `done`, and the **whole** text (a delta lost
+    /// on the way, at QoS 0, is not lost from it). Nothing follows it.
+    Done(Reply),
+}
+
+/// A streamed answer: [`StreamEvent::Delta`]s, then one
+/// [`StreamEvent::Done`] or one error, then the end. Read it with
+/// [`next`](Self::next) or as a [`futures_core::Stream`].
+///
+/// Dropping it before the end cancels the request at the daemon (which
+/// drops the backend call: vLLM stops generating). [`cancel`](Self::cancel)
+/// does the same but keeps the stream, whose last item is then the
+/// daemon's `cancelled` error with the text generated so far.
+#[derive(Debug)]
+#[must_use = "a stream does nothing unless read; dropping it cancels the request"]
+pub struct ReplyStream {
+    events: mpsc::UnboundedReceiver<Result<StreamEvent, ClientError>>,
+    cancel: CancellationToken,
+}
+
+impl ReplyStream {
+    /// The next event, or `None` after the final one.
+    pub async fn next(&mut self) -> Option<Result<StreamEvent, ClientError>> {
+        self.events.recv().await
+    }
+
+    /// Asks the daemon to stop this request (if it was sent; otherwise it
+    /// is not sent). Keep reading for its final reply.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Reads to the end and returns the final reply, skipping deltas.
+    pub async fn finish(mut self) -> Result<Reply, ClientError> {
+        while let Some(event) = self.next().await {
+            match event? {
+                StreamEvent::Delta(_) => {}
+                StreamEvent::Done(reply) => return Ok(reply),
+            }
+        }
+        Err(ClientError::Connection(
+            "the client is shutting down".into(),
+        ))
+    }
+}
+
+impl futures_core::Stream for ReplyStream {
+    type Item = Result<StreamEvent, ClientError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        // A no-op once the request has ended.
+        self.cancel.cancel();
+    }
+}
+
+/// The streaming side of one request, owned by its task.
+struct Streaming {
+    events: mpsc::UnboundedSender<Result<StreamEvent, ClientError>>,
+    cancel: CancellationToken,
+    /// Deltas handed to the caller (only the attempt that streams has any).
+    deltas: u32,
+}
+
+/// `f`, unless `cancel` fires first.
+async fn unless_cancelled<T>(
+    cancel: Option<&CancellationToken>,
+    f: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match cancel {
+        None => f.await,
+        Some(token) => tokio::select! {
+            biased;
+            () = token.cancelled() => Err(ClientError::Cancelled),
+            r = f => r,
+        },
+    }
+}
+
+/// When `cancel` fires; never without one.
+async fn cancelled(cancel: Option<&CancellationToken>) {
+    match cancel {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next delta, or never when the attempt does not stream.
+async fn next_delta(rx: &mut Option<mpsc::UnboundedReceiver<Delta>>) -> Option<Delta> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// The per-session turn: holds the session's async lock and removes the
 /// map entry when nobody else is waiting for it, so the map does not grow
@@ -300,10 +425,60 @@ impl Client {
     /// errors a retry can fix; see the [module docs](self) for the steps.
     /// Safe to call from many tasks at once.
     pub async fn send(&self, request: &ChatRequest) -> Result<Reply, ClientError> {
+        request.validate(&self.inner.shared.client_id)?;
+        self.exchange(request, None).await
+    }
+
+    /// Sends a request with `"stream": true` and returns its answer as it
+    /// is generated: deltas, then the final reply (see [`ReplyStream`]).
+    /// Pacing, the session's turn and retries work as for
+    /// [`send`](Self::send), except that nothing is retried once a delta
+    /// has come. Dropping the stream cancels the request.
+    ///
+    /// ```no_run
+    /// use vllm_chat::{ChatRequest, Client, ClientOptions, StreamEvent};
+    ///
+    /// # async fn demo() -> Result<(), vllm_chat::ClientError> {
+    /// let client = Client::connect(ClientOptions::new("127.0.0.1", 1883)).await?;
+    /// let mut answer = client.stream(&ChatRequest::new("maze", "robot-7", "Describe the maze")).await?;
+    /// while let Some(event) = answer.next().await {
+    ///     match event? {
+    ///         StreamEvent::Delta(d) => print!("{}", d.delta),
+    ///         StreamEvent::Done(reply) => println!("\n({} ms)", reply.latency_ms.unwrap_or(0)),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn stream(&self, request: &ChatRequest) -> Result<ReplyStream, ClientError> {
+        request.validate(&self.inner.shared.client_id)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let mut streaming = Streaming {
+            events: tx,
+            cancel: cancel.clone(),
+            deltas: 0,
+        };
+        let (client, request) = (self.clone(), request.clone());
+        tokio::spawn(async move {
+            let result = client.exchange(&request, Some(&mut streaming)).await;
+            // Nobody reads it if the caller dropped the stream.
+            let _ = streaming.events.send(result.map(StreamEvent::Done));
+        });
+        Ok(ReplyStream { events: rx, cancel })
+    }
+
+    /// One request to its end: the session's turn, attempts, retries.
+    async fn exchange(
+        &self,
+        request: &ChatRequest,
+        mut streaming: Option<&mut Streaming>,
+    ) -> Result<Reply, ClientError> {
         let inner = &self.inner;
-        request.validate(&inner.shared.client_id)?;
         let deadline = Instant::now() + inner.options.timeout;
-        let _turn = self.session_turn(request, deadline).await?;
+        let cancel = streaming.as_ref().map(|s| s.cancel.clone());
+        let _turn = unless_cancelled(cancel.as_ref(), self.session_turn(request, deadline)).await?;
         // Replies charged to `max_attempts`.
         let mut attempts = 0;
         // `session_busy` replies drawn since a re-send (not charged).
@@ -312,7 +487,9 @@ impl Client {
         // re-send replaced: until a reply says otherwise.
         let mut replaced_may_run = false;
         loop {
-            let answered = self.attempt(request, deadline).await?;
+            let answered = self
+                .attempt(request, deadline, streaming.as_deref_mut())
+                .await?;
             replaced_may_run |= answered.resent;
             let reply = answered.reply;
             if reply.ok {
@@ -326,7 +503,14 @@ impl Client {
             };
             let retry_after = error.retry_after_ms.map(Duration::from_millis);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let decision = if replaced_may_run && error.code == ErrorCode::SessionBusy {
+            // A retry would repeat deltas the caller has, and a cancelled
+            // request is not wanted any more.
+            let final_answer = streaming
+                .as_ref()
+                .is_some_and(|s| s.deltas > 0 || s.cancel.is_cancelled());
+            let decision = if final_answer {
+                Decision::GiveUp(crate::retry::GiveUp::NotRetryable)
+            } else if replaced_may_run && error.code == ErrorCode::SessionBusy {
                 busy_behind_resend += 1;
                 inner.behind_resend.decide(
                     busy_behind_resend,
@@ -352,7 +536,11 @@ impl Client {
                 Decision::Retry(delay) => {
                     tracing::debug!(code = %error.code, ?delay, attempts, "retrying");
                     inner.shared.counters.count(Seen::Retry);
-                    tokio::time::sleep(delay).await;
+                    unless_cancelled(cancel.as_ref(), async {
+                        tokio::time::sleep(delay).await;
+                        Ok(())
+                    })
+                    .await?;
                 }
                 Decision::GiveUp(why) => {
                     tracing::debug!(code = %error.code, ?why, attempts, "giving up");
@@ -423,21 +611,29 @@ impl Client {
     /// wait for the reply (of any kind). If the connection drops before
     /// the reply comes, the request is sent again with a new id once the
     /// reply subscription is acknowledged on the new connection.
+    ///
+    /// A streamed attempt hands its deltas on as they come, and a cancel
+    /// from its caller is sent to the daemon once the request is out.
     async fn attempt(
         &self,
         request: &ChatRequest,
         deadline: Instant,
+        mut streaming: Option<&mut Streaming>,
     ) -> Result<Answered, ClientError> {
         let inner = &self.inner;
         let shared = &inner.shared;
+        let cancel = streaming.as_ref().map(|s| s.cancel.clone());
         // Whether a request of this attempt went out before.
         let mut published = false;
         loop {
             let filter = request.reply_filter(&shared.client_id);
-            let connection = shared
-                .subs
-                .ensure(&inner.link, &filter, deadline, inner.options.timeout)
-                .await?;
+            let connection = unless_cancelled(
+                cancel.as_ref(),
+                shared
+                    .subs
+                    .ensure(&inner.link, &filter, deadline, inner.options.timeout),
+            )
+            .await?;
 
             // Only a slot this call can use is reserved (a refused one must
             // not push later callers back), and it is given back if the
@@ -449,21 +645,38 @@ impl Client {
                 pacer: &inner.pacer,
                 slot: Some(slot),
             };
-            tokio::time::sleep_until(slot).await;
+            unless_cancelled(cancel.as_ref(), async {
+                tokio::time::sleep_until(slot).await;
+                Ok(())
+            })
+            .await?;
             reserved.slot = None;
 
             let request_id = format!("{:016x}", rand::rng().random::<u64>());
             let reply_topic = request.reply_topic(&shared.client_id, &request_id);
             let now = Instant::now();
             let attempt_deadline = deadline.min(now + inner.options.reply_timeout);
-            let payload = request.payload(&request_id, &shared.client_id, &reply_topic);
+            let payload = request.payload(
+                &request_id,
+                &shared.client_id,
+                &reply_topic,
+                streaming.is_some(),
+            );
             let payload = serde_json::to_vec(&payload)
                 .map_err(|e| ClientError::InvalidRequest(format!("cannot encode: {e}")))?;
 
             // Registered before publishing: a fast reply must find us
             // waiting. Refused if the connection the subscription was
             // acknowledged on dropped meanwhile: wait for the next one.
-            let Some(mut waiter) = shared.dispatch.register(&request_id, connection) else {
+            let (delta_tx, mut deltas) = match streaming {
+                Some(_) => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    (Some(tx), Some(rx))
+                }
+                None => (None, None),
+            };
+            let Some(mut waiter) = shared.dispatch.register(&request_id, connection, delta_tx)
+            else {
                 continue;
             };
             let props = RequestProps {
@@ -504,9 +717,33 @@ impl Client {
                     if is_resend {
                         shared.counters.count(Seen::Resent);
                     }
-                    match tokio::time::timeout_at(attempt_deadline, waiter.wake()).await {
-                        Ok(wake) => wake,
-                        Err(_) => return Err(ClientError::Timeout(attempt_deadline - now)),
+                    // Deltas first: they all come before their final
+                    // reply, so none is left behind when it comes.
+                    let mut wait_until = attempt_deadline;
+                    let mut cancel_sent = false;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some(delta) = next_delta(&mut deltas) => {
+                                if let Some(s) = streaming.as_deref_mut() {
+                                    s.deltas += 1;
+                                    let _ = s.events.send(Ok(StreamEvent::Delta(delta)));
+                                }
+                            }
+                            wake = waiter.wake() => break wake,
+                            () = cancelled(cancel.as_ref()), if !cancel_sent => {
+                                cancel_sent = true;
+                                wait_until = wait_until.min(Instant::now() + CANCEL_CONFIRM);
+                                self.cancel_request(request, &request_id).await;
+                            }
+                            () = tokio::time::sleep_until(wait_until) => {
+                                return Err(if cancel_sent {
+                                    ClientError::Cancelled
+                                } else {
+                                    ClientError::Timeout(attempt_deadline - now)
+                                });
+                            }
+                        }
                     }
                 }
             };
@@ -517,10 +754,39 @@ impl Client {
                         resent: is_resend,
                     })
                 }
+                Wake::Interrupted if cancel.as_ref().is_some_and(|c| c.is_cancelled()) => {
+                    return Err(ClientError::Cancelled);
+                }
+                Wake::Interrupted if streaming.as_ref().is_some_and(|s| s.deltas > 0) => {
+                    return Err(ClientError::Connection(
+                        "the connection dropped during a streamed answer; sending it again would repeat the deltas already given"
+                            .into(),
+                    ));
+                }
                 Wake::Interrupted => {
                     tracing::debug!(%request_id, "connection lost before the reply; sending again");
                 }
             }
+        }
+    }
+
+    /// Tells the daemon to stop one request of ours (a streamed request
+    /// whose caller cancelled it). A failure is only logged: the request
+    /// then ends by its deadline.
+    async fn cancel_request(&self, request: &ChatRequest, request_id: &str) {
+        let payload =
+            serde_json::json!({ "sessionId": request.session(), "requestId": request_id });
+        let topic = format!("{}/cancel", request.project());
+        let publish = self.inner.link.publish(
+            topic,
+            1,
+            payload.to_string().into_bytes(),
+            RequestProps::default(),
+        );
+        match tokio::time::timeout(CANCEL_CONFIRM, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(%request_id, error = %e, "cancel not sent"),
+            Err(_) => tracing::debug!(%request_id, "cancel not sent: the connection is backed up"),
         }
     }
 }

@@ -8,6 +8,12 @@
 //! duplicate, one that comes after its attempt gave up as late, and one
 //! for a request id a re-send replaced as a stray.
 //!
+//! A streamed request (v1.1) also gets its deltas: they go to the
+//! attempt's delta channel as they come, and only the final reply ends the
+//! wait. The channel is unbounded because the poll loop must never wait,
+//! and bounded in fact by the answer: the deltas of one request add up to
+//! its final reply's text.
+//!
 //! It also knows whether the connection replies arrive on is up: when it
 //! drops, every waiting attempt is woken with [`Wake::Interrupted`] (its
 //! request or its reply may be lost), and no attempt can register for a
@@ -16,10 +22,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ClientError;
-use crate::protocol::Reply;
+use crate::protocol::{Delta, Reply};
 use crate::stats::{Counters, Seen};
 use crate::sync::lock;
 use crate::transport::Message;
@@ -58,12 +64,20 @@ pub(crate) struct Dispatch {
     book: Mutex<Book>,
 }
 
+/// One waiting attempt: where its final reply goes, and its deltas if it
+/// streams.
+#[derive(Debug)]
+struct Pending {
+    reply: oneshot::Sender<Wake>,
+    deltas: Option<mpsc::UnboundedSender<Delta>>,
+}
+
 #[derive(Debug, Default)]
 struct Book {
     /// The connection replies can arrive on now (its number, counting
     /// CONNACKs), `None` while it is down.
     connection: Option<u64>,
-    pending: HashMap<String, oneshot::Sender<Wake>>,
+    pending: HashMap<String, Pending>,
     finished: HashMap<String, Fate>,
     finished_order: VecDeque<String>,
 }
@@ -101,22 +115,29 @@ impl Dispatch {
             pending
         };
         let n = interrupted.len();
-        for (_, tx) in interrupted {
-            let _ = tx.send(Wake::Interrupted);
+        for (_, pending) in interrupted {
+            let _ = pending.reply.send(Wake::Interrupted);
         }
         n
     }
 
     /// Registers request `id` as waiting for its reply, if `connection`
     /// (the one its reply subscription was acknowledged on) is still up;
-    /// `None` if it is not: subscribe again first.
-    pub(crate) fn register(&self, id: &str, connection: u64) -> Option<Waiter<'_>> {
+    /// `None` if it is not: subscribe again first. A streamed request
+    /// passes where its deltas go.
+    pub(crate) fn register(
+        &self,
+        id: &str,
+        connection: u64,
+        deltas: Option<mpsc::UnboundedSender<Delta>>,
+    ) -> Option<Waiter<'_>> {
         let mut book = lock(&self.book);
         if book.connection != Some(connection) {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        book.pending.insert(id.to_owned(), tx);
+        book.pending
+            .insert(id.to_owned(), Pending { reply: tx, deltas });
         Some(Waiter {
             dispatch: self,
             id: id.to_owned(),
@@ -133,9 +154,15 @@ impl Dispatch {
     /// reply timeout for an answer that already came.
     pub(crate) fn deliver(&self, m: Message, counters: &Counters) {
         let parsed = serde_json::from_slice::<Reply>(&m.payload);
-        let json_id = match &parsed {
-            Ok(reply) => reply.request_id.clone(),
-            Err(_) => serde_json::from_slice::<serde_json::Value>(&m.payload)
+        // Not a reply: perhaps a delta of a streamed answer.
+        let delta = match &parsed {
+            Ok(_) => None,
+            Err(_) => serde_json::from_slice::<Delta>(&m.payload).ok(),
+        };
+        let json_id = match (&parsed, &delta) {
+            (Ok(reply), _) => reply.request_id.clone(),
+            (Err(_), Some(d)) => d.request_id.clone(),
+            (Err(_), None) => serde_json::from_slice::<serde_json::Value>(&m.payload)
                 .ok()
                 .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned)),
         };
@@ -150,7 +177,16 @@ impl Dispatch {
             .or_else(|| m.topic.rsplit('/').next().map(str::to_owned))
             .unwrap_or_default();
         let mut book = lock(&self.book);
-        let waiter = book.pending.remove(&id);
+        if let Some(delta) = delta {
+            counters.count(Seen::Delta);
+            match book.pending.get(&id).and_then(|p| p.deltas.as_ref()) {
+                // A receiver gone means its attempt is ending: nothing to do.
+                Some(tx) => drop(tx.send(delta)),
+                None => tracing::debug!(request_id = %id, "delta for no streamed request ignored"),
+            }
+            return;
+        }
+        let waiter = book.pending.remove(&id).map(|p| p.reply);
         let wake = match (parsed, waiter) {
             (Ok(reply), Some(tx)) => (Wake::Reply(Ok(reply)), tx),
             (Err(e), Some(tx)) => {
@@ -262,7 +298,7 @@ mod tests {
     #[test]
     fn replies_are_matched_and_duplicates_strays_and_late_ones_counted() {
         let (d, c) = (up(), Counters::default());
-        let mut w = d.register("r1", 1).unwrap();
+        let mut w = d.register("r1", 1, None).unwrap();
         d.deliver(message("r1"), &c);
         let Some(Wake::Reply(Ok(reply))) = woken(&mut w) else {
             panic!("a reply")
@@ -279,7 +315,7 @@ mod tests {
             &c,
         );
         // An attempt that timed out, then its reply.
-        drop(d.register("r2", 1).unwrap());
+        drop(d.register("r2", 1, None).unwrap());
         d.deliver(message("r2"), &c);
         d.deliver(message("r2"), &c);
         let s = c.snapshot();
@@ -293,8 +329,8 @@ mod tests {
     #[test]
     fn request_id_falls_back_to_correlation_then_topic() {
         let (d, c) = (up(), Counters::default());
-        let mut by_correlation = d.register("cd", 1).unwrap();
-        let mut by_topic = d.register("tp", 1).unwrap();
+        let mut by_correlation = d.register("cd", 1, None).unwrap();
+        let mut by_topic = d.register("tp", 1, None).unwrap();
         let bare = |topic_id: &str, corr: Option<&'static [u8]>| Message {
             topic: format!("maze/assistant_response/s/c/{topic_id}"),
             payload: Bytes::from_static(br#"{"sessionId":"s","ok":true}"#),
@@ -311,7 +347,7 @@ mod tests {
         let (d, c) = (up(), Counters::default());
         let mut waiters: Vec<_> = ["u1", "u2", "u3"]
             .into_iter()
-            .map(|id| d.register(id, 1).unwrap())
+            .map(|id| d.register(id, 1, None).unwrap())
             .collect();
         // An error code this version does not know, tied by requestId.
         d.deliver(
@@ -356,17 +392,17 @@ mod tests {
     #[test]
     fn a_lost_connection_interrupts_the_waiters_and_their_replies_are_strays() {
         let (d, c) = (up(), Counters::default());
-        let mut a = d.register("a", 1).unwrap();
-        let mut b = d.register("b", 1).unwrap();
+        let mut a = d.register("a", 1, None).unwrap();
+        let mut b = d.register("b", 1, None).unwrap();
         assert_eq!(d.lost(), 2);
         assert!(matches!(woken(&mut a), Some(Wake::Interrupted)));
         assert!(matches!(woken(&mut b), Some(Wake::Interrupted)));
         // Nothing registers while the connection is down, nor for a
         // connection that is gone.
-        assert!(d.register("x", 1).is_none());
+        assert!(d.register("x", 1, None).is_none());
         d.connected(2);
-        assert!(d.register("x", 1).is_none());
-        let mut resent = d.register("a2", 2).unwrap();
+        assert!(d.register("x", 1, None).is_none());
+        let mut resent = d.register("a2", 2, None).unwrap();
         // The replaced id's reply is a stray; the new id's is the reply.
         d.deliver(message("a"), &c);
         d.deliver(message("a2"), &c);
@@ -374,6 +410,38 @@ mod tests {
         drop((a, b));
         let s = c.snapshot();
         assert_eq!((s.replies, s.strays, s.late), (1, 1, 0), "{s:?}");
+    }
+
+    #[test]
+    fn deltas_go_to_their_streamed_request_and_only_the_final_reply_ends_it() {
+        let (d, c) = (up(), Counters::default());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w = d.register("s1", 1, Some(tx)).unwrap();
+        let mut plain = d.register("p1", 1, None).unwrap();
+        let delta = |id: &str, seq: u32, text: &str| Message {
+            topic: format!("maze/assistant_response/s/c/{id}"),
+            payload: Bytes::from(format!(
+                r#"{{"requestId":"{id}","sessionId":"s","seq":{seq},"delta":"{text}"}}"#
+            )),
+            correlation: None,
+        };
+        d.deliver(delta("s1", 0, "The maze "), &c);
+        d.deliver(delta("s1", 1, "has two exits."), &c);
+        // A delta for a request that does not stream, and for nobody.
+        d.deliver(delta("p1", 0, "x"), &c);
+        d.deliver(delta("zz", 0, "x"), &c);
+        assert!(woken(&mut w).is_none() && woken(&mut plain).is_none());
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got.iter()
+                .map(|d| (d.seq, d.delta.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, "The maze "), (1, "has two exits.")]
+        );
+        d.deliver(message("s1"), &c);
+        assert!(matches!(woken(&mut w), Some(Wake::Reply(Ok(_)))));
+        let s = c.snapshot();
+        assert_eq!((s.deltas, s.replies, s.strays), (4, 1, 0), "{s:?}");
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub enum ClientError {
     /// The options are inconsistent.
     #[error("invalid options: {0}")]
     InvalidOptions(String),
+    /// The caller cancelled a streamed request before the daemon was sent
+    /// it, or the daemon did not confirm a cancel in time. (A cancel the
+    /// daemon confirms ends in [`ClientError::Server`] with the code
+    /// `cancelled` and the text generated so far.)
+    #[error("cancelled")]
+    Cancelled,
     /// A reply we could not make sense of (`ok: false` with no error).
     #[error("malformed reply: {0}")]
     Protocol(String),

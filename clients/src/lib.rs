@@ -88,4 +88,7 @@ mod sync;
 mod transport;
 
 #[cfg(feature = "client")]
-pub use client::{ChatRequest, Client, ClientError, ClientOptions, ClientStats, Protocol};
+pub use client::{
+    ChatRequest, Client, ClientError, ClientOptions, ClientStats, Protocol, ReplyStream,
+    StreamEvent,
+};

@@ -345,6 +345,26 @@ pub struct RequestPayload {
     /// Clear the session's history before this message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
+    /// v1.1: stream the answer as [`Delta`]s before the final reply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// v1.1: how a streamed answer is cut; the daemon's default (`time`)
+    /// if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_by: Option<StreamBy>,
+}
+
+/// v1.1 `streamBy`: how a streamed answer is cut into deltas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamBy {
+    /// At most one delta per the daemon's `stream_interval` (50 ms by
+    /// default), with whatever text arrived since the last.
+    #[default]
+    Time,
+    /// At sentence ends (for speech): a delta never splits a sentence;
+    /// the last one may be a fragment.
+    Sentence,
 }
 
 /// A project name is the first level of every topic of the project

@@ -3,7 +3,7 @@
 
 use crate::error::ClientError;
 use crate::protocol::{
-    is_valid_project, is_valid_session_id, reply_prefix, ReplyFormat, RequestPayload,
+    is_valid_project, is_valid_session_id, reply_prefix, ReplyFormat, RequestPayload, StreamBy,
     MAX_REPLY_TOPIC_BYTES,
 };
 
@@ -28,6 +28,7 @@ pub struct ChatRequest {
     temperature: Option<f64>,
     top_p: Option<f64>,
     max_tokens: Option<u32>,
+    stream_by: Option<StreamBy>,
 }
 
 impl ChatRequest {
@@ -46,6 +47,7 @@ impl ChatRequest {
             temperature: None,
             top_p: None,
             max_tokens: None,
+            stream_by: None,
         }
     }
 
@@ -77,6 +79,14 @@ impl ChatRequest {
     /// Completion length limit.
     pub fn max_tokens(mut self, n: u32) -> Self {
         self.max_tokens = Some(n);
+        self
+    }
+
+    /// How [`Client::stream`](crate::Client::stream) asks for the answer
+    /// to be cut (the daemon's default, [`StreamBy::Time`], if not set).
+    /// [`Client::send`](crate::Client::send) does not stream.
+    pub fn stream_by(mut self, by: StreamBy) -> Self {
+        self.stream_by = Some(by);
         self
     }
 
@@ -142,12 +152,13 @@ impl ChatRequest {
         )
     }
 
-    /// The payload of one send of this request.
+    /// The payload of one send of this request; `stream` asks for deltas.
     pub(crate) fn payload(
         &self,
         request_id: &str,
         client_id: &str,
         reply_topic: &str,
+        stream: bool,
     ) -> RequestPayload {
         RequestPayload {
             message: self.message.clone(),
@@ -161,6 +172,8 @@ impl ChatRequest {
             system_prompt: self.system_prompt.clone(),
             format: Some(ReplyFormat::Json),
             reset: self.reset,
+            stream,
+            stream_by: if stream { self.stream_by } else { None },
         }
     }
 }
@@ -241,7 +254,7 @@ mod tests {
         let topic = req.reply_topic("c1", "r1");
         assert_eq!(topic, "maze/assistant_response/s1/c1/r1");
         assert_eq!(req.reply_filter("c1"), "maze/assistant_response/+/c1/+");
-        let p = req.payload("r1", "c1", &topic);
+        let p = req.payload("r1", "c1", &topic, false);
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(
             v,
@@ -254,6 +267,18 @@ mod tests {
         assert!(
             crate::protocol::validate_reply_topic("maze", "maze/assistant_response/s1/c1/r1")
                 .is_ok()
+        );
+        // Streaming is asked for only by `Client::stream`.
+        let streamed = req.clone().stream_by(StreamBy::Sentence);
+        let v = serde_json::to_value(streamed.payload("r1", "c1", &topic, false)).unwrap();
+        assert!(
+            v.get("stream").is_none() && v.get("streamBy").is_none(),
+            "{v}"
+        );
+        let v = serde_json::to_value(streamed.payload("r1", "c1", &topic, true)).unwrap();
+        assert_eq!(
+            (&v["stream"], &v["streamBy"]),
+            (&serde_json::json!(true), &serde_json::json!("sentence"))
         );
     }
 }

@@ -27,6 +27,9 @@ pub struct ClientStats {
     /// Requests sent again, with a new id, because the connection dropped
     /// while they waited for their reply (not retries).
     pub resent: u64,
+    /// Deltas of streamed answers received (v1.1), including any for a
+    /// request no longer waiting.
+    pub deltas: u64,
 }
 
 /// Something worth counting.
@@ -46,6 +49,8 @@ pub(crate) enum Seen {
     Late,
     /// A message no waiting request can take.
     Stray,
+    /// A delta of a streamed answer.
+    Delta,
 }
 
 /// The live counters. Atomics: the poll loop and every caller count
@@ -59,6 +64,7 @@ pub(crate) struct Counters {
     duplicates: AtomicU64,
     late: AtomicU64,
     strays: AtomicU64,
+    deltas: AtomicU64,
     connects: AtomicU64,
 }
 
@@ -73,6 +79,7 @@ impl Counters {
             Seen::Duplicate => &self.duplicates,
             Seen::Late => &self.late,
             Seen::Stray => &self.strays,
+            Seen::Delta => &self.deltas,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -94,6 +101,7 @@ impl Counters {
             strays: get(&self.strays),
             reconnects: get(&self.connects).saturating_sub(1),
             resent: get(&self.resent),
+            deltas: get(&self.deltas),
         }
     }
 }

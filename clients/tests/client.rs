@@ -25,7 +25,7 @@ trait ClientEnv {
     async fn client(&self) -> Client;
 }
 
-impl ClientEnv for Env {
+impl<B> ClientEnv for Env<B> {
     fn options(&self) -> ClientOptions {
         ClientOptions::new(self.broker.host(), self.broker.port())
             .min_interval(Duration::ZERO)
@@ -635,5 +635,261 @@ async fn cancel_ends_a_running_request_with_cancelled_and_drops_its_generation()
     env.fake.release(1);
     let again = client.chat("maze", "c1", "short one").await.unwrap();
     assert_eq!(again.text.as_deref(), Some("echo: short one"));
+    env.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// Streamed answers (protocol v1.1): `Client::stream`.
+// ---------------------------------------------------------------------
+
+use vllm_chat::protocol::StreamBy;
+use vllm_chat::{ReplyStream, StreamEvent};
+
+/// Reads a stream to its end: its deltas and how it ended.
+async fn drain(
+    mut s: ReplyStream,
+) -> (
+    Vec<vllm_chat::protocol::Delta>,
+    Result<vllm_chat::protocol::Reply, ClientError>,
+) {
+    let mut deltas = Vec::new();
+    loop {
+        match s
+            .next()
+            .await
+            .expect("a stream ends with a reply or an error")
+        {
+            Ok(StreamEvent::Delta(d)) => deltas.push(d),
+            Ok(StreamEvent::Done(reply)) => {
+                assert!(s.next().await.is_none(), "nothing after the final reply");
+                return (deltas, Ok(reply));
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => {
+                assert!(s.next().await.is_none(), "nothing after the error");
+                return (deltas, Err(e));
+            }
+        }
+    }
+}
+
+/// `seq` runs 0.. without a gap; returns the deltas' text.
+fn joined(deltas: &[vllm_chat::protocol::Delta]) -> String {
+    for (i, d) in deltas.iter().enumerate() {
+        assert_eq!(d.seq as usize, i, "{deltas:?}");
+    }
+    deltas.iter().map(|d| d.delta.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_stream_yields_its_deltas_then_the_whole_reply_over_both_mqtt_versions() {
+    let text = "The maze has two exits. One of them is guarded by a very sleepy dragon, the other by nobody at all.";
+    let env = Env::start(
+        FakeVllm::builder()
+            .reply_with(move |_| text.to_owned())
+            .run()
+            .await,
+        |_| {},
+    )
+    .await;
+    for protocol in [Protocol::V5, Protocol::V311] {
+        let client = Client::connect(env.options().protocol(protocol))
+            .await
+            .unwrap();
+        let session = format!("st-{protocol:?}");
+        let stream = client
+            .stream(&ChatRequest::new("maze", &session, "describe"))
+            .await
+            .unwrap();
+        let (deltas, end) = drain(stream).await;
+        let reply = end.unwrap();
+        assert!(!deltas.is_empty(), "{protocol:?}: at least one delta");
+        assert_eq!(joined(&deltas), text, "{protocol:?}");
+        assert_eq!(reply.text.as_deref(), Some(text));
+        assert_eq!(
+            (reply.done, reply.seq),
+            (Some(true), Some(deltas.len() as u32))
+        );
+        assert!(deltas
+            .iter()
+            .all(|d| d.session_id == session && d.request_id == reply.request_id));
+        let s = client.stats();
+        assert_eq!(
+            (s.deltas, s.replies, s.strays),
+            (deltas.len() as u64, 1, 0),
+            "{s:?}"
+        );
+        // Sentence mode: every delta but the last ends a sentence.
+        let stream = client
+            .stream(&ChatRequest::new("maze", &session, "again").stream_by(StreamBy::Sentence))
+            .await
+            .unwrap();
+        let (deltas, end) = drain(stream).await;
+        assert_eq!(joined(&deltas), end.unwrap().text.unwrap());
+        let pieces: Vec<_> = deltas.iter().map(|d| d.delta.trim_end()).collect();
+        assert_eq!(
+            pieces,
+            [
+                "The maze has two exits.",
+                "One of them is guarded by a very sleepy dragon, the other by nobody at all."
+            ],
+            "{protocol:?}"
+        );
+        // A plain `send` on the same client still gets one reply.
+        let plain = client.chat("maze", &session, "plain").await.unwrap();
+        assert_eq!(plain.done, None);
+        client.disconnect().await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_is_retried_before_its_first_delta() {
+    let env = Env::start(
+        FakeVllm::builder()
+            .script(vec![Scripted::Status(503, "no KV cache left".into())])
+            .run()
+            .await,
+        |c| c.backend.max_retries = 0,
+    )
+    .await;
+    let client = Client::connect(
+        env.options()
+            .max_attempts(3)
+            .retry_delays(Duration::from_millis(20), Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let stream = client
+        .stream(&ChatRequest::new("maze", "rt", "hi"))
+        .await
+        .unwrap();
+    let (deltas, end) = drain(stream).await;
+    let reply = end.unwrap();
+    assert_eq!(reply.text.as_deref(), Some("echo: hi"));
+    assert_eq!(joined(&deltas), "echo: hi");
+    let s = client.stats();
+    assert!(s.retries >= 1, "the 503 was retried: {s:?}");
+    assert_eq!(env.fake.chat_calls(), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_failure_after_the_first_delta_is_not_retried_and_keeps_the_text() {
+    // Every generation fails halfway, after deltas went out.
+    let sim = vllm_sim::Sim::builder()
+        .output_tokens(vllm_sim::OutputLen::Fixed(200))
+        .faults(vllm_sim::Faults {
+            generation_error_rate: 1.0,
+            ..Default::default()
+        })
+        .run()
+        .await;
+    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let client = Client::connect(env.options().max_attempts(5))
+        .await
+        .unwrap();
+    let stream = client
+        .stream(&ChatRequest::new("maze", "gf", "talk"))
+        .await
+        .unwrap();
+    let (deltas, end) = drain(stream).await;
+    assert!(!deltas.is_empty(), "deltas came before the failure");
+    match end {
+        Err(ClientError::Server { reply, .. }) => {
+            assert_eq!(
+                reply.text.as_deref(),
+                Some(joined(&deltas).as_str()),
+                "the text so far"
+            );
+            assert_eq!(reply.done, Some(true));
+        }
+        other => panic!("expected the daemon's error, got {other:?}"),
+    }
+    assert_eq!(client.stats().retries, 0, "no retry after a delta");
+    assert_eq!(sim.chat_calls(), 1);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn dropping_a_stream_cancels_its_generation_and_frees_the_session() {
+    // The real pace of a simulated vLLM: a long answer streams for seconds.
+    let sim = vllm_sim::Sim::builder()
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let client = env.client().await;
+    let mut stream = client
+        .stream(&ChatRequest::new("maze", "dr", "talk").max_tokens(2000))
+        .await
+        .unwrap();
+    assert!(matches!(
+        stream.next().await,
+        Some(Ok(StreamEvent::Delta(_)))
+    ));
+    drop(stream);
+    // The daemon dropped the backend call (vLLM aborts the generation).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.disconnected() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the generation went on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The session's next request is answered at once: the dropped one kept
+    // the session's turn until the daemon confirmed the cancel.
+    let next = client
+        .send(&ChatRequest::new("maze", "dr", "short").max_tokens(3))
+        .await
+        .unwrap();
+    assert!(next.ok);
+    assert_eq!(client.stats().retries, 0, "no session_busy on the way");
+
+    // `cancel` keeps the stream: its end is `cancelled` with the text so far.
+    let mut stream = client
+        .stream(&ChatRequest::new("maze", "dr", "talk again").max_tokens(2000))
+        .await
+        .unwrap();
+    let Some(Ok(StreamEvent::Delta(first))) = stream.next().await else {
+        panic!("a first delta")
+    };
+    stream.cancel();
+    let (mut deltas, end) = drain(stream).await;
+    deltas.insert(0, first);
+    match end {
+        Err(ClientError::Server { code, reply, .. }) => {
+            assert_eq!(code, ErrorCode::Cancelled);
+            assert_eq!(reply.text.as_deref(), Some(joined(&deltas).as_str()));
+        }
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_cancelled_before_it_is_sent_is_never_sent() {
+    let env = Env::start(FakeVllm::builder().gated().run().await, |_| {}).await;
+    let client = env.client().await;
+    // The session's turn is taken by a running request...
+    let first = client
+        .stream(&ChatRequest::new("maze", "q", "one"))
+        .await
+        .unwrap();
+    assert!(env.fake.wait_for_calls(1, WAIT).await);
+    // ...so this one waits for it, and is cancelled while waiting.
+    let second = client
+        .stream(&ChatRequest::new("maze", "q", "two"))
+        .await
+        .unwrap();
+    second.cancel();
+    let (_, end) = drain(second).await;
+    assert!(matches!(end, Err(ClientError::Cancelled)), "{end:?}");
+    env.fake.release(1);
+    let (_, end) = drain(first).await;
+    assert!(end.unwrap().ok);
+    assert_eq!(env.fake.chat_calls(), 1, "the cancelled one never went out");
+    assert_eq!(client.stats().sent, 1);
     env.stop().await;
 }
