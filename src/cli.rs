@@ -81,8 +81,9 @@ pub struct RunArgs {
     #[arg(long, env = "VLLM_MQTTD_SHARE_GROUP")]
     pub share_group: Option<String>,
     /// Session store: memory (default) or redis://HOST:PORT[/DB] (rediss://
-    /// for TLS), shared by instances. Password: VLLM_MQTTD_STATE_PASSWORD
-    /// or --state-password-file.
+    /// for TLS), shared by instances; a Redis Cluster as
+    /// redis+cluster://HOST:PORT,HOST:PORT... (some of its nodes).
+    /// Password: VLLM_MQTTD_STATE_PASSWORD or --state-password-file.
     #[arg(long, env = "VLLM_MQTTD_STATE_URL")]
     pub state_url: Option<String>,
     /// File whose first line is the state store's password.

@@ -605,7 +605,9 @@ pub struct SessionsConfig {
     /// Longest `systemPrompt` a request may set; longer is a bad_request.
     pub max_system_prompt_bytes: usize,
     /// Where sessions live: `memory` (one instance), or
-    /// `redis://HOST:PORT[/DB]` (`rediss://` for TLS) shared by instances.
+    /// `redis://HOST:PORT[/DB]` (`rediss://` for TLS) shared by instances,
+    /// or a Redis Cluster: `redis+cluster://HOST:PORT,HOST:PORT...`
+    /// (`rediss+cluster://` for TLS), some of its nodes to start from.
     /// The password comes from `VLLM_MQTTD_STATE_PASSWORD` or
     /// `state_password_file`, never the URL in logs.
     pub state_url: String,
@@ -959,14 +961,13 @@ impl Config {
             );
         }
         let state = &self.sessions.state_url;
-        if state != "memory" && !state.starts_with("redis://") && !state.starts_with("rediss://") {
-            return bad(
-                "sessions.state_url",
-                format!(
-                    "{:?} is neither \"memory\" nor a redis:// or rediss:// URL",
-                    crate::backend::redact_url(state)
-                ),
-            );
+        if state != "memory" {
+            if let Err(e) = crate::redis_store::Target::parse(state) {
+                return bad(
+                    "sessions.state_url",
+                    format!("{:?}: {e}", crate::backend::redact_url(state)),
+                );
+            }
         }
         if self.mqtt.reply_qos > 1 {
             return bad("mqtt.reply_qos", "must be 0 or 1".into());

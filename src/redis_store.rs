@@ -17,17 +17,31 @@
 //! again at most that long after. History is a capped list per session,
 //! the system prompt override a string, both with the idle TTL.
 //!
-//! The client is `redis`'s tokio `ConnectionManager` (reconnects by itself;
-//! one multiplexed connection per instance). Every call is time-boxed, and
-//! a breaker (the backend's pure core) fails requests at once while the
+//! The client is `redis`'s tokio `ConnectionManager` for one server
+//! (reconnects by itself; one multiplexed connection per instance), or its
+//! cluster client for a Redis Cluster (`redis+cluster://` URLs: one
+//! connection per node; it learns the slot map, follows MOVED and ASK, and
+//! reconnects by itself). Both sit behind [`Conn`], so the scripts, the
+//! time box and the breaker are the same. Every call is time-boxed, and a
+//! breaker (the backend's pure core) fails requests at once while the
 //! store is down: no request waits on a dead store.
+//!
+//! Cluster-safe by construction: every command and script names keys of
+//! one session only (EVALSHA with all its KEYS in one slot, pipelines of
+//! one session), and nothing touches a key without the session's hash tag
+//! or several sessions at once (no SCAN, KEYS, global counter or
+//! cross-session command: `sessions()` counts this instance's own leases).
+//! A script that a node does not know yet (a new node, a failover, SCRIPT
+//! FLUSH) answers NOSCRIPT; `redis::Script` then loads it (the cluster
+//! client sends SCRIPT LOAD to every node) and runs it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::cluster_async::ClusterConnection;
+use redis::{IntoConnectionInfo, Script};
 use tokio::time::Instant;
 
 use crate::backend::breaker::{Breaker, Outcome, SharedBreaker};
@@ -157,15 +171,39 @@ struct Keys {
     system: String,
 }
 
+/// A name part of the hash tag: `|` (the separator), `{` and `}` (the
+/// tag's delimiters) and `%` (the escape) percent-encoded, so that two
+/// sessions never share a tag and every tag is one non-empty `{...}`
+/// (project names and device ids may hold any of them; session ids hold
+/// none). Names without them, nearly all, are kept as they are.
+fn tag_part(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.contains(['|', '{', '}', '%']) {
+        return name.into();
+    }
+    let mut out = String::with_capacity(name.len() + 6);
+    for c in name.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '|' => out.push_str("%7C"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 impl Keys {
     fn of(key: &SessionKey) -> Self {
-        // `|` cannot occur in a project name, a device id's reply topic
-        // level or a session id, so the tag is unambiguous.
+        // Redis hashes what lies between a key's first `{` and the first
+        // `}` after it: with the parts escaped, that is the whole
+        // `project|device|session`, the same for every key of the session
+        // and different for every other session.
         let tag = format!(
             "vm:{{{}|{}|{}}}",
-            key.project,
-            key.device.as_deref().unwrap_or(""),
-            key.session
+            tag_part(&key.project),
+            tag_part(key.device.as_deref().unwrap_or("")),
+            tag_part(&key.session)
         );
         Keys {
             window: format!("{tag}:win"),
@@ -216,9 +254,184 @@ fn turn(entry: &str) -> Option<Turn> {
     Some(Turn::new(role, chars.as_str()))
 }
 
+/// Where the store is, as `sessions.state_url` says.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// One server: `redis://HOST:PORT[/DB]` or `rediss://...`, as given.
+    Single(String),
+    /// A Redis Cluster: its seed nodes, each as a `redis://` or `rediss://`
+    /// URL (the client learns the other nodes from them).
+    Cluster(Vec<String>),
+}
+
+/// A cluster's URL schemes, and the scheme of each of its nodes.
+///
+/// The spelling `redis+cluster://host1:port1,host2:port2` is the one of
+/// Python's `limits` storage URIs and Gitea's cache and session settings
+/// (with `rediss+cluster://` for TLS there too): one string, so it fits a
+/// flag, an environment variable and a config value alike, and the
+/// scheme says what the hosts are. (The `redis` crate itself has no URL
+/// for a cluster: `ClusterClient::new` takes a list of node URLs, which is
+/// what this becomes.)
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [
+    ("redis+cluster://", "redis://"),
+    ("rediss+cluster://", "rediss://"),
+];
+
+impl Target {
+    /// Parses a state URL other than `memory`; the error says what is
+    /// wrong, never the URL (it may hold a password).
+    pub(crate) fn parse(url: &str) -> Result<Target, String> {
+        if let Some((rest, scheme)) = CLUSTER_SCHEMES
+            .iter()
+            .find_map(|(cluster, node)| url.strip_prefix(cluster).map(|rest| (rest, *node)))
+        {
+            return Self::cluster(rest, scheme);
+        }
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            return Err(
+                "neither \"memory\" nor a redis://, rediss://, redis+cluster:// \
+                 or rediss+cluster:// URL"
+                    .into(),
+            );
+        }
+        url.into_connection_info().map_err(|e| e.to_string())?;
+        Ok(Target::Single(url.to_owned()))
+    }
+
+    /// `[USER[:PASSWORD]@]HOST[:PORT],HOST[:PORT]...[/0][?QUERY]`: the user
+    /// info, database and query apply to every node.
+    fn cluster(rest: &str, scheme: &str) -> Result<Target, String> {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((user, hosts)) => (format!("{user}@"), hosts),
+            None => (String::new(), authority),
+        };
+        let (path, query) = tail.split_at(tail.find('?').unwrap_or(tail.len()));
+        if !matches!(path, "" | "/" | "/0") {
+            return Err("a Redis Cluster has database 0 only: no /DB other than /0".into());
+        }
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .map(|host| {
+                if host.is_empty() {
+                    return Err(
+                        "an empty node in the list (redis+cluster://HOST:PORT,HOST:PORT...)"
+                            .to_owned(),
+                    );
+                }
+                let node = format!("{scheme}{user}{host}{query}");
+                node.as_str()
+                    .into_connection_info()
+                    .map_err(|e| format!("node {host}: {e}"))?;
+                Ok(node)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Target::Cluster(nodes))
+    }
+}
+
+/// The store's connection: to one server or to a cluster. Both reconnect
+/// by themselves; a clone shares the connection.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Connects to `target`; the first connection must succeed.
+    async fn open(target: Target, password: Option<&str>) -> redis::RedisResult<Conn> {
+        match target {
+            Target::Single(url) => {
+                let mut info = url.as_str().into_connection_info()?;
+                if let Some(pw) = password {
+                    let redis_info = info.redis_settings().clone().set_password(pw);
+                    info = info.set_redis_settings(redis_info);
+                }
+                let client = redis::Client::open(info)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CALL_TIMEOUT))
+                    .set_response_timeout(Some(CALL_TIMEOUT))
+                    .set_number_of_retries(1);
+                Ok(Conn::Single(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            Target::Cluster(nodes) => {
+                // Retries are for redirections and a cluster in change
+                // (TRYAGAIN, CLUSTERDOWN during a failover): a few, soon,
+                // all within the call's time box. The crate's default
+                // waits at least 1.28 s before a retry, nearly all of it.
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(CALL_TIMEOUT)
+                    .response_timeout(CALL_TIMEOUT)
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait(300)
+                    .retry_wait_formula(20, 2);
+                if let Some(pw) = password {
+                    builder = builder.password(pw);
+                }
+                let client = builder.build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+/// Whether `e` means the store cannot serve now (counted by the breaker,
+/// `unavailable` for the device) rather than a wrong answer: a connection
+/// or a time-out, or a cluster without a master for the slot yet.
+fn unreachable(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            K::ClusterConnectionNotFound
+                | K::Server(
+                    S::ClusterDown | S::MasterDown | S::TryAgain | S::BusyLoading | S::ReadOnly
+                )
+        )
+}
+
 /// Sessions in Redis.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     limits: StoreLimits,
     lease: Duration,
     breaker: Arc<SharedBreaker>,
@@ -240,35 +453,28 @@ struct Scripts {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://` or `rediss://`, password from
-    /// `password` if given). The first connection must succeed: a wrong
-    /// URL is an operator error, found at start.
+    /// Connects to `url` (`redis://` or `rediss://` for one server,
+    /// `redis+cluster://` or `rediss+cluster://` with seed nodes for a
+    /// cluster; password from `password` if given). The first connection
+    /// must succeed: a wrong URL is an operator error, found at start.
     pub async fn connect(
         url: &str,
         password: Option<&str>,
         limits: StoreLimits,
         request_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let mut info: redis::ConnectionInfo = url
-            .into_connection_info()
-            .map_err(|e| StoreError::Failed(format!("state URL: {e}")))?;
-        if let Some(pw) = password {
-            let redis_info = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(redis_info);
-        }
-        let client =
-            redis::Client::open(info).map_err(|e| StoreError::Failed(format!("state URL: {e}")))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            CALL_TIMEOUT * 2,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| StoreError::Unreachable("no answer from the state store".into()))?
-        .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        let target =
+            Target::parse(url).map_err(|e| StoreError::Failed(format!("state URL: {e}")))?;
+        let conn = tokio::time::timeout(CALL_TIMEOUT * 2, Conn::open(target, password))
+            .await
+            .map_err(|_| StoreError::Unreachable("no answer from the state store".into()))?
+            .map_err(|e| {
+                if e.kind() == redis::ErrorKind::InvalidClientConfig {
+                    StoreError::Failed(format!("state URL: {e}"))
+                } else {
+                    StoreError::Unreachable(e.to_string())
+                }
+            })?;
         Ok(Self {
             conn,
             limits,
@@ -303,10 +509,7 @@ impl RedisStore {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                let unreachable = e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout();
+                let unreachable = unreachable(&e);
                 permit.record(if unreachable {
                     Outcome::Failed
                 } else {
@@ -513,8 +716,6 @@ impl SessionStore for RedisStore {
     }
 }
 
-use redis::IntoConnectionInfo;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,6 +745,76 @@ mod tests {
             ..key
         };
         assert!(Keys::of(&plain).busy.starts_with("vm:{maze||s1}:"));
+    }
+
+    #[test]
+    fn names_with_tag_characters_keep_sessions_apart_and_in_one_slot() {
+        let key = |project: &str, device: Option<&str>, session: &str| SessionKey {
+            project: Arc::from(project),
+            device: device.map(Arc::from),
+            session: session.into(),
+            ephemeral: false,
+        };
+        // Without escaping, these two were the same tag `a|b|c|s`.
+        let one = Keys::of(&key("a|b", Some("c"), "s"));
+        let two = Keys::of(&key("a", Some("b|c"), "s"));
+        assert_ne!(one.busy, two.busy);
+        assert_eq!(one.busy, "vm:{a%7Cb|c|s}:busy");
+        // A project starting with `}` made the tag empty (`vm:{}`): Redis
+        // then hashes whole keys, and a session's keys spread over slots.
+        let k = Keys::of(&key("}x{", Some("%7C"), "s"));
+        assert_eq!(k.busy, "vm:{%7Dx%7B|%257C|s}:busy");
+        for k in [&one, &two, &k] {
+            let tag = |name: &str| {
+                let open = name.find('{').unwrap();
+                let close = open + name[open..].find('}').unwrap();
+                name[open + 1..close].to_owned()
+            };
+            assert!(!tag(&k.busy).is_empty());
+            for name in [&k.window, &k.answered, &k.replying, &k.history, &k.system] {
+                assert_eq!(tag(name), tag(&k.busy), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn state_urls_name_one_server_or_a_cluster() {
+        assert_eq!(
+            Target::parse("redis://10.0.0.5:6379/2"),
+            Ok(Target::Single("redis://10.0.0.5:6379/2".into()))
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://h1:7000,h2:7001,[::1]:7002"),
+            Ok(Target::Cluster(vec![
+                "redis://h1:7000".into(),
+                "redis://h2:7001".into(),
+                "redis://[::1]:7002".into(),
+            ]))
+        );
+        // User info and the query go to every node (database 0 is the
+        // only one).
+        assert_eq!(
+            Target::parse("redis+cluster://app:pw@h1:7000,h2/0?protocol=resp3"),
+            Ok(Target::Cluster(vec![
+                "redis://app:pw@h1:7000?protocol=resp3".into(),
+                "redis://app:pw@h2?protocol=resp3".into(),
+            ]))
+        );
+        assert_eq!(
+            Target::parse("rediss+cluster://h1:7000/"),
+            Ok(Target::Cluster(vec!["rediss://h1:7000".into()]))
+        );
+        let err = |url: &str| Target::parse(url).unwrap_err();
+        assert!(err("redis+cluster://h1:7000/3").contains("database 0"));
+        assert!(err("redis+cluster://h1:7000,,h2:7001").contains("empty node"));
+        assert!(err("redis+cluster://").contains("empty node"));
+        assert!(err("redis+cluster://h1:notaport").contains("node h1:notaport"));
+        assert!(err("redis-cluster://h1:7000").contains("redis+cluster://"));
+        assert!(err("http://h1").contains("neither"));
+        // The password never shows in what the daemon logs of the URL.
+        let shown = crate::backend::redact_url("redis+cluster://app:s3cret@h1:7000,h2:7001");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("h1:7000,h2:7001"), "{shown}");
     }
 
     #[test]
