@@ -26,7 +26,7 @@ trait ToolEnv {
     async fn run(&self, bin: &str, args: &[&str]) -> Output;
 }
 
-impl ToolEnv for Env {
+impl<B> ToolEnv for Env<B> {
     async fn run(&self, bin: &str, args: &[&str]) -> Output {
         let port = self.broker.port().to_string();
         let mut all = vec!["--mqtt-host", self.broker.host(), "--mqtt-port", &port];
@@ -103,8 +103,21 @@ async fn chat_one_shot_prints_the_reply() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "echo: hello there\n");
 
+    // --no-stream: one JSON reply, as the daemon sent it.
     let out = env
-        .run(CHAT, &["-p", "maze", "-s", "s1", "-m", "again", "--json"])
+        .run(
+            CHAT,
+            &[
+                "-p",
+                "maze",
+                "-s",
+                "s1",
+                "-m",
+                "again",
+                "--json",
+                "--no-stream",
+            ],
+        )
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let reply: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -112,6 +125,100 @@ async fn chat_one_shot_prints_the_reply() {
     assert_eq!(reply["text"], "echo: again");
     assert_eq!(reply["sessionId"], "s1");
     assert!(reply["requestId"].is_string());
+    assert!(reply.get("done").is_none(), "not streamed: {reply}");
+
+    // Streamed (the default): one JSON line per delta, then the final
+    // reply, whose text the deltas add up to.
+    let out = env
+        .run(
+            CHAT,
+            &["-p", "maze", "-s", "s1", "-m", "once more", "--json"],
+        )
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (last, deltas) = lines.split_last().unwrap();
+    assert!(!deltas.is_empty(), "{lines:?}");
+    assert_eq!(
+        (&last["done"], &last["seq"]),
+        (&Value::Bool(true), &Value::from(deltas.len()))
+    );
+    let joined: String = deltas
+        .iter()
+        .map(|d| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, "echo: once more");
+    assert_eq!(last["text"], "echo: once more");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A simulated vLLM at its real pace: the answer streams for seconds.
+    let sim = vllm_sim::Sim::builder()
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let port = env.broker.port().to_string();
+    let mut child = Command::new(CHAT)
+        .args(["--mqtt-host", env.broker.host(), "--mqtt-port", &port])
+        .args(["-p", "maze", "-s", "cc", "--max-tokens", "2000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    stdin.write_all(b"tell me everything\n").await.unwrap();
+    // Once the answer is streaming, Ctrl-C.
+    let mut first = [0u8; 1];
+    tokio::time::timeout(WAIT, out.read_exact(&mut first))
+        .await
+        .expect("the answer starts")
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The daemon dropped the generation...
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.disconnected() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the generation went on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and the REPL is still there: it reads the next line.
+    stdin.write_all(b"/exit\n").await.unwrap();
+    drop(stdin);
+    let status = tokio::time::timeout(RUN_LIMIT, child.wait())
+        .await
+        .expect("the REPL exits on /exit")
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "Ctrl-C did not end the REPL: {status:?}\n{err}"
+    );
+    assert!(err.contains("(cancelled)"), "{err}");
+    assert_eq!(sim.chat_calls(), 1);
     env.stop().await;
 }
 

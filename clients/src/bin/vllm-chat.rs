@@ -5,10 +5,17 @@
 //! non-zero. Without `-m` it is an interactive REPL with line editing and
 //! history (rustyline), and the commands `/reset`, `/prompt <system
 //! prompt>`, `/session`, `/help` and `/exit`.
+//!
+//! Answers are streamed (protocol v1.1) and printed as they come;
+//! `--no-stream` waits for the whole reply instead. With `--json` every
+//! message is printed as a JSON line (the deltas, then the final reply).
+//! Ctrl-C during an answer cancels that request at the daemon (which stops
+//! the generation) and returns to the prompt; in one-shot mode it exits
+//! with status 130.
 
 #![forbid(unsafe_code)]
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,11 +23,13 @@ use std::time::Duration;
 use clap::Parser;
 use rustyline::error::ReadlineError;
 use vllm_chat::cli::{self, BrokerArgs, MqttVersion, EXIT_USAGE};
-use vllm_chat::protocol::Reply;
-use vllm_chat::{ChatRequest, Client, ClientError};
+use vllm_chat::protocol::{ErrorCode, Reply, StreamBy};
+use vllm_chat::{ChatRequest, Client, ClientError, StreamEvent};
 
 /// Exit status when the daemon answered with an error or did not answer.
 const EXIT_FAILED: u8 = 1;
+/// Exit status after Ctrl-C cancelled the answer (128 + SIGINT).
+const EXIT_CANCELLED: u8 = 130;
 
 /// Chat with vllm-mqttd over MQTT: one message with -m, or an interactive
 /// session.
@@ -41,9 +50,18 @@ struct Cli {
     /// Send this message, print the reply and exit ("-" reads stdin).
     #[arg(short, long)]
     message: Option<String>,
-    /// Print the reply as JSON (as the daemon sent it) instead of its text.
+    /// Print the reply as JSON (as the daemon sent it) instead of its text;
+    /// streamed, one JSON line per delta, then the final reply.
     #[arg(long)]
     json: bool,
+    /// Wait for the whole reply instead of printing the answer as it is
+    /// generated.
+    #[arg(long)]
+    no_stream: bool,
+    /// Cut the streamed answer at sentence ends instead of every 50 ms or
+    /// so (the daemon's stream_interval).
+    #[arg(long, conflicts_with = "no_stream")]
+    by_sentence: bool,
     /// System prompt for this session (kept by the daemon until a reset).
     #[arg(long)]
     system_prompt: Option<String>,
@@ -134,7 +152,116 @@ fn request(
     if let Some(n) = cli.max_tokens {
         req = req.max_tokens(n);
     }
+    if cli.by_sentence {
+        req = req.stream_by(StreamBy::Sentence);
+    }
     req
+}
+
+/// How one message ended.
+enum Outcome {
+    /// Answered (and printed).
+    Answered,
+    /// The daemon answered with an error, or none came.
+    Failed(ClientError),
+    /// Ctrl-C cancelled it.
+    Cancelled,
+}
+
+/// Sends `req`, printing the answer as it comes (or at once with
+/// `--no-stream`); Ctrl-C cancels it at the daemon.
+async fn exchange(client: &Client, cli: &Cli, req: &ChatRequest) -> Outcome {
+    if cli.no_stream {
+        let reply = tokio::select! {
+            r = client.send(req) => r,
+            _ = tokio::signal::ctrl_c() => {
+                // Stop the generation too, not only the wait for it, so
+                // the next message does not queue behind it.
+                if let Err(e) = client.cancel(req.project(), req.session()).await {
+                    eprintln!("(the daemon was not told to stop: {e})");
+                }
+                return Outcome::Cancelled;
+            }
+        };
+        return match reply {
+            Ok(reply) => {
+                if cli.json {
+                    println!("{}", reply_json(&reply));
+                } else {
+                    println!("{}", reply.text.unwrap_or_default());
+                }
+                Outcome::Answered
+            }
+            Err(e) => Outcome::Failed(e),
+        };
+    }
+    let mut stream = match client.stream(req).await {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut printed = String::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut cancelled = false;
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = &mut ctrl_c, if !cancelled => {
+                // The stream's end is then the daemon's `cancelled`.
+                cancelled = true;
+                stream.cancel();
+                continue;
+            }
+        };
+        match event {
+            Some(Ok(StreamEvent::Delta(d))) if cli.json => {
+                let _ = writeln!(out, "{}", serde_json::to_string(&d).unwrap_or_default());
+            }
+            Some(Ok(StreamEvent::Delta(d))) => {
+                printed.push_str(&d.delta);
+                let _ = write!(out, "{}", d.delta);
+                let _ = out.flush();
+            }
+            Some(Ok(StreamEvent::Done(reply))) if cli.json => {
+                let _ = writeln!(out, "{}", reply_json(&reply));
+                return Outcome::Answered;
+            }
+            Some(Ok(StreamEvent::Done(reply))) => {
+                let text = reply.text.unwrap_or_default();
+                if printed.is_empty() {
+                    let _ = writeln!(out, "{text}");
+                } else if text == printed {
+                    let _ = writeln!(out);
+                } else {
+                    // A delta was lost on the way (they go at QoS 0); the
+                    // final reply has the whole answer.
+                    let _ = writeln!(out);
+                    eprintln!("(part of the answer was lost on the way; here it is whole)");
+                    let _ = writeln!(out, "{text}");
+                }
+                return Outcome::Answered;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                if !printed.is_empty() {
+                    let _ = writeln!(out);
+                }
+                let by_us = matches!(e, ClientError::Cancelled)
+                    || (cancelled && e.code() == Some(ErrorCode::Cancelled));
+                return if by_us {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::Failed(e)
+                };
+            }
+            None => {
+                return Outcome::Failed(ClientError::Connection(
+                    "the client is shutting down".into(),
+                ))
+            }
+        }
+    }
 }
 
 fn reply_json(reply: &Reply) -> String {
@@ -157,27 +284,22 @@ fn one_shot(
     } else {
         message.to_owned()
     };
-    match runtime.block_on(client.send(&request(
+    let req = request(
         cli,
         session,
         &message,
         cli.reset,
         cli.system_prompt.as_deref(),
-    ))) {
-        Ok(reply) => {
-            if cli.json {
-                println!("{}", reply_json(&reply));
-            } else {
-                println!("{}", reply.text.unwrap_or_default());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(ClientError::Server { reply, .. }) if cli.json => {
+    );
+    match runtime.block_on(exchange(client, cli, &req)) {
+        Outcome::Answered => ExitCode::SUCCESS,
+        Outcome::Cancelled => fail(EXIT_CANCELLED, &"cancelled"),
+        Outcome::Failed(ClientError::Server { reply, .. }) if cli.json => {
             println!("{}", reply_json(&reply));
             ExitCode::from(EXIT_FAILED)
         }
-        Err(e @ ClientError::InvalidRequest(_)) => fail(EXIT_USAGE, &e),
-        Err(e) => fail(EXIT_FAILED, &e),
+        Outcome::Failed(e @ ClientError::InvalidRequest(_)) => fail(EXIT_USAGE, &e),
+        Outcome::Failed(e) => fail(EXIT_FAILED, &e),
     }
 }
 
@@ -276,33 +398,13 @@ fn repl(
             _ => {}
         }
         let req = request(cli, &session, line, reset, prompt.as_deref());
-        let outcome = runtime.block_on(async {
-            tokio::select! {
-                r = client.send(&req) => Some(r),
-                _ = tokio::signal::ctrl_c() => None,
-            }
-        });
-        match outcome {
-            Some(Ok(reply)) => {
-                if cli.json {
-                    println!("{}", reply_json(&reply));
-                } else {
-                    println!("{}", reply.text.unwrap_or_default());
-                }
+        match runtime.block_on(exchange(client, cli, &req)) {
+            Outcome::Answered => {
                 reset = false;
                 prompt = None;
             }
-            Some(Err(e)) => eprintln!("error: {e}"),
-            None => {
-                // Stop the generation too, not only the wait for it (the
-                // daemon drops the backend call), so the next message does
-                // not queue behind it.
-                let cancelled = runtime.block_on(client.cancel(&cli.project, &session));
-                match cancelled {
-                    Ok(()) => eprintln!("(cancelled)"),
-                    Err(e) => eprintln!("(cancelled here; the daemon was not told: {e})"),
-                }
-            }
+            Outcome::Failed(e) => eprintln!("error: {e}"),
+            Outcome::Cancelled => eprintln!("(cancelled)"),
         }
     }
     if let Some(h) = &history {
