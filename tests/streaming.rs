@@ -303,3 +303,127 @@ async fn a_device_whose_connection_dies_cancels_its_own_generation_by_last_will(
     until_disconnected(|| env.fake.disconnected()).await;
     env.stop().await;
 }
+
+/// A subscriber that connects (MQTT 3.1.1), subscribes to `filter` at QoS
+/// 0 and then never reads its socket, with a small receive buffer: the
+/// broker's writes to it back up at once.
+async fn stalled_subscriber(host: &str, port: u16, filter: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn utf8(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
+        assert!(body.len() < 128, "one-byte remaining length");
+        let mut p = vec![kind, body.len() as u8];
+        p.extend_from_slice(body);
+        p
+    }
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = format!("{host}:{port}").parse().unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let mut connect = Vec::new();
+    utf8(&mut connect, "MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60]); // 3.1.1, clean session, 60 s keep-alive
+    utf8(&mut connect, "stalled-subscriber");
+    s.write_all(&packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut sub = vec![0, 1];
+    utf8(&mut sub, filter);
+    sub.push(0);
+    s.write_all(&packet(0x82, &sub)).await.unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0], "SUBACK granted QoS 0");
+    s
+}
+
+#[tokio::test]
+async fn a_stalled_subscriber_does_not_hold_up_other_sessions_or_its_own_generation() {
+    // A long answer cut into many deltas, for a reply topic whose only
+    // subscriber never reads.
+    let words: Vec<String> = (0..20_000).map(|i| format!("word{i}")).collect();
+    let long = words.join(" ");
+    let env = Env::start(
+        FakeVllm::builder()
+            .reply_with(move |req| {
+                let last = req["messages"].as_array().unwrap().last().unwrap()["content"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if last == "long" {
+                    long.clone()
+                } else {
+                    format!("short answer to {last}")
+                }
+            })
+            .run()
+            .await,
+        |c| c.workers.stream_interval = Duration::from_millis(1),
+    )
+    .await;
+    let _stalled = stalled_subscriber(
+        env.broker.host(),
+        env.broker.port(),
+        "maze/assistant_response/stalled",
+    )
+    .await;
+    let mut dev = env.device("maze").await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "stalled", "requestId": "r-long", "message": "long", "stream": true})
+            .to_string(),
+        1,
+    )
+    .await;
+    // Meanwhile, other sessions stream and are answered in full.
+    for i in 0..3 {
+        let session = format!("other{i}");
+        dev.publish(
+            "maze/user_input",
+            json!({"sessionId": session, "message": format!("q{i}"), "stream": true}).to_string(),
+            1,
+        )
+        .await;
+        let (deltas, last, _) =
+            until_done(&mut dev, &format!("maze/assistant_response/{session}")).await;
+        assert_eq!(last["ok"], true, "{last}");
+        assert_eq!(
+            check_sequence(&deltas, &last),
+            format!("short answer to q{i}")
+        );
+    }
+    // The stalled session's own generation ran to its end: its session is
+    // free again, so a new request for it (with a reply topic someone
+    // reads) is answered rather than refused `session_busy`.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        dev.publish(
+            "maze/user_input",
+            json!({"sessionId": "stalled", "message": "again", "format": "json",
+                   "replyTopic": "maze/assistant_response/stalled-check"})
+            .to_string(),
+            1,
+        )
+        .await;
+        let v = dev
+            .expect_on("maze/assistant_response/stalled-check", WAIT)
+            .await
+            .json();
+        if v["ok"] == true {
+            assert_eq!(v["text"], "short answer to again");
+            break;
+        }
+        assert_eq!(v["error"]["code"], "session_busy", "{v}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled subscriber's generation never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.fake.chat_calls(), 5);
+    env.stop().await;
+}
