@@ -14,8 +14,9 @@
 # by turn), reset, finishReason length, the original-protocol client, rate
 # limiting, overload at a tiny queue, a minute of vllm-stress, a clean
 # stop, and a conversation that outgrows a small context (llama-server's
-# own 400). Streaming and cancel are skipped until they exist. Prints a
-# transcript and a summary; exits 1 if any check failed.
+# own 400), streamed answers (time and sentence mode) and Ctrl-C cancelling
+# a long generation. Prints a transcript and a summary; exits 1 if any
+# check failed.
 # Opt-in in scripts/test.sh: VLLM_MQTTD_E2E_REAL=1 bash scripts/test.sh
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
@@ -90,12 +91,13 @@ print(json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else v)
 
 # --- one chat turn ------------------------------------------------------------
 # chat PORT SESSION MESSAGE [vllm-chat flags...]: sets OUT (stdout), ERR
-# (stderr) and RC, and prints the turn to the transcript.
+# (stderr) and RC, and prints the turn to the transcript. Not streamed (the
+# streaming section runs vllm-chat itself): OUT is one reply.
 OUT=; ERR=; RC=0
 chat() {
   local port="$1" session="$2" msg="$3"; shift 3
   local errf="$RUN_DIR/chat.err"
-  OUT="$("$CHAT_BIN" --mqtt-port "$port" -p general -s "$session" -m "$msg" --timeout 90s "$@" 2>"$errf")"
+  OUT="$("$CHAT_BIN" --mqtt-port "$port" -p general -s "$session" -m "$msg" --timeout 90s --no-stream "$@" 2>"$errf")"
   RC=$?
   ERR="$(cat "$errf")"
   printf '    %s[%s]%s you> %s\n' "$C_B" "$session" "$C_0" "$msg"
@@ -210,9 +212,71 @@ printf '%s\n' "$compat_out" | sed 's/^/    robot< /'
 check "original paho client: 2 turns, plain-text replies" "exit $compat_rc: $(tail -n 2 "$RUN_DIR/compat.err" 2>/dev/null)" \
   '[ "$compat_rc" -eq 0 ] && [ "$(printf "%s\n" "$compat_out" | grep -c .)" -ge 2 ]'
 
-# Streaming and cancel (protocol v1.1) are not built yet.
+# Streaming and cancel (protocol v1.1): vllm-chat --json prints one line
+# per delta, then the final reply.
 section "streaming and cancel"
-skip "streaming and cancel: skipped: streaming not implemented yet (issue 13)"
+# stream_check FILE [sentence]: the deltas' seq run 0.. with no gap, the
+# final reply is ok with done and seq = their count, and they add up to its
+# text; in sentence mode no delta but the last ends mid-sentence. Prints
+# "deltas N" or the reason it failed.
+stream_check() {
+  python3 - "$1" "${2:-}" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+if not lines:
+    sys.exit("no output")
+*deltas, last = lines
+if not last.get("done") or not last.get("ok"):
+    sys.exit(f"final reply {last}")
+if [d.get("seq") for d in deltas] != list(range(len(deltas))):
+    sys.exit(f"seq {[d.get('seq') for d in deltas]}")
+if last.get("seq") != len(deltas):
+    sys.exit(f"final seq {last.get('seq')} for {len(deltas)} deltas")
+if "".join(d["delta"] for d in deltas) != last.get("text"):
+    sys.exit("the deltas do not add up to the final text")
+if sys.argv[2] == "sentence":
+    for d in deltas[:-1]:
+        if not d["delta"].rstrip().endswith((".", "!", "?", "\u3002")) and "\n" not in d["delta"]:
+            sys.exit(f"a delta cut mid-sentence: {d['delta']!r}")
+print(f"deltas {len(deltas)}")
+PY
+}
+SS="e2e-stream-$$"
+printf '    %s[%s]%s you> %s\n' "$C_B" "$SS" "$C_0" "Tell me a short story about a robot."
+"$CHAT_BIN" --mqtt-port "$((P + 1))" -p general -s "$SS" --json --timeout 90s --max-tokens 80 \
+  -m "Tell me a short story about a robot." >"$RUN_DIR/stream.out" 2>"$RUN_DIR/stream.err"
+st_rc=$?
+show_reply "$(tail -n 1 "$RUN_DIR/stream.out")"
+st="$(stream_check "$RUN_DIR/stream.out" 2>&1)"
+check "streamed answer: $st, seq gap-free, final done with seq = deltas, deltas add up to the text" \
+  "exit $st_rc: $st $(tail -n 2 "$RUN_DIR/stream.err")" '[ "$st_rc" -eq 0 ] && [[ "$st" == deltas* ]]'
+"$CHAT_BIN" --mqtt-port "$((P + 1))" -p general -s "$SS-s" --json --timeout 90s --max-tokens 80 --by-sentence \
+  -m "Describe the sea in three sentences." >"$RUN_DIR/stream-s.out" 2>"$RUN_DIR/stream-s.err"
+st_rc=$?
+st="$(stream_check "$RUN_DIR/stream-s.out" sentence 2>&1)"
+check "sentence mode: $st, no delta ends mid-sentence" "exit $st_rc: $st" '[ "$st_rc" -eq 0 ] && [[ "$st" == deltas* ]]'
+
+# Cancel: Ctrl-C during a long generation ends vllm-chat with 130 at once,
+# the daemon drops the backend call, and the session's next message is
+# answered without waiting for the long one to finish.
+CS2="e2e-cancel-$$"
+"$CHAT_BIN" --mqtt-port "$((P + 1))" -p general -s "$CS2" --json --timeout 90s --max-tokens 1500 \
+  -m "Write a very long essay about the history of computing." >"$RUN_DIR/cancel.out" 2>"$RUN_DIR/cancel.err" &
+cpid=$!
+for _ in $(seq 300); do [ -s "$RUN_DIR/cancel.out" ] && break; sleep 0.1; done
+kill -INT "$cpid" 2>/dev/null
+t0=$(date +%s.%N)
+wait "$cpid"; c_rc=$?
+c_secs="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")"
+c_deltas="$(grep -c '"delta"' "$RUN_DIR/cancel.out")"
+check "Ctrl-C during a streamed answer: vllm-chat exits 130 in ${c_secs} s after $c_deltas deltas" \
+  "exit $c_rc after ${c_secs} s; stderr $(tail -n 2 "$RUN_DIR/cancel.err")" \
+  '[ "$c_rc" -eq 130 ] && python3 -c "import sys; sys.exit(float(sys.argv[1]) > 6)" "$c_secs"'
+t0=$(date +%s.%N)
+chat "$((P + 1))" "$CS2" "Say OK." --json --max-tokens 4 --max-attempts 1
+n_secs="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")"
+check "after the cancel the session is free: the next message is answered at once (${n_secs} s, no session_busy)" \
+  "reply $OUT" '[ "$(jget "$OUT" ok)" = true ]'
 
 # A minute of load: every request must end with a reply (none lost).
 section "vllm-stress ($STRESS_RATE for $STRESS_DURATION)"
@@ -258,7 +322,7 @@ check "rate limit 3/min: 3 answered, the 4th rate_limited with retryAfterMs (${c
 N_OVER=6
 pids=()
 for ((n = 0; n < N_OVER; n++)); do
-  "$CHAT_BIN" --mqtt-port "$((P + 1))" -p general -s "e2e-over-$$-$n" --json --max-attempts 1 \
+  "$CHAT_BIN" --mqtt-port "$((P + 1))" -p general -s "e2e-over-$$-$n" --json --no-stream --max-attempts 1 \
     --timeout 90s --max-tokens 200 --temperature 0 \
     -m "Count from 1 to 100, separated by commas." >"$RUN_DIR/over-$n.out" 2>"$RUN_DIR/over-$n.err" &
   pids+=($!)
