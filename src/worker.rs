@@ -33,6 +33,7 @@ use crate::request::{Answer, Failure, Outbound, ReplyBody, Request, SessionKey};
 use crate::session::{SessionStore, StoreError};
 use crate::streaming::Streamer;
 use crate::telemetry::{Event, Stats};
+use vllm_chat::protocol::ReplyFormat;
 
 /// What every worker shares.
 pub struct Shared {
@@ -178,12 +179,20 @@ async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBod
         .reply
         .stream
         .map(|by| Streamer::new(&shared.egress, &req.reply, by, shared.stream_interval));
+    // A JSON request that does not stream still answers a cancel with the
+    // text generated so far: it is collected here (bounded, like the
+    // answer, by `max_reply_bytes`). A text-mode reply has no room for it.
+    let mut so_far =
+        (streamer.is_none() && req.reply.format == ReplyFormat::Json).then(String::new);
     // A cancel drops the call (and so the backend connection: vLLM aborts
     // the generation), like a deadline.
     let result = tokio::select! {
         biased;
         _ = token.cancelled() => Ok(Err(cancelled())),
-        r = tokio::time::timeout_at(req.deadline, call(shared, req, streamer.as_mut())) => r,
+        r = tokio::time::timeout_at(
+            req.deadline,
+            call(shared, req, streamer.as_mut(), so_far.as_mut()),
+        ) => r,
     };
     let failure = match result {
         Ok(Ok(answer)) => {
@@ -218,6 +227,10 @@ async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBod
                 text: s.text().to_owned(),
             }
         }
+        None if failure.code == ErrorCode::Cancelled => match so_far {
+            Some(text) if !text.is_empty() => ReplyBody::Partial { failure, text },
+            _ => ReplyBody::Failure(failure),
+        },
         _ => ReplyBody::Failure(failure),
     }
 }
@@ -226,6 +239,7 @@ async fn call(
     shared: &Shared,
     req: &Request,
     streamer: Option<&mut Streamer<'_>>,
+    so_far: Option<&mut String>,
 ) -> Result<Answer, Failure> {
     let project = shared.projects.get(&req.key.project);
     let model = project.map(|p| p.model.as_str()).filter(|m| !m.is_empty());
@@ -267,7 +281,7 @@ async fn call(
         &req.message,
         shared.history_token_budget,
     );
-    let answer = call_backend(shared, req, model, &mut prompt, streamer).await?;
+    let answer = call_backend(shared, req, model, &mut prompt, streamer, so_far).await?;
     let recorded = store
         .record(
             &req.key,
@@ -310,6 +324,7 @@ async fn call_backend(
     model: Option<&str>,
     prompt: &mut Vec<crate::history::Turn>,
     mut streamer: Option<&mut Streamer<'_>>,
+    mut so_far: Option<&mut String>,
 ) -> Result<Answer, Failure> {
     let mut schedule = shared.retry.schedule();
     let mut shrunk = false;
@@ -360,7 +375,17 @@ async fn call_backend(
         let in_flight_at_start = member.in_flight();
         let started = Instant::now();
         let result = match streamer.as_deref_mut() {
-            None => member.backend.chat(&name, prompt, req.sampling).await,
+            None => match so_far.as_deref_mut() {
+                None => member.backend.chat(&name, prompt, req.sampling).await,
+                Some(text) => {
+                    // Each attempt's text starts over.
+                    text.clear();
+                    member
+                        .backend
+                        .chat_streaming(&name, prompt, req.sampling, &mut |t| text.push_str(t))
+                        .await
+                }
+            },
             Some(s) => {
                 // Text of an attempt that sent no delta is forgotten: the
                 // retry starts the answer over.

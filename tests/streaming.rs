@@ -427,3 +427,64 @@ async fn a_stalled_subscriber_does_not_hold_up_other_sessions_or_its_own_generat
     assert_eq!(env.fake.chat_calls(), 5);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_cancelled_json_request_that_does_not_stream_gets_the_text_so_far() {
+    let sim = vllm_sim::Sim::builder()
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let mut dev = env.device("maze").await;
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "j", "requestId": "rj", "message": "talk", "maxTokens": 2000,
+               "format": "json"})
+        .to_string(),
+        1,
+    )
+    .await;
+    // Once a few tokens are out, cancel.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.metrics().generation_tokens() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "no generation");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    dev.publish(
+        "maze/cancel",
+        json!({"sessionId": "j", "requestId": "rj"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on("maze/assistant_response/j", WAIT)
+        .await
+        .json();
+    assert_eq!(v["error"]["code"], "cancelled", "{v}");
+    assert!(
+        !v["text"].as_str().unwrap_or_default().is_empty(),
+        "the text so far: {v}"
+    );
+    assert!(
+        v.get("done").is_none() && v.get("seq").is_none(),
+        "not streamed: {v}"
+    );
+    until_disconnected(|| sim.disconnected()).await;
+    // A text-mode device gets the original error text, nothing more.
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": "t", "message": "talk", "maxTokens": 2000}).to_string(),
+        1,
+    )
+    .await;
+    let before = sim.metrics().generation_tokens();
+    while sim.metrics().generation_tokens() < before + 5 {
+        assert!(tokio::time::Instant::now() < deadline, "no generation");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    dev.publish("maze/cancel", json!({"sessionId": "t"}).to_string(), 1)
+        .await;
+    let m = dev.expect_on("maze/assistant_response/t", WAIT).await;
+    assert_eq!(m.text(), "Error: cancelled");
+    env.stop().await;
+}
