@@ -18,6 +18,7 @@ use support::broker::Mosquitto;
 use support::daemon::{config, Daemon, WAIT};
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::TestClient;
+use support::process::DaemonProcess;
 use support::redis::{Redis, RedisCluster, Server};
 
 /// The store under test: one server or a cluster.
@@ -300,4 +301,73 @@ async fn a_cluster_url_with_no_live_node_fails_at_start() {
         .expect_err("no store, no daemon");
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+}
+
+/// The daemon binary on `state_url`, trusting the CA in `ca` for the
+/// store's certificate (SSL_CERT_FILE, read by the store's TLS client in
+/// place of the system's roots).
+fn tls_instance(
+    broker: &Mosquitto,
+    backend: &FakeVllm,
+    state_url: &str,
+    ca: &str,
+) -> DaemonProcess {
+    let args: Vec<String> = [
+        "--mqtt-host",
+        broker.host(),
+        "--mqtt-port",
+        &broker.port().to_string(),
+        "--backend-url",
+        &backend.base_url(),
+        "--model",
+        "test-model",
+        "--projects",
+        "maze",
+        "--instance-id",
+        &support::daemon::unique("gw-tls"),
+        "--state-url",
+        state_url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    DaemonProcess::spawn(&args, &[("SSL_CERT_FILE", ca)])
+}
+
+/// `rediss://` or `rediss+cluster://`: a conversation keeps its history
+/// over TLS; a store whose certificate the daemon does not trust stops it
+/// at start (exit 69), naming the store.
+async fn the_store_over_tls(state_url: &str, pki: &support::pki::Pki) {
+    let broker = Mosquitto::start().await;
+    let fake = counting().await;
+    let mut d = tls_instance(&broker, &fake, state_url, &pki.path("ca.pem"));
+    d.wait_log("subscribed", WAIT).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    for (turn, text) in [(0, "2"), (1, "4")] {
+        let v = ask(&mut dev, "t", &format!("t t{turn}")).await;
+        assert_eq!(v["text"], text, "{v}");
+    }
+    d.sigterm();
+    assert!(d.wait_exit(WAIT).await.success(), "{}", d.log_text());
+
+    let mut untrusting = tls_instance(&broker, &fake, state_url, &pki.path("other-ca.pem"));
+    let status = untrusting.wait_exit(WAIT).await;
+    let log = untrusting.log_text();
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("127.0.0.1"), "{log}");
+}
+
+#[tokio::test]
+async fn a_redis_over_tls_with_rediss() {
+    let pki = support::pki::pki();
+    let redis = Redis::start_tls(&pki).await;
+    the_store_over_tls(&redis.url(), &pki).await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_over_tls_with_rediss_cluster() {
+    let pki = support::pki::pki();
+    let cluster = RedisCluster::start_tls(3, &pki).await;
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    the_store_over_tls(&cluster.url(), &pki).await;
 }

@@ -9,6 +9,47 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::broker::free_port;
+use crate::pki::Pki;
+
+/// A test server's TLS: the certificate of a [`Pki`] (for 127.0.0.1),
+/// clients not asked for one; clients trust the PKI's `ca.pem`.
+#[derive(Debug, Clone)]
+struct Tls {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+impl Tls {
+    fn of(pki: &Pki) -> Tls {
+        Tls {
+            cert: pki.path("server.pem"),
+            key: pki.path("server.key"),
+            ca: pki.path("ca.pem"),
+        }
+    }
+
+    /// The server's options: TLS on `port`, no plain-text port.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &self.cert,
+            "--tls-key-file",
+            &self.key,
+            "--tls-ca-cert-file",
+            &self.ca,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
 
 /// Which server program a store runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +97,7 @@ impl Server {
 pub struct Redis {
     port: u16,
     program: PathBuf,
+    tls: Option<Tls>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -68,9 +110,20 @@ impl Redis {
 
     /// Starts `program` (a `redis-server` or a `valkey-server`) the same way.
     pub async fn start_program(program: PathBuf) -> Redis {
+        Self::start_with(program, None).await
+    }
+
+    /// Starts a `redis-server` that speaks TLS only, with `pki`'s server
+    /// certificate (`url()` is then `rediss://`).
+    pub async fn start_tls(pki: &Pki) -> Redis {
+        Self::start_with("redis-server".into(), Some(Tls::of(pki))).await
+    }
+
+    async fn start_with(program: PathBuf, tls: Option<Tls>) -> Redis {
         let mut r = Redis {
             port: free_port(),
             program,
+            tls,
             child: None,
             dir: tempfile::Builder::new()
                 .prefix("redis-test-")
@@ -81,9 +134,10 @@ impl Redis {
         r
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://127.0.0.1:PORT` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("redis{s}://127.0.0.1:{}", self.port)
     }
 
     /// `kill -9`: everything it held is gone (no persistence).
@@ -97,8 +151,12 @@ impl Redis {
     /// Starts it again on the same port, empty.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis-server is still running");
-        let child = Command::new(&self.program)
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new(&self.program);
+        match &self.tls {
+            Some(tls) => cmd.args(tls.server_args(self.port)),
+            None => cmd.args(["--port", &self.port.to_string()]),
+        };
+        let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -112,15 +170,21 @@ impl Redis {
                 )
             });
         self.child = Some(child);
-        wait_for_ping(self.port).await;
+        wait_for_ping(self.port, self.tls.as_ref()).await;
     }
 }
 
 /// Waits (bounded) until the server on `port` answers PING.
-async fn wait_for_ping(port: u16) {
+async fn wait_for_ping(port: u16, tls: Option<&Tls>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if ping(port).await {
+        let pong = match tls {
+            None => ping(port).await,
+            Some(tls) => cli(port, Some(tls), &["PING"])
+                .await
+                .is_ok_and(|out| out.trim() == "PONG"),
+        };
+        if pong {
             return;
         }
         assert!(
@@ -129,6 +193,25 @@ async fn wait_for_ping(port: u16) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `redis-cli -p PORT [--tls --cacert CA] ARGS...`: its output (one reply
+/// element a line), or what went wrong.
+async fn cli(port: u16, tls: Option<&Tls>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new("redis-cli");
+    cmd.args(["-p", &port.to_string()]);
+    if let Some(tls) = tls {
+        cmd.args(["--tls", "--cacert", &tls.ca]);
+    }
+    let out = cmd
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("redis-cli (apt's redis-tools, with redis-server): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("redis-cli {args:?}: {out:?}"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn ping(port: u16) -> bool {
@@ -155,6 +238,7 @@ impl Drop for Redis {
 /// redis-server); works with a `valkey-server` too.
 pub struct RedisCluster {
     nodes: Vec<Node>,
+    tls: Option<Tls>,
     _dir: tempfile::TempDir,
 }
 
@@ -168,6 +252,17 @@ impl RedisCluster {
     /// (the slots split evenly), and waits until every node says
     /// `cluster_state:ok`.
     pub async fn start(program: PathBuf, masters: usize) -> RedisCluster {
+        Self::start_with(program, masters, None).await
+    }
+
+    /// The same with `redis-server`, TLS only (clients and the cluster
+    /// bus) with `pki`'s server certificate: `url()` is then
+    /// `rediss+cluster://`.
+    pub async fn start_tls(masters: usize, pki: &Pki) -> RedisCluster {
+        Self::start_with("redis-server".into(), masters, Some(Tls::of(pki))).await
+    }
+
+    async fn start_with(program: PathBuf, masters: usize, tls: Option<Tls>) -> RedisCluster {
         let dir = tempfile::Builder::new()
             .prefix("redis-cluster-test-")
             .tempdir()
@@ -177,8 +272,14 @@ impl RedisCluster {
             // The cluster bus gets a free port of its own (by default it is
             // the port + 10000, which nothing keeps free).
             let (port, bus) = (free_port(), free_port());
-            let child = Command::new(&program)
-                .args(["--port", &port.to_string()])
+            let mut cmd = Command::new(&program);
+            match &tls {
+                Some(tls) => cmd
+                    .args(tls.server_args(port))
+                    .args(["--tls-cluster", "yes"]),
+                None => cmd.args(["--port", &port.to_string()]),
+            };
+            let child = cmd
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes"])
@@ -192,11 +293,18 @@ impl RedisCluster {
                 .unwrap_or_else(|e| panic!("{} ({e})", program.display()));
             nodes.push(Node { port, child });
         }
-        let cluster = RedisCluster { nodes, _dir: dir };
+        let cluster = RedisCluster {
+            nodes,
+            tls,
+            _dir: dir,
+        };
         for n in &cluster.nodes {
-            wait_for_ping(n.port).await;
+            wait_for_ping(n.port, cluster.tls.as_ref()).await;
         }
         let mut create = tokio::process::Command::new("redis-cli");
+        if let Some(tls) = &cluster.tls {
+            create.args(["--tls", "--cacert", &tls.ca]);
+        }
         create.arg("--cluster").arg("create");
         for n in &cluster.nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
@@ -235,14 +343,16 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`: every node as a seed.
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`: every node as a
+    /// seed (`rediss+cluster://` with TLS).
     pub fn url(&self) -> String {
+        let s = if self.tls.is_some() { "s" } else { "" };
         let nodes: Vec<String> = self
             .ports()
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis+cluster://{}", nodes.join(","))
+        format!("redis{s}+cluster://{}", nodes.join(","))
     }
 
     /// The nodes' ports.
@@ -253,14 +363,9 @@ impl RedisCluster {
     /// `redis-cli -p PORT ARGS...` (no redirections followed): its output,
     /// one reply element a line.
     pub async fn cli(&self, port: u16, args: &[&str]) -> String {
-        let out = tokio::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
+        cli(port, self.tls.as_ref(), args)
             .await
-            .expect("redis-cli");
-        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The slot of `key` (`CLUSTER KEYSLOT`).
