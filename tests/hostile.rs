@@ -25,7 +25,7 @@ use support::broker::{free_port, Mosquitto};
 use support::daemon::{device, unique, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::{Received, TestClient, TestClientV4};
-use support::raw_http::{RawBackend, ResetMode};
+use support::raw_http::{read_request, RawBackend, ResetMode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -341,33 +341,6 @@ impl RawChat {
 
     fn sent(&self) -> usize {
         self.sent.load(Ordering::SeqCst)
-    }
-}
-
-/// Reads one request (head and a `Content-Length` body); its head, or
-/// `None` at EOF.
-async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                buf.drain(..end + 4 + len);
-                return Some(head);
-            }
-        }
-        let mut chunk = [0u8; 16384];
-        match sock.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
     }
 }
 

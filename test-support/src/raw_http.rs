@@ -82,8 +82,10 @@ impl Drop for RawBackend {
     }
 }
 
-/// Reads one request (head and a `Content-Length` body); `None` at EOF.
-async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+/// Reads one request (head and a `Content-Length` body) from `sock`,
+/// keeping what follows it in `buf`; its head, or `None` at EOF. Shared by
+/// the raw backends of the tests.
+pub async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
