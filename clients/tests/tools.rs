@@ -61,7 +61,7 @@ fn stderr(o: &Output) -> String {
 
 /// Runs vllm-stress with `--json` into a temporary file; returns the exit
 /// status, the JSON summary and stdout.
-async fn stress(env: &Env, args: &[&str]) -> (Option<i32>, Value, String) {
+async fn stress<B>(env: &Env<B>, args: &[&str]) -> (Option<i32>, Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("summary.json");
     let mut all = vec!["--quiet", "--json", json.to_str().unwrap()];
@@ -494,5 +494,146 @@ async fn stress_open_loop_and_lost_requests_fail_the_run() {
     assert_eq!(summary["outcomes"]["lost"], 4, "{table}");
     // Let the held requests finish so the daemon drains quickly.
     env.fake.release(100);
+    env.stop().await;
+}
+
+/// `--stream`: deltas are timed and counted, never taken for replies; the
+/// final reply ends each request (closed and open loop, both cuts).
+#[tokio::test]
+async fn stress_stream_measures_deltas() {
+    const ANSWER: &str =
+        "A longer answer of several words, so that the daemon sends several deltas. \
+        It goes on for a while, one word at a time, until it stops.";
+    // A few milliseconds per token and a short coalescing interval: several
+    // deltas per answer, whatever the machine's speed.
+    let sim = vllm_sim::Sim::scripted()
+        .latency_model(vllm_sim::LatencyModel {
+            itl_base: Duration::from_millis(4),
+            ..vllm_sim::LatencyModel::zero()
+        })
+        .reply_with(|_| ANSWER.into())
+        .run()
+        .await;
+    let env = Env::start(sim.base_url(), |c| {
+        c.workers.stream_interval = Duration::from_millis(10)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("records.csv");
+    let plot = dir.path().join("stream.svg");
+    let (code, summary, table) = stress(
+        &env,
+        &[
+            "-p",
+            "maze",
+            "--stream",
+            "--clients",
+            "3",
+            "--messages",
+            "3",
+            "--interval",
+            "10ms",
+            "--records",
+            csv.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{table}");
+    assert_accounted(&summary);
+    assert_eq!(summary["outcomes"]["ok"], 9, "{table}");
+    assert_eq!(
+        (&summary["duplicates"], &summary["strays"], &summary["late"]),
+        (&Value::from(0), &Value::from(0), &Value::from(0)),
+        "deltas are not replies: {table}"
+    );
+    assert_eq!(summary["settings"]["stream"], true);
+    let st = &summary["stream"];
+    let deltas = st["deltas"].as_u64().unwrap();
+    assert!(deltas >= 2 * 9, "several deltas per answer: {table}");
+    assert_eq!(st["messages"].as_u64().unwrap(), deltas + 9, "{st:#}");
+    assert_eq!(
+        st["messagesPerRequest"].as_f64().unwrap(),
+        st["deltasPerRequest"].as_f64().unwrap() + 1.0
+    );
+    assert_eq!(
+        (&st["deltasLost"], &st["withoutDelta"]),
+        (&Value::from(0), &Value::from(0))
+    );
+    assert_eq!(
+        (&st["repeatedDeltas"], &st["unmatchedDeltas"]),
+        (&Value::from(0), &Value::from(0))
+    );
+    // One gap between each two consecutive deltas of a request.
+    assert_eq!(st["gapMs"]["count"].as_u64().unwrap(), deltas - 9, "{st:#}");
+    assert!(st["gapMs"]["p50"].as_f64().unwrap() > 0.0, "{st:#}");
+    let (ttfd, latency) = (&st["ttfdMs"], &summary["latencyMs"]);
+    assert_eq!(ttfd["count"], 9);
+    for p in ["p50", "p90", "p99", "max"] {
+        let (t, l) = (ttfd[p].as_f64().unwrap(), latency[p].as_f64().unwrap());
+        assert!(t > 0.0 && t <= l, "{p}: first delta {t} ms, reply {l} ms");
+    }
+    assert!(table.contains("time to first delta"), "{table}");
+    assert!(table.contains("gap between deltas"), "{table}");
+
+    // The records: the four columns as before, then the streamed ones.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("sent_ms,latency_ms,outcome,attempts,ttfd_ms,deltas,deltas_lost,max_gap_ms,messages")
+    );
+    let mut rows = 0;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 9, "{line}");
+        let latency: f64 = f[1].parse().unwrap();
+        let first: f64 = f[4].parse().unwrap();
+        let n: u64 = f[5].parse().unwrap();
+        assert!(first > 0.0 && first <= latency, "{line}");
+        assert!(n >= 1, "{line}");
+        assert_eq!(f[6], "0", "{line}");
+        if n > 1 {
+            assert!(f[7].parse::<f64>().unwrap() > 0.0, "{line}");
+        }
+        assert_eq!(f[8].parse::<u64>().unwrap(), n + 1, "{line}");
+        rows += 1;
+    }
+    assert_eq!(rows, 9);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("time to first delta (ms)"));
+
+    // Open loop, cut at sentence ends: two sentences, two deltas each.
+    let (code, summary, table) = stress(
+        &env,
+        &[
+            "-p",
+            "maze",
+            "--stream",
+            "--stream-by",
+            "sentence",
+            "--rate",
+            "10/s",
+            "--duration",
+            "300ms",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{table}");
+    assert_accounted(&summary);
+    assert_eq!(summary["outcomes"]["ok"], 3, "{table}");
+    assert_eq!(summary["settings"]["streamBy"], "sentence");
+    assert_eq!(summary["stream"]["deltas"], 6, "{table}");
+    assert_eq!(summary["stream"]["gapMs"]["count"], 3, "{table}");
+    assert_eq!(summary["stream"]["messages"], 9, "{table}");
+
+    // Text-mode devices never stream: a usage error.
+    let out = env
+        .run(STRESS, &["--stream", "--format", "text", "--messages", "1"])
+        .await;
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--stream"), "{}", stderr(&out));
+    assert_eq!(sim.chat_calls(), 12);
     env.stop().await;
 }

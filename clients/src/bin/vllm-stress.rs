@@ -5,7 +5,9 @@
 //! --interval 1s`. Open loop (to find the knee): `--rate R/s --duration
 //! 60s --sessions K`. Every request ends as ok, an error code, or lost;
 //! the summary goes to stdout (and `--json FILE`), latency over time to
-//! `--plot FILE.svg`, every request to `--records FILE.csv`. Exit status 1
+//! `--plot FILE.svg`, every request to `--records FILE.csv`. `--stream`
+//! asks for streamed answers and adds the time to first delta, the gaps
+//! between deltas and the deltas and messages per request. Exit status 1
 //! if any request was lost.
 
 #![forbid(unsafe_code)]
@@ -18,7 +20,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vllm_chat::cli::{self, BrokerArgs, MqttVersion};
-use vllm_chat::protocol::ReplyFormat;
+use vllm_chat::protocol::{ReplyFormat, StreamBy};
 use vllm_chat::retry::RetryPolicy;
 use vllm_chat::stress::{self, Load, StressConfig};
 
@@ -32,6 +34,15 @@ enum Format {
     /// The original protocol: plain-text replies, QoS 0, MQTT 3.1.1 by
     /// default, no retries.
     Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum By {
+    /// At most one delta per the daemon's stream interval (50 ms by
+    /// default).
+    Time,
+    /// At sentence ends.
+    Sentence,
 }
 
 /// Load-test vllm-mqttd over MQTT and account for every request.
@@ -80,6 +91,14 @@ struct Cli {
     /// Attempts per request with --retries.
     #[arg(long, default_value_t = 5, requires = "retries")]
     max_attempts: u32,
+    /// Ask for streamed answers (protocol v1.1; --format json only) and
+    /// measure the time to first delta and the gaps between deltas.
+    #[arg(long)]
+    stream: bool,
+    /// With --stream: how the daemon cuts the answer into deltas
+    /// (default: the daemon's, time).
+    #[arg(long, value_enum, requires = "stream")]
+    stream_by: Option<By>,
     /// MQTT connections to spread sessions over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -89,11 +108,13 @@ struct Cli {
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Write every request (send time, latency, outcome, attempts) as CSV
-    /// to this file.
+    /// Write every request (send time, latency, outcome, attempts; with
+    /// --stream also ttfd_ms, deltas, deltas_lost, max_gap_ms, messages)
+    /// as CSV to this file.
     #[arg(long, value_name = "FILE.csv")]
     records: Option<PathBuf>,
-    /// Draw latency over time to this SVG file.
+    /// Draw latency over time to this SVG file (with --stream, and the
+    /// time to first delta below it).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// No progress bar.
@@ -169,6 +190,11 @@ fn config(cli: &Cli) -> Result<StressConfig, vllm_chat::ClientError> {
         retries,
         connections: cli.connections,
         message: cli.message.clone(),
+        stream: cli.stream,
+        stream_by: cli.stream_by.map(|by| match by {
+            By::Time => StreamBy::Time,
+            By::Sentence => StreamBy::Sentence,
+        }),
     };
     config.validate()?;
     Ok(config)
@@ -253,8 +279,15 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &cli.plot {
         let title = format!(
-            "vllm-stress: {} loop, {} requests, {:.1} req/s answered",
-            run.report.settings.mode, run.report.sent, run.report.throughput
+            "vllm-stress: {} loop, {} requests{}, {:.1} req/s answered",
+            run.report.settings.mode,
+            run.report.sent,
+            if run.report.settings.stream {
+                " (streamed)"
+            } else {
+                ""
+            },
+            run.report.throughput
         );
         if let Err(e) = stress::plot::draw(path, &run.records, &title) {
             return fail(cli::EXIT_UNAVAILABLE, &e);
@@ -309,5 +342,22 @@ mod tests {
             config(&c).unwrap().broker.protocol,
             vllm_chat::Protocol::V311
         );
+        let c =
+            Cli::try_parse_from(["vllm-stress", "--stream", "--stream-by", "sentence"]).unwrap();
+        let s = config(&c).unwrap();
+        assert!(s.stream);
+        assert_eq!(s.stream_by, Some(StreamBy::Sentence));
+        assert!(
+            !config(&Cli::try_parse_from(["vllm-stress"]).unwrap())
+                .unwrap()
+                .stream
+        );
+        // Text-mode devices never stream.
+        let c = Cli::try_parse_from(["vllm-stress", "--stream", "--format", "text"]).unwrap();
+        assert!(matches!(
+            config(&c),
+            Err(vllm_chat::ClientError::InvalidOptions(_))
+        ));
+        assert!(Cli::try_parse_from(["vllm-stress", "--stream-by", "time"]).is_err());
     }
 }

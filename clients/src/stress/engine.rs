@@ -7,6 +7,12 @@
 //! only subscribes to its reply topics, publishes, and hands each reply to
 //! the request waiting for it, stamped with its arrival time in the poll
 //! loop so that latency does not include our own scheduling delays.
+//!
+//! Streamed answers: the poll loop tells a delta from a reply, times it
+//! and counts it against its request (under the ledger's lock, which
+//! never waits on anything), feeding the gap between it and the request's
+//! previous delta straight into the connection's histogram. A delta never
+//! completes a request; its final reply does.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +26,11 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
 use super::outcome::{classify_payload, Outcome};
-use super::report::{Record, ReplyCounters};
+use super::report::{self, DeltaStats, Record, ReplyCounters, Streamed};
 use super::{Load, StressConfig};
 use crate::error::ClientError;
 use crate::options::random_id;
@@ -32,17 +41,68 @@ use crate::transport::{self, Link, NetEvent, RequestProps};
 /// How long the initial subscription may take.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A reply as it arrived.
+/// A reply as it arrived, with the deltas that came before it.
 struct Arrival {
     at: Instant,
     payload: Bytes,
+    track: Track,
+}
+
+/// One attempt's deltas so far: a fixed size whatever their number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Track {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    /// Deltas counted (a repeated `seq` is not).
+    deltas: u32,
+    /// The `seq` expected next: one below it has arrived already.
+    next_seq: u32,
+    max_gap: Option<std::time::Duration>,
+}
+
+/// A request waiting for its final reply.
+struct Pending {
+    tx: oneshot::Sender<Arrival>,
+    track: Track,
+}
+
+impl Pending {
+    fn new(tx: oneshot::Sender<Arrival>) -> Pending {
+        Pending {
+            tx,
+            track: Track::default(),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Ledger {
-    pending: HashMap<String, oneshot::Sender<Arrival>>,
+    pending: HashMap<String, Pending>,
     answered: HashSet<String>,
     lost: HashSet<String>,
+    /// Streamed runs: gaps between deltas, repeated and unmatched deltas.
+    deltas: DeltaStats,
+}
+
+/// The fields that tell a delta (`{"seq":N,"delta":"..."}`) from a final
+/// reply (`ok`, and `done` when streamed), read without copying the text.
+#[derive(Deserialize)]
+struct Probe {
+    seq: Option<u32>,
+    delta: Option<IgnoredAny>,
+    ok: Option<IgnoredAny>,
+}
+
+/// `Some(seq)` when `payload` is a delta of a streamed answer (`seq` is
+/// `None` only if the daemon left it out).
+fn delta_seq(payload: &[u8]) -> Option<Option<u32>> {
+    if payload.first() != Some(&b'{') {
+        return None;
+    }
+    match serde_json::from_slice::<Probe>(payload) {
+        Ok(p) if p.delta.is_some() && p.ok.is_none() => Some(p.seq),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +115,9 @@ enum SubStatus {
 /// What a connection's poll loop shares with the request tasks.
 struct Book {
     filter: String,
+    /// Whether requests ask for streamed answers (only then is a payload
+    /// looked at for a delta).
+    stream: bool,
     /// `std` mutex: the poll loop must not wait on an async lock, and no
     /// `.await` happens while it is held.
     ledger: Mutex<Ledger>,
@@ -95,18 +158,36 @@ impl Book {
 }
 
 impl Book {
-    /// Hands a reply to the request waiting for it, or counts it.
+    /// Hands a reply to the request waiting for it, or counts it; counts
+    /// and times a delta against its request.
     fn deliver(&self, topic: &str, payload: Bytes) {
         let at = Instant::now();
         // Our reply topics end with the request id.
         let id = topic.rsplit('/').next().unwrap_or_default();
+        let delta = if self.stream {
+            delta_seq(&payload)
+        } else {
+            None
+        };
         let mut ledger = lock(&self.ledger);
-        if let Some(tx) = ledger.pending.remove(id) {
+        if let Some(seq) = delta {
+            let ledger = &mut *ledger;
+            match ledger.pending.get_mut(id) {
+                Some(p) => p.track.add(at, seq, &mut ledger.deltas),
+                None => ledger.deltas.unmatched += 1,
+            }
+            return;
+        }
+        if let Some(p) = ledger.pending.remove(id) {
             ledger.answered.insert(id.to_owned());
             // Sent under the ledger lock (a oneshot send never waits), so
             // a request that finds its id gone from `pending` knows the
             // arrival is already in its channel: see `settle`.
-            let _ = tx.send(Arrival { at, payload });
+            let _ = p.tx.send(Arrival {
+                at,
+                payload,
+                track: p.track,
+            });
         } else if ledger.answered.contains(id) {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
         } else if ledger.lost.remove(id) {
@@ -117,21 +198,44 @@ impl Book {
         }
     }
 
-    /// Settles request `id` once its deadline passed: lost if no reply was
-    /// taken for it, else the reply that landed as the deadline fired.
+    /// Settles request `id` once its deadline passed: lost (with the
+    /// deltas it got) if no reply was taken for it, else the reply that
+    /// landed as the deadline fired.
     ///
     /// Why look again: the poll loop may take the request from `pending`
     /// just before the timer fires. That reply counts as answered (it is
     /// in `answered`, so it is not a late one either); calling it lost
     /// would leave it counted nowhere.
-    fn settle(&self, id: &str, rx: &mut oneshot::Receiver<Arrival>) -> Option<Arrival> {
+    fn settle(&self, id: &str, rx: &mut oneshot::Receiver<Arrival>) -> Result<Arrival, Track> {
         let mut ledger = lock(&self.ledger);
-        if ledger.pending.remove(id).is_some() {
+        if let Some(p) = ledger.pending.remove(id) {
             ledger.lost.insert(id.to_owned());
-            return None;
+            return Err(p.track);
         }
         drop(ledger);
-        rx.try_recv().ok()
+        rx.try_recv().map_err(|_| Track::default())
+    }
+}
+
+impl Track {
+    /// Counts a delta that arrived `at`, unless its `seq` already did
+    /// (a redelivery); the gap since the previous one goes into `stats`.
+    fn add(&mut self, at: Instant, seq: Option<u32>, stats: &mut DeltaStats) {
+        if let Some(seq) = seq {
+            if self.deltas > 0 && seq < self.next_seq {
+                stats.repeated += 1;
+                return;
+            }
+            self.next_seq = seq.saturating_add(1);
+        }
+        if let Some(last) = self.last {
+            let gap = at.saturating_duration_since(last);
+            report::record(&mut stats.gaps, gap);
+            self.max_gap = Some(self.max_gap.map_or(gap, |m| m.max(gap)));
+        }
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+        self.deltas += 1;
     }
 }
 
@@ -154,6 +258,7 @@ impl Conn {
         let filter = format!("{}+/{client_id}/+", reply_prefix(&config.project));
         let book = Arc::new(Book {
             filter: filter.clone(),
+            stream: config.stream,
             ledger: Mutex::default(),
             sub: watch::Sender::new(SubStatus::Waiting),
             duplicates: AtomicU64::new(0),
@@ -195,6 +300,19 @@ impl Conn {
         let first_sent = Instant::now();
         let deadline = first_sent + config.reply_timeout;
         let mut attempts = 0;
+        // Messages received for the request over all its attempts.
+        let mut messages = 0u32;
+        // What a streamed request's record says of the attempt `track`
+        // got, with the final reply's `seq` if it came.
+        let streamed = |track: Track, deltas_sent: Option<u32>, messages: u32| {
+            config.stream.then(|| Streamed {
+                ttfd: track.first.map(|t| t.saturating_duration_since(first_sent)),
+                deltas: track.deltas,
+                deltas_sent,
+                max_gap: track.max_gap,
+                messages,
+            })
+        };
         loop {
             attempts += 1;
             let id = format!("{:016x}", rand::rng().random::<u64>());
@@ -212,6 +330,8 @@ impl Conn {
                 request_id: json.then(|| id.clone()),
                 client_id: json.then(|| self.client_id.clone()),
                 format: json.then_some(ReplyFormat::Json),
+                stream: config.stream,
+                stream_by: config.stream_by,
                 ..Default::default()
             };
             let body = serde_json::to_vec(&payload).unwrap_or_default();
@@ -225,13 +345,16 @@ impl Conn {
                 RequestProps::default()
             };
             let (tx, mut rx) = oneshot::channel();
-            lock(&self.book.ledger).pending.insert(id.clone(), tx);
+            lock(&self.book.ledger)
+                .pending
+                .insert(id.clone(), Pending::new(tx));
             let qos = if json { 1 } else { 0 };
-            let lost = |attempts| Record {
+            let lost = |attempts, track: Track| Record {
                 sent: first_sent - t0,
                 latency: None,
                 outcome: Outcome::Lost,
                 attempts,
+                stream: streamed(track, None, messages + track.deltas),
             };
             // Bounded by the deadline: while the broker is away rumqttc's
             // request channel fills up and `publish` would wait for the
@@ -248,23 +371,31 @@ impl Conn {
             if let Some(e) = failure {
                 tracing::warn!(error = %e, "cannot publish");
                 lock(&self.book.ledger).pending.remove(&id);
-                return lost(attempts);
+                return lost(attempts, Track::default());
             }
             let arrival = match tokio::time::timeout_at(deadline, &mut rx).await {
                 Ok(Ok(a)) => a,
                 _ => match self.book.settle(&id, &mut rx) {
-                    Some(a) => a,
-                    None => return lost(attempts),
+                    Ok(a) => a,
+                    Err(track) => return lost(attempts, track),
                 },
             };
+            messages += arrival.track.deltas + 1;
             let outcome = classify_payload(&arrival.payload, json || looks_like_json(&arrival));
-            if let (Outcome::Error(code), Some(policy)) = (outcome, &config.retries) {
-                let retry_after =
-                    serde_json::from_slice::<crate::protocol::Reply>(&arrival.payload)
-                        .ok()
-                        .and_then(|r| r.error)
-                        .and_then(|e| e.retry_after_ms)
-                        .map(Duration::from_millis);
+            let reply = (config.stream || config.retries.is_some())
+                .then(|| serde_json::from_slice::<crate::protocol::Reply>(&arrival.payload).ok())
+                .flatten();
+            // After a delta an error is final: a retry would answer again
+            // what the device has partly shown (as the client library).
+            let retryable = arrival.track.deltas == 0;
+            if let (Outcome::Error(code), Some(policy), true) =
+                (outcome, &config.retries, retryable)
+            {
+                let retry_after = reply
+                    .as_ref()
+                    .and_then(|r| r.error.as_ref())
+                    .and_then(|e| e.retry_after_ms)
+                    .map(Duration::from_millis);
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let decision =
                     policy.decide(attempts, code, retry_after, remaining, &mut rand::rng());
@@ -278,6 +409,7 @@ impl Conn {
                 latency: Some(arrival.at.saturating_duration_since(first_sent)),
                 outcome,
                 attempts,
+                stream: streamed(arrival.track, reply.and_then(|r| r.seq), messages),
             };
         }
     }
@@ -321,6 +453,8 @@ pub(super) struct Measured {
     pub records: Vec<Record>,
     pub elapsed: Duration,
     pub counters: ReplyCounters,
+    /// Streamed runs: what the connections measured of the deltas.
+    pub deltas: Option<DeltaStats>,
     pub interrupted: bool,
 }
 
@@ -439,10 +573,14 @@ pub(super) async fn execute(
     }
     records.sort_by_key(|r| r.sent);
     let mut counters = ReplyCounters::default();
+    let mut deltas = config.stream.then(DeltaStats::default);
     for c in &conns {
         counters.duplicates += c.book.duplicates.load(Ordering::Relaxed);
         counters.late += c.book.late.load(Ordering::Relaxed);
         counters.strays += c.book.strays.load(Ordering::Relaxed);
+        if let Some(d) = &mut deltas {
+            d.merge(&lock(&c.book.ledger).deltas);
+        }
     }
     for c in &conns {
         c.link.disconnect().await;
@@ -451,6 +589,7 @@ pub(super) async fn execute(
         records,
         elapsed,
         counters,
+        deltas,
         interrupted,
     })
 }
@@ -462,6 +601,7 @@ mod tests {
     fn book() -> Book {
         Book {
             filter: String::new(),
+            stream: false,
             ledger: Mutex::default(),
             sub: watch::Sender::new(SubStatus::Waiting),
             duplicates: AtomicU64::new(0),
@@ -474,7 +614,9 @@ mod tests {
     async fn a_reply_landing_as_the_deadline_fires_is_answered() {
         let b = book();
         let (tx, mut rx) = oneshot::channel();
-        lock(&b.ledger).pending.insert("r1".into(), tx);
+        lock(&b.ledger)
+            .pending
+            .insert("r1".into(), Pending::new(tx));
         // The poll loop takes the reply; the request's timer fires before
         // it reads its channel.
         b.deliver("p/assistant_response/s/c/r1", Bytes::from_static(b"hi"));
@@ -518,6 +660,8 @@ mod tests {
             retries: None,
             connections: 1,
             message: "hi".into(),
+            stream: false,
+            stream_by: None,
         };
         let t0 = Instant::now();
         // Queued, never answered.
@@ -539,10 +683,96 @@ mod tests {
     async fn no_reply_by_the_deadline_is_lost_and_a_later_one_late() {
         let b = book();
         let (tx, mut rx) = oneshot::channel();
-        lock(&b.ledger).pending.insert("r2".into(), tx);
-        assert!(b.settle("r2", &mut rx).is_none());
+        lock(&b.ledger)
+            .pending
+            .insert("r2".into(), Pending::new(tx));
+        assert!(b.settle("r2", &mut rx).is_err());
         assert!(lock(&b.ledger).lost.contains("r2"));
         b.deliver("p/assistant_response/s/c/r2", Bytes::from_static(b"hi"));
         assert_eq!(b.late.load(Ordering::Relaxed), 1);
+    }
+
+    fn delta(id: &str, seq: u32) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"requestId":"{id}","sessionId":"s","seq":{seq},"delta":"x"}}"#
+        ))
+    }
+
+    #[test]
+    fn deltas_are_told_from_replies() {
+        assert_eq!(delta_seq(&delta("r", 3)), Some(Some(3)));
+        let done = br#"{"requestId":"r","sessionId":"s","ok":true,"text":"x","done":true,"seq":3}"#;
+        assert_eq!(delta_seq(done), None);
+        assert_eq!(
+            delta_seq(br#"{"requestId":"r","sessionId":"s","ok":true,"text":"x"}"#),
+            None
+        );
+        assert_eq!(delta_seq(b"plain text"), None);
+        assert_eq!(delta_seq(b"{not json"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deltas_are_timed_and_counted_and_never_end_a_request() {
+        let b = Book {
+            stream: true,
+            ..book()
+        };
+        let (tx, mut rx) = oneshot::channel();
+        lock(&b.ledger).pending.insert("r".into(), Pending::new(tx));
+        let start = Instant::now();
+        let topic = "p/assistant_response/s/c/r";
+        b.deliver(topic, delta("r", 0));
+        tokio::time::advance(Duration::from_millis(30)).await;
+        b.deliver(topic, delta("r", 1));
+        // A redelivery of seq 1: not counted again, no gap.
+        b.deliver(topic, delta("r", 1));
+        tokio::time::advance(Duration::from_millis(70)).await;
+        b.deliver(topic, delta("r", 2));
+        assert!(
+            rx.try_recv().is_err(),
+            "a delta does not complete the request"
+        );
+        b.deliver(
+            topic,
+            Bytes::from_static(
+                br#"{"requestId":"r","sessionId":"s","ok":true,"text":"xxx","done":true,"seq":3}"#,
+            ),
+        );
+        let a = rx.try_recv().expect("the final reply completes it");
+        let t = a.track;
+        assert_eq!(t.deltas, 3);
+        assert_eq!(t.first, Some(start));
+        assert_eq!(t.max_gap, Some(Duration::from_millis(70)));
+        // A delta after the final reply matches no request.
+        b.deliver(topic, delta("r", 3));
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(
+            (get(&b.late), get(&b.strays), get(&b.duplicates)),
+            (0, 0, 0)
+        );
+        let ledger = lock(&b.ledger);
+        assert_eq!((ledger.deltas.repeated, ledger.deltas.unmatched), (1, 1));
+        assert_eq!(ledger.deltas.gaps.len(), 2);
+        let max_us = ledger.deltas.gaps.max();
+        assert!((69_900..=70_100).contains(&max_us), "{max_us}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_streamed_request_keeps_its_deltas() {
+        let b = Book {
+            stream: true,
+            ..book()
+        };
+        let (tx, mut rx) = oneshot::channel();
+        lock(&b.ledger).pending.insert("r".into(), Pending::new(tx));
+        b.deliver("p/assistant_response/s/c/r", delta("r", 0));
+        let track = b.settle("r", &mut rx).err().expect("lost");
+        assert_eq!(track.deltas, 1);
+        // A non-streamed book takes a delta-shaped payload as a reply.
+        let b = book();
+        let (tx, mut rx) = oneshot::channel();
+        lock(&b.ledger).pending.insert("r".into(), Pending::new(tx));
+        b.deliver("p/assistant_response/s/c/r", delta("r", 0));
+        assert!(rx.try_recv().is_ok());
     }
 }

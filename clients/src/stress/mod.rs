@@ -17,6 +17,12 @@
 //! point is to measure the daemon as devices see it; `retries` applies the
 //! library's retry policy instead.
 //!
+//! With `stream`, every request asks for a streamed answer (protocol
+//! v1.1, JSON only): its deltas are told apart from replies as they
+//! arrive, timed (time to first delta, gaps between deltas) and counted,
+//! and the request ends on its final reply. A retry is made only before
+//! the first delta, as the client library does.
+//!
 //! [`outcome`] classifies replies, [`report`] builds the summary and
 //! [`plot`] draws latency over time; the connections and the load loops
 //! are private.
@@ -33,11 +39,11 @@ use indicatif::ProgressBar;
 
 use crate::error::ClientError;
 use crate::options::{ClientOptions, Protocol};
-use crate::protocol::ReplyFormat;
+use crate::protocol::{ReplyFormat, StreamBy};
 use crate::retry::RetryPolicy;
 
 pub use outcome::Outcome;
-pub use report::{Latency, Record, Report, Settings};
+pub use report::{Latency, Record, Report, Settings, StreamSummary, Streamed};
 
 /// The shape of the load.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,6 +104,11 @@ pub struct StressConfig {
     pub connections: usize,
     /// Message text (a `(#n)` suffix numbers each request).
     pub message: String,
+    /// Ask for streamed answers (`"stream": true`; JSON format only).
+    pub stream: bool,
+    /// With `stream`: how the daemon cuts deltas; its default (`time`)
+    /// when `None`.
+    pub stream_by: Option<StreamBy>,
 }
 
 impl StressConfig {
@@ -136,6 +147,12 @@ impl StressConfig {
         if self.format == ReplyFormat::Text && self.retries.is_some() {
             return bad("--format text speaks the original protocol, which has no retries");
         }
+        if self.stream && self.format == ReplyFormat::Text {
+            return bad("--stream needs --format json: the original text protocol does not stream");
+        }
+        if self.stream_by.is_some() && !self.stream {
+            return bad("--stream-by needs --stream");
+        }
         if self.message.trim().is_empty() {
             return bad("--message must not be empty");
         }
@@ -157,6 +174,14 @@ impl StressConfig {
             connections: self.connections as u64,
             reply_timeout_ms: self.reply_timeout.as_millis() as u64,
             retries: self.retries.is_some(),
+            stream: self.stream,
+            stream_by: self.stream_by.map(|by| {
+                match by {
+                    StreamBy::Time => "time",
+                    StreamBy::Sentence => "sentence",
+                }
+                .to_owned()
+            }),
             ..Default::default()
         };
         match self.load {
@@ -220,6 +245,7 @@ pub async fn run(
         &m.records,
         m.elapsed,
         m.counters,
+        m.deltas.as_ref(),
         m.interrupted,
     );
     Ok(Run {

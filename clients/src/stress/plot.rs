@@ -5,47 +5,76 @@
 //! edge. Lines show the per-second median and 99th percentile of the
 //! successes; where they bend up while the send rate stays flat, the
 //! deployment is past its knee.
+//!
+//! A streamed run (`--stream`) gets a second panel below, on the same
+//! time axis: each request's time to first delta, with its per-second
+//! median and 99th percentile.
 
 use std::path::Path;
 use std::time::Duration;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::outcome::Outcome;
 use super::report::{Latency, Record};
 
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
 /// Draws `records` to an SVG file at `path`.
 pub fn draw(path: &Path, records: &[Record], title: &str) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("cannot draw {}: {e}", path.display());
-    let secs = |d: Duration| d.as_secs_f64();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-
+    let streamed = records.iter().any(|r| r.stream.is_some());
+    let size = if streamed { (1100, 1000) } else { (1100, 650) };
+    let root = SVGBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root
+        .titled(title, ("sans-serif", 20))
+        .map_err(|e| err(&e))?;
     let x_max = records
         .iter()
-        .map(|r| secs(r.sent))
+        .map(|r| r.sent.as_secs_f64())
         .fold(1.0_f64, f64::max)
         .ceil();
+    if streamed {
+        let (top, bottom) = root.split_vertically(590);
+        latency_panel(&top, records, x_max).map_err(|e| err(&e))?;
+        ttfd_panel(&bottom, records, x_max).map_err(|e| err(&e))?;
+    } else {
+        latency_panel(&root, records, x_max).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Latency to the final reply of every request.
+fn latency_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult {
     let highest = records
         .iter()
         .filter_map(|r| r.latency.map(ms))
         .fold(1.0_f64, f64::max);
     let y_max = highest * 1.1;
 
-    let root = SVGBackend::new(path, (1100, 650)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
+    let mut chart = ChartBuilder::on(area)
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| err(&e))?;
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
     chart
         .configure_mesh()
         .x_desc("time since start (s)")
         .y_desc("latency (ms)")
-        .draw()
-        .map_err(|e| err(&e))?;
+        .draw()?;
 
     let ok: Vec<(f64, f64)> = records
         .iter()
@@ -67,8 +96,7 @@ pub fn draw(path: &Path, records: &[Record], title: &str) -> Result<(), String> 
         .draw_series(
             ok.iter()
                 .map(|&p| Circle::new(p, 2, BLUE.mix(0.45).filled())),
-        )
-        .map_err(|e| err(&e))?
+        )?
         .label(format!("ok ({})", ok.len()))
         .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.filled()));
     chart
@@ -76,28 +104,24 @@ pub fn draw(path: &Path, records: &[Record], title: &str) -> Result<(), String> 
             errors
                 .iter()
                 .map(|&p| Circle::new(p, 2, RED.mix(0.6).filled())),
-        )
-        .map_err(|e| err(&e))?
+        )?
         .label(format!("error reply ({})", errors.len()))
         .legend(|(x, y)| Circle::new((x + 10, y), 3, RED.filled()));
     chart
         .draw_series(
             lost.iter()
                 .map(|&x| Cross::new((x, y_max * 0.98), 4, BLACK.stroke_width(1))),
-        )
-        .map_err(|e| err(&e))?
+        )?
         .label(format!("lost ({})", lost.len()))
         .legend(|(x, y)| Cross::new((x + 10, y), 4, BLACK.stroke_width(1)));
 
     let (p50, p99) = per_second(records);
     chart
-        .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))
-        .map_err(|e| err(&e))?
+        .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))?
         .label("ok p50 per second")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
     chart
-        .draw_series(LineSeries::new(p99, MAGENTA.stroke_width(2)))
-        .map_err(|e| err(&e))?
+        .draw_series(LineSeries::new(p99, MAGENTA.stroke_width(2)))?
         .label("ok p99 per second")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(2)));
 
@@ -107,9 +131,75 @@ pub fn draw(path: &Path, records: &[Record], title: &str) -> Result<(), String> 
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+}
+
+/// Time to first delta of every streamed request that got one.
+fn ttfd_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult {
+    let ttfd = |r: &Record| r.stream.and_then(|s| s.ttfd);
+    let highest = records
+        .iter()
+        .filter_map(|r| ttfd(r).map(ms))
+        .fold(1.0_f64, f64::max);
+    let y_max = highest * 1.1;
+
+    let mut chart = ChartBuilder::on(area)
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since start (s)")
+        .y_desc("time to first delta (ms)")
+        .draw()?;
+
+    let points = |ok: bool| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter(|r| (r.outcome == Outcome::Ok) == ok)
+            .filter_map(|r| ttfd(r).map(|t| (secs(r.sent), ms(t))))
+            .collect()
+    };
+    let (ok, others) = (points(true), points(false));
+    let without = records
+        .iter()
+        .filter(|r| r.stream.is_some() && ttfd(r).is_none())
+        .count();
+    chart
+        .draw_series(
+            ok.iter()
+                .map(|&p| Circle::new(p, 2, BLUE.mix(0.45).filled())),
+        )?
+        .label(format!("first delta, ok ({})", ok.len()))
+        .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.filled()));
+    chart
+        .draw_series(
+            others
+                .iter()
+                .map(|&p| Circle::new(p, 2, RED.mix(0.6).filled())),
+        )?
+        .label(format!(
+            "first delta, then an error or lost ({})",
+            others.len()
+        ))
+        .legend(|(x, y)| Circle::new((x + 10, y), 3, RED.filled()));
+    let (p50, p99) = per_second_of(records, ttfd);
+    chart
+        .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))?
+        .label(format!(
+            "p50 per second ({without} request(s) without a delta not shown)"
+        ))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(p99, MAGENTA.stroke_width(2)))?
+        .label("p99 per second")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
 }
 
 /// Points of a line: (seconds since start, milliseconds).
@@ -118,16 +208,27 @@ pub type Line = Vec<(f64, f64)>;
 /// Median and p99 latency (ms) of the successes sent in each second,
 /// plotted at the middle of their second.
 pub fn per_second(records: &[Record]) -> (Line, Line) {
+    per_second_of(records, |r| {
+        (r.outcome == Outcome::Ok).then_some(r.latency).flatten()
+    })
+}
+
+/// Median and p99 (ms) of `value` over the requests sent in each second
+/// that have one, plotted at the middle of their second.
+pub fn per_second_of(
+    records: &[Record],
+    value: impl Fn(&Record) -> Option<Duration>,
+) -> (Line, Line) {
     let mut buckets: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
     for r in records {
-        if let (Outcome::Ok, Some(l)) = (r.outcome, r.latency) {
-            buckets.entry(r.sent.as_secs()).or_default().push(l);
+        if let Some(v) = value(r) {
+            buckets.entry(r.sent.as_secs()).or_default().push(v);
         }
     }
     buckets
         .into_iter()
-        .map(|(s, ls)| {
-            let l = Latency::of(ls);
+        .map(|(s, vs)| {
+            let l = Latency::of(vs);
             let x = s as f64 + 0.5;
             ((x, l.p50), (x, l.p99))
         })
@@ -150,6 +251,7 @@ mod tests {
                     _ => Outcome::Ok,
                 },
                 attempts: 1,
+                stream: None,
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();
@@ -169,5 +271,36 @@ mod tests {
         let path = dir.path().join("e.svg");
         draw(&path, &[], "empty").unwrap();
         assert!(path.exists());
+    }
+
+    #[test]
+    fn a_streamed_run_gets_a_panel_of_time_to_first_delta() {
+        let records: Vec<Record> = (0..100)
+            .map(|i| Record {
+                sent: Duration::from_millis(i * 30),
+                latency: Some(Duration::from_millis(100 + i)),
+                outcome: Outcome::Ok,
+                attempts: 1,
+                stream: Some(crate::stress::Streamed {
+                    ttfd: (i % 10 != 0).then(|| Duration::from_millis(5 + i / 10)),
+                    deltas: 3,
+                    deltas_sent: Some(3),
+                    max_gap: Some(Duration::from_millis(50)),
+                    messages: 4,
+                }),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.svg");
+        draw(&path, &records, "streamed").unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("latency (ms)"));
+        assert!(svg.contains("time to first delta (ms)"));
+        let (p50, _) = per_second_of(&records, |r| r.stream.and_then(|s| s.ttfd));
+        assert_eq!(p50.len(), 3);
+        assert!(
+            p50.iter().all(|&(_, y)| (5.0..15.0).contains(&y)),
+            "{p50:?}"
+        );
     }
 }

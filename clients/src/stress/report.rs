@@ -1,6 +1,7 @@
 //! The run's records and the summary made from them: outcome counts,
 //! throughput and latency percentiles (hdrhistogram), as a table for people
-//! and JSON for scripts.
+//! and JSON for scripts. With `--stream`, also the time to first delta,
+//! the gaps between deltas and the deltas and messages per request.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,21 +23,77 @@ pub struct Record {
     pub outcome: Outcome,
     /// Attempts made (more than 1 only with `--retries`).
     pub attempts: u32,
+    /// What came of the streamed answer (`--stream` runs only).
+    pub stream: Option<Streamed>,
+}
+
+/// One streamed request's deltas. Small and fixed in size: the gaps
+/// themselves go straight into the run's histogram as deltas arrive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Streamed {
+    /// From the first send (retries included, as `latency`) to the first
+    /// delta; `None` when no delta came.
+    pub ttfd: Option<Duration>,
+    /// Deltas received (a repeated `seq` is not counted again).
+    pub deltas: u32,
+    /// Deltas the daemon says it sent: the final reply's `seq`; `None`
+    /// without a final reply (lost) or without a `seq` in it.
+    pub deltas_sent: Option<u32>,
+    /// The longest time between two consecutive deltas; `None` with fewer
+    /// than two.
+    pub max_gap: Option<Duration>,
+    /// Messages received for the request: its deltas and its final
+    /// replies (one per answered attempt).
+    pub messages: u32,
+}
+
+impl Streamed {
+    /// Deltas the daemon sent that never arrived (known only once the
+    /// final reply says how many were sent).
+    pub fn deltas_lost(&self) -> u32 {
+        self.deltas_sent
+            .map_or(0, |sent| sent.saturating_sub(self.deltas))
+    }
 }
 
 /// Every record as CSV, one line per request in send order:
 /// `sent_ms,latency_ms,outcome,attempts` (`latency_ms` is empty when lost).
 /// Times are in milliseconds since the run started, with microsecond
 /// precision, so a script can cut any window or outcome out of a run.
+///
+/// A streamed run (`--stream`) has five more columns at the end:
+/// `ttfd_ms,deltas,deltas_lost,max_gap_ms,messages` (`ttfd_ms` empty
+/// without a delta, `max_gap_ms` with fewer than two). A run that did not
+/// stream keeps the four columns, so readers that split a line into
+/// exactly four fields keep working.
 pub fn records_csv(records: &[Record]) -> String {
-    let mut out = String::from("sent_ms,latency_ms,outcome,attempts\n");
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let streamed = records.iter().any(|r| r.stream.is_some());
+    let mut out = String::from("sent_ms,latency_ms,outcome,attempts");
+    if streamed {
+        out.push_str(",ttfd_ms,deltas,deltas_lost,max_gap_ms,messages");
+    }
+    out.push('\n');
     for r in records {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let _ = write!(out, "{:.3},", ms(r.sent));
         if let Some(l) = r.latency {
             let _ = write!(out, "{:.3}", ms(l));
         }
-        let _ = writeln!(out, ",{},{}", r.outcome.label(), r.attempts);
+        let _ = write!(out, ",{},{}", r.outcome.label(), r.attempts);
+        if streamed {
+            let s = r.stream.unwrap_or_default();
+            let opt = |d: Option<Duration>| d.map(|d| format!("{:.3}", ms(d))).unwrap_or_default();
+            let _ = write!(
+                out,
+                ",{},{},{},{},{}",
+                opt(s.ttfd),
+                s.deltas,
+                s.deltas_lost(),
+                opt(s.max_gap),
+                s.messages
+            );
+        }
+        out.push('\n');
     }
     out
 }
@@ -66,13 +123,15 @@ impl Latency {
     /// Percentiles of `samples`. Recorded in microseconds with 3
     /// significant digits, so every figure is within 0.1 % of the truth.
     pub fn of(samples: impl IntoIterator<Item = Duration>) -> Latency {
-        let Ok(mut h) = Histogram::<u64>::new(3) else {
-            return Latency::default();
-        };
+        let mut h = histogram();
         for s in samples {
-            // Auto-resizing histogram: recording cannot fail for u64 values.
-            let _ = h.record((s.as_micros() as u64).max(1));
+            record(&mut h, s);
         }
+        Latency::of_histogram(&h)
+    }
+
+    /// Percentiles of a histogram of microseconds (see [`histogram`]).
+    pub fn of_histogram(h: &Histogram<u64>) -> Latency {
         if h.is_empty() {
             return Latency::default();
         }
@@ -87,6 +146,19 @@ impl Latency {
             max: ms(h.max()),
         }
     }
+}
+
+/// An empty histogram of microseconds, 3 significant digits, resizing
+/// itself to any value.
+pub fn histogram() -> Histogram<u64> {
+    // 3 significant digits is within hdrhistogram's range (0..=5).
+    Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"))
+}
+
+/// Records `d` in microseconds (at least 1) in `h`.
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    // Auto-resizing histogram: recording cannot fail for u64 values.
+    let _ = h.record((d.as_micros() as u64).max(1));
 }
 
 /// What the run was asked to do, for the record.
@@ -124,6 +196,12 @@ pub struct Settings {
     pub reply_timeout_ms: u64,
     /// Whether retryable errors were retried.
     pub retries: bool,
+    /// Whether answers were streamed (`--stream`).
+    pub stream: bool,
+    /// With `--stream`: how the daemon was asked to cut deltas (`time`
+    /// or `sentence`); absent when left to the daemon (`time`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_by: Option<String>,
 }
 
 /// The summary of a run (the `--json` output).
@@ -163,6 +241,100 @@ pub struct Report {
     pub latency_ms: Latency,
     /// Latency of error replies (usually immediate rejections).
     pub error_latency_ms: Latency,
+    /// With `--stream`: deltas, time to first delta and the gaps between
+    /// deltas.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamSummary>,
+}
+
+/// The streamed answers of a run (`--stream`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSummary {
+    /// From the first send to the first delta, over every request that
+    /// got a delta (whatever its outcome).
+    pub ttfd_ms: Latency,
+    /// Between consecutive deltas of a request, over every such pair.
+    pub gap_ms: Latency,
+    /// Deltas received in all.
+    pub deltas: u64,
+    /// Deltas per request sent (rejections and losses included).
+    pub deltas_per_request: f64,
+    /// Messages (deltas and final replies) received in all.
+    pub messages: u64,
+    /// Messages per request sent.
+    pub messages_per_request: f64,
+    /// Deltas the final replies say were sent and never arrived.
+    pub deltas_lost: u64,
+    /// Requests that got no delta (rejections, say, or lost).
+    pub without_delta: u64,
+    /// Deltas whose `seq` had already arrived (a QoS 1 redelivery), not
+    /// counted again.
+    pub repeated_deltas: u64,
+    /// Deltas for no request waiting (one already answered or lost).
+    pub unmatched_deltas: u64,
+}
+
+/// What the connections measured of streamed answers, beside the records.
+#[derive(Debug, Clone)]
+pub struct DeltaStats {
+    /// Gaps between consecutive deltas of a request, in microseconds.
+    pub gaps: Histogram<u64>,
+    /// Deltas whose `seq` had already arrived.
+    pub repeated: u64,
+    /// Deltas for no request waiting.
+    pub unmatched: u64,
+}
+
+impl Default for DeltaStats {
+    fn default() -> Self {
+        DeltaStats {
+            gaps: histogram(),
+            repeated: 0,
+            unmatched: 0,
+        }
+    }
+}
+
+impl DeltaStats {
+    /// Adds another connection's figures.
+    pub fn merge(&mut self, other: &DeltaStats) {
+        // Both histograms resize themselves: adding cannot fail.
+        let _ = self.gaps.add(&other.gaps);
+        self.repeated += other.repeated;
+        self.unmatched += other.unmatched;
+    }
+}
+
+impl StreamSummary {
+    /// The summary of a streamed run's `records`.
+    pub fn new(records: &[Record], stats: &DeltaStats) -> StreamSummary {
+        let streams = || records.iter().filter_map(|r| r.stream);
+        let deltas: u64 = streams().map(|s| u64::from(s.deltas)).sum();
+        let messages: u64 = streams().map(|s| u64::from(s.messages)).sum();
+        let per = |n: u64| {
+            if records.is_empty() {
+                0.0
+            } else {
+                n as f64 / records.len() as f64
+            }
+        };
+        StreamSummary {
+            ttfd_ms: Latency::of(streams().filter_map(|s| s.ttfd)),
+            gap_ms: Latency::of_histogram(&stats.gaps),
+            deltas,
+            deltas_per_request: per(deltas),
+            messages,
+            messages_per_request: per(messages),
+            deltas_lost: streams().map(|s| u64::from(s.deltas_lost())).sum(),
+            without_delta: records
+                .iter()
+                .filter(|r| r.stream.is_none_or(|s| s.deltas == 0))
+                .count() as u64,
+            repeated_deltas: stats.repeated,
+            unmatched_deltas: stats.unmatched,
+        }
+    }
 }
 
 /// From the first send to the last reply, zero when nothing was answered.
@@ -196,12 +368,14 @@ pub struct ReplyCounters {
 }
 
 impl Report {
-    /// Builds the summary of `records`.
+    /// Builds the summary of `records`; `deltas` (a streamed run's) adds
+    /// the [`StreamSummary`].
     pub fn new(
         settings: Settings,
         records: &[Record],
         elapsed: Duration,
         counters: ReplyCounters,
+        deltas: Option<&DeltaStats>,
         interrupted: bool,
     ) -> Report {
         let mut outcomes: BTreeMap<&'static str, u64> =
@@ -239,6 +413,7 @@ impl Report {
                     .filter(|r| r.outcome != Outcome::Ok)
                     .filter_map(|r| r.latency),
             ),
+            stream: deltas.map(|d| StreamSummary::new(records, d)),
         }
     }
 
@@ -265,9 +440,14 @@ impl Report {
                 s.sessions
             ),
         };
+        let streamed = match (s.stream, &s.stream_by) {
+            (false, _) => String::new(),
+            (true, Some(by)) => format!(", streamed by {by}"),
+            (true, None) => ", streamed".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "vllm-stress: {shape}; format {}, MQTT {}, {} connection(s), retries {}",
+            "vllm-stress: {shape}; format {}{streamed}, MQTT {}, {} connection(s), retries {}",
             s.format,
             s.mqtt,
             s.connections,
@@ -306,13 +486,32 @@ impl Report {
         let _ = writeln!(out, "{:<22}{:>9}", "duplicate replies", self.duplicates);
         let _ = writeln!(out, "{:<22}{:>9}", "late replies", self.late);
         let _ = writeln!(out, "{:<22}{:>9}", "stray replies", self.strays);
+        if let Some(st) = &self.stream {
+            let _ = writeln!(out, "{:<22}{:>9}", "repeated deltas", st.repeated_deltas);
+            let _ = writeln!(out, "{:<22}{:>9}", "unmatched deltas", st.unmatched_deltas);
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "streaming   {} deltas ({:.2} per request), {:.2} messages per request, {} deltas lost, {} request(s) without a delta",
+                st.deltas,
+                st.deltas_per_request,
+                st.messages_per_request,
+                st.deltas_lost,
+                st.without_delta
+            );
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
             "{:<22}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}",
             "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max", "mean"
         );
-        for (name, l) in [("ok", &self.latency_ms), ("errors", &self.error_latency_ms)] {
+        let mut rows = vec![("ok", &self.latency_ms), ("errors", &self.error_latency_ms)];
+        if let Some(st) = &self.stream {
+            rows.push(("time to first delta", &st.ttfd_ms));
+            rows.push(("gap between deltas", &st.gap_ms));
+        }
+        for (name, l) in rows {
             let _ = writeln!(
                 out,
                 "{:<22}{:>9}{:>9.1}{:>9.1}{:>9.1}{:>9.1}{:>9.1}{:>9.1}",
@@ -334,6 +533,7 @@ mod tests {
             latency: ms.map(Duration::from_millis),
             outcome,
             attempts: 1,
+            stream: None,
         }
     }
 
@@ -367,6 +567,7 @@ mod tests {
                 duplicates: 3,
                 ..Default::default()
             },
+            None,
             false,
         );
         assert_eq!(r.sent, 5);
@@ -386,7 +587,9 @@ mod tests {
         let table = r.table();
         assert!(table.contains("overloaded"), "{table}");
         assert!(table.contains("duplicate replies"), "{table}");
+        assert!(!table.contains("first delta"), "{table}");
         let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("stream").is_none(), "{json}");
         assert_eq!(json["outcomes"]["lost"], 1);
         assert_eq!(json["latencyMs"]["count"], 2);
         assert!(json["latencyMs"]["p99_9"].is_number());
@@ -414,6 +617,7 @@ mod tests {
             &records,
             Duration::from_millis(30_500),
             ReplyCounters::default(),
+            None,
             false,
         );
         assert_eq!((r.elapsed_ms, r.active_ms), (30_500, 500));
@@ -432,5 +636,92 @@ mod tests {
             csv,
             "sent_ms,latency_ms,outcome,attempts\n1.500,12.000,ok,1\n0.000,,lost,1\n"
         );
+    }
+
+    fn streamed(ttfd_ms: Option<u64>, deltas: u32, sent: Option<u32>, messages: u32) -> Streamed {
+        Streamed {
+            ttfd: ttfd_ms.map(Duration::from_millis),
+            deltas,
+            deltas_sent: sent,
+            max_gap: (deltas > 1).then(|| Duration::from_millis(40)),
+            messages,
+        }
+    }
+
+    #[test]
+    fn a_streamed_run_summary() {
+        let with = |r: Record, s: Streamed| Record {
+            stream: Some(s),
+            ..r
+        };
+        let records = vec![
+            with(
+                rec(Some(100), Outcome::Ok),
+                streamed(Some(10), 3, Some(3), 4),
+            ),
+            // One of four deltas lost on the way.
+            with(
+                rec(Some(200), Outcome::Ok),
+                streamed(Some(30), 3, Some(4), 4),
+            ),
+            // Refused before a delta.
+            with(
+                rec(Some(1), Outcome::Error(ErrorCode::Overloaded)),
+                streamed(None, 0, Some(0), 1),
+            ),
+            // Deltas, then no final reply.
+            with(rec(None, Outcome::Lost), streamed(Some(20), 2, None, 2)),
+        ];
+        let mut stats = DeltaStats::default();
+        for ms in [40, 40, 20, 40, 10, 40, 40] {
+            record(&mut stats.gaps, Duration::from_millis(ms));
+        }
+        stats.unmatched = 2;
+        let r = Report::new(
+            Settings {
+                stream: true,
+                stream_by: Some("sentence".into()),
+                ..Default::default()
+            },
+            &records,
+            Duration::from_secs(1),
+            ReplyCounters::default(),
+            Some(&stats),
+            false,
+        );
+        let st = r.stream.as_ref().unwrap();
+        assert_eq!(st.ttfd_ms.count, 3);
+        assert!((st.ttfd_ms.max - 30.0).abs() < 0.1, "{st:?}");
+        assert_eq!(st.gap_ms.count, 7);
+        assert!((st.gap_ms.p50 - 40.0).abs() < 0.1, "{st:?}");
+        assert_eq!((st.deltas, st.messages, st.deltas_lost), (8, 11, 1));
+        assert_eq!(st.deltas_per_request, 2.0);
+        assert_eq!(st.messages_per_request, 2.75);
+        assert_eq!(
+            (st.without_delta, st.unmatched_deltas, st.repeated_deltas),
+            (1, 2, 0)
+        );
+        let table = r.table();
+        assert!(table.contains("streamed by sentence"), "{table}");
+        assert!(table.contains("time to first delta"), "{table}");
+        assert!(table.contains("gap between deltas"), "{table}");
+        assert!(table.contains("8 deltas (2.00 per request)"), "{table}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["settings"]["stream"], true);
+        assert_eq!(json["settings"]["streamBy"], "sentence");
+        assert_eq!(json["stream"]["deltasLost"], 1);
+        assert_eq!(json["stream"]["ttfdMs"]["count"], 3);
+        assert!(json["stream"]["gapMs"]["p99"].is_number());
+        assert_eq!(json["stream"]["messagesPerRequest"], 2.75);
+
+        let csv = records_csv(&records);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "sent_ms,latency_ms,outcome,attempts,ttfd_ms,deltas,deltas_lost,max_gap_ms,messages"
+        );
+        assert_eq!(lines[2], "0.000,200.000,ok,1,30.000,3,1,40.000,4");
+        assert_eq!(lines[3], "0.000,1.000,overloaded,1,,0,0,,1");
+        assert_eq!(lines[4], "0.000,,lost,1,20.000,2,0,40.000,2");
     }
 }
