@@ -344,12 +344,18 @@ async fn call_backend(
         };
         let (fresh, tried): (Vec<_>, Vec<_>) =
             order.into_iter().partition(|(i, _)| !failed.contains(i));
+        let fresh_len = fresh.len();
         let mut soonest: Option<Duration> = None;
         let mut chosen = None;
-        for (index, name) in fresh.into_iter().chain(tried) {
+        // Backends serving the model, not yet tried by this request, and
+        // not yet asked for a permit (those before the chosen one were
+        // refused by their breaker): where a failure goes next, at once.
+        let mut untried = false;
+        for (position, (index, name)) in fresh.into_iter().chain(tried).enumerate() {
             match shared.pool.member(index).breaker.acquire() {
                 Ok(permit) => {
                     chosen = Some((index, name, permit));
+                    untried = position + 1 < fresh_len;
                     break;
                 }
                 Err(retry_after) => {
@@ -460,12 +466,6 @@ async fn call_backend(
         };
         // Another backend not yet tried goes at once: the delay is for
         // letting the same backend recover.
-        let untried = shared
-            .pool
-            .members()
-            .iter()
-            .enumerate()
-            .any(|(i, _)| !failed.contains(&i));
         let delay = if untried { Duration::ZERO } else { delay };
         shared.stats.emit(Event::Retry {
             reason: &err.to_string(),

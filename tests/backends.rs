@@ -316,3 +316,48 @@ async fn round_robin_takes_every_backend_in_turn() {
     assert_eq!((a.chat_calls(), b.chat_calls()), (3, 3));
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_retry_waits_its_backoff_when_no_other_backend_serves_the_model() {
+    // "big" answers 503 with Retry-After: 1 twice; "small" is healthy but
+    // serves another model: it is no place to fail over to, so the
+    // retries of "big" wait as it asked instead of hammering it at once.
+    let broker = Mosquitto::start().await;
+    let big = FakeVllm::builder()
+        .model("big")
+        .script(vec![
+            Scripted::StatusRetryAfter(503, "busy".into(), 1),
+            Scripted::StatusRetryAfter(503, "busy".into(), 1),
+        ])
+        .run()
+        .await;
+    let small = FakeVllm::builder().model("small").run().await;
+    let mut c = config(broker.host(), broker.port(), &big.base_url());
+    c.backend.model = String::new();
+    c.backend.url = vllm_mqttd::config::Urls(vec![big.base_url(), small.base_url()]);
+    c.backend.retry_base = Duration::from_millis(50);
+    c.backend.max_retries = 3;
+    c.project.insert(
+        "maze".into(),
+        vllm_mqttd::config::ProjectOverride {
+            model: Some("big".into()),
+            ..Default::default()
+        },
+    );
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    let v = ask(&mut dev, "s", "hi").await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(small.chat_calls(), 0);
+    let t = big.call_times();
+    assert_eq!(t.len(), 3);
+    // A sleep never ends early: each retry came a second after the 503.
+    for w in t.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(900),
+            "retried after {:?}, not after Retry-After",
+            w[1] - w[0]
+        );
+    }
+    daemon.stop().await.unwrap();
+}
