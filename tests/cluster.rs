@@ -105,7 +105,7 @@ fn turns_served(backend: &FakeVllm, session: &str) -> usize {
 /// Turn by turn, on sessions the broker spreads over both instances: the
 /// history grows as if one daemon served them, and exactly `rate_limit`
 /// requests per session are admitted in the window, whichever instance
-/// counts. On a cluster, one session per node, and each session's keys
+/// counts, and a request id is a duplicate for both. On a cluster, one session per node, and each session's keys
 /// all on its node, in one slot.
 async fn limits_and_history_hold_across_instances(store: Store) {
     const RATE_LIMIT: u32 = 4;
@@ -159,6 +159,28 @@ async fn limits_and_history_hold_across_instances(store: Store) {
         "no session was served by both instances (A {}, B {} calls)",
         fa.chat_calls(),
         fb.chat_calls()
+    );
+
+    // A request id seen by one instance is a duplicate for the other: the
+    // copies never reach a backend (counted once the next request on the
+    // session is answered).
+    let once =
+        json!({"sessionId": "d", "message": "d t-once", "requestId": "r1", "format": "json"});
+    dev.publish("maze/user_input", once.to_string(), 1).await;
+    let v = dev
+        .expect_on("maze/assistant_response/d", WAIT)
+        .await
+        .json();
+    assert_eq!(v["ok"], true, "{v}");
+    for _ in 0..3 {
+        dev.publish("maze/user_input", once.to_string(), 1).await;
+    }
+    let v = ask(&mut dev, "d", "d t-next").await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        turns_served(&fa, "d") + turns_served(&fb, "d"),
+        2,
+        "r1 ran once"
     );
 
     if let Store::Cluster(cluster) = &store {
