@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The benchmark driver behind scripts/bench.sh (issue 5). Standard library only.
+"""The benchmark driver behind scripts/bench.sh (issues 5, 11, 12). Standard library only.
 
-It starts Mosquitto, vllm-sim, mqtt-echo and vllm-mqttd on loopback (free
+It starts Mosquitto, vllm-sim, mqtt-echo, Redis and vllm-mqttd on loopback (free
 ports), drives them with vllm-stress and selfbench, and prints ONE markdown
 table (scenario, metric, value, baseline, ratio, target, met?). Every
 scenario measures its own baseline in the same run. It writes every raw
@@ -33,6 +33,17 @@ Scenarios:
                 every 0.25 s. Target: auto >= 0.95 with the waiting queue near 0.
   8 failover    (issue 11) 3 sims, an open loop, one sim SIGKILLed mid-run:
                 lost and error replies from vllm-stress's accounting (both 0).
+  9 store cost  (issue 12) one daemon, zero-latency sim, --state-url memory
+                (baseline) vs redis://, alternated in each repetition: an open
+                loop at half the lower closed-loop throughput (measured first):
+                added latency p50/p99 (target p50 <= 0.5 ms), daemon CPU per
+                request and its ratio, store round trips per request (Redis's
+                INFO commandstats before and after).
+  10 instances  (issue 12) 1, 2 and 4 daemons in one share group on one
+                Mosquitto and one Redis, a zero-latency sim: closed-loop
+                throughput and its ratio to 1 instance, the CPU split (daemons,
+                mosquitto, redis, sim, stress client, other users of the
+                machine from /proc/stat), every request answered.
 
 Each measurement is repeated (3 times; once with --quick; 7 once unless
 --reps is given, it is the longest) and the table
@@ -53,6 +64,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -66,7 +78,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REL = ROOT / "target" / "release"
+# cargo's target directory: $CARGO_TARGET_DIR if set (relative to the
+# workspace, where bench.sh runs cargo), else target/.
+_TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or "target")
+REL = (_TARGET if _TARGET.is_absolute() else ROOT / _TARGET) / "release"
 BINS = {
     "daemon": REL / "vllm-mqttd",
     "stress": REL / "vllm-stress",
@@ -76,6 +91,9 @@ BINS = {
     "chat": REL / "vllm-chat",
 }
 MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
+# Scenarios 9 and 10 (issue 12): the shared store (bench.sh installs it).
+REDIS_SERVER = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = os.environ.get("REDIS_CLI") or shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 def log(msg):
@@ -185,6 +203,22 @@ def settings(quick):
         "fo_secs": 20.0,
         "fo_kill_at": 8.0,
         "fo_sessions": 300,
+        # 9 store cost: one daemon, zero-latency sim, --state-url memory vs redis
+        "sc_clients": 64,  # closed loop: the saturated throughput, which sets the rate
+        "sc_messages": 100,
+        "sc_warmup_messages": 10,
+        "sc_rate_fraction": 0.5,  # the open loop: this fraction of the lower saturated throughput
+        "sc_rate": None,  # or a fixed rate, req/s
+        "sc_secs": 10.0,
+        "sc_sessions": 1000,  # each session a few requests per second, none busy
+        "sc_workers": 64,
+        # 10 instances: 1, 2, 4 daemons in one share group, one Redis
+        "inst_counts": [1, 2, 4],
+        "inst_clients": 128,  # closed-loop sessions: enough to keep 4 instances busy
+        "inst_messages": 200,  # per session: 25 600 requests per run
+        "inst_warmup_messages": 5,
+        "inst_workers": 128,  # per instance: never the limit
+        "inst_group": "bench",
     }
     if quick:
         s.update(
@@ -213,6 +247,11 @@ def settings(quick):
             auto_with_fixed=False,
             fo_secs=10.0,
             fo_kill_at=4.0,
+            sc_messages=50,
+            sc_warmup_messages=5,
+            sc_secs=4.0,
+            inst_messages=60,
+            inst_warmup_messages=3,
         )
     return s
 
@@ -352,6 +391,44 @@ def mem_kib(pid):
         if k in ("VmRSS", "VmHWM"):
             out[k] = int(v.split()[0])
     return out
+
+
+def proc_stat():
+    """The machine's CPU time so far, in ticks, from /proc/stat's cpu line:
+    busy (user, nice, system, irq, softirq), idle (idle, iowait), steal."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    f += [0] * (8 - len(f))
+    return {"busy": f[0] + f[1] + f[2] + f[5] + f[6], "idle": f[3] + f[4], "steal": f[7]}
+
+
+def loadavg():
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def redis_cli(port, *args):
+    """A redis-cli command's output, stripped ("" if it cannot run)."""
+    try:
+        r = subprocess.run([REDIS_CLI, "-h", "127.0.0.1", "-p", str(port), *map(str, args)],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout.strip()
+
+
+def redis_stats(port):
+    """Redis's command counts: {"calls": {command: calls}, "total_commands_processed": n}."""
+    calls, total = {}, None
+    for line in redis_cli(port, "info", "stats", "commandstats").splitlines():
+        k, _, v = line.strip().partition(":")
+        if k.startswith("cmdstat_"):
+            m = re.search(r"calls=(\d+)", v)
+            if m:
+                calls[k[len("cmdstat_"):]] = int(m.group(1))
+        elif k == "total_commands_processed":
+            total = int(v)
+    if total is None:
+        raise RuntimeError(f"redis-cli -p {port} info: no total_commands_processed")
+    return {"calls": calls, "total_commands_processed": total}
 
 
 def metrics(port):
@@ -641,7 +718,10 @@ class Bench:
         if message is not None:
             argv += ["--message", message]
         argv = [str(a) for a in argv]
+        # The client's own CPU: it is the only child reaped meanwhile.
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         p, rc = self.procs.run(name, argv)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if rc not in (0, 1):  # 1: some request was lost, which we report
             raise RuntimeError(f"vllm-stress failed ({rc}): {' '.join(argv)}\n" + tail(p.bench_log))
         summary = json.loads(js.read_text())
@@ -652,6 +732,7 @@ class Bench:
                 sent, lat, outcome, attempts = line.rstrip("\n").split(",")
                 records.append((float(sent), float(lat) if lat else None, outcome))
         summary["command"] = " ".join(argv)
+        summary["client_cpu_secs"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         return summary, records
 
     def selfbench(self, url, clients, secs, warmup, max_tokens, tag):
@@ -1511,6 +1592,256 @@ class Bench:
             "summary": summ,
         }
 
+    # ---------------------------------------------------------------------
+    # Helpers of 9-10: Redis, whole-machine CPU
+
+    def redis(self):
+        """A Redis on a free loopback port, without persistence."""
+        port = free_port()
+        p = self.procs.start(
+            self.name("redis"),
+            [REDIS_SERVER, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.workdir],
+        )
+        wait_for("redis-server", lambda: redis_cli(port, "ping") == "PONG", proc=p)
+        p.port = port
+        p.url = f"redis://127.0.0.1:{port}"
+        return p
+
+    def snapshot(self, procs, red=None):
+        """CPU seconds of `procs` ({name: proc or [procs]}), the machine's
+        /proc/stat, and Redis's command counts, at one moment."""
+        cpu = {}
+        for k, p in procs.items():
+            cpu[k] = sum(cpu_secs(x.pid) for x in p) if isinstance(p, (list, tuple)) else cpu_secs(p.pid)
+        return {"t": time.monotonic(), "cpu": cpu, "stat": proc_stat(),
+                "redis": redis_stats(red.port) if red is not None else None}
+
+    @staticmethod
+    def cpu_split(a, b, client_cpu):
+        """CPU seconds of each part between snapshots a and b; the whole
+        machine's busy CPU and what none of ours used (other users)."""
+        wall = b["t"] - a["t"]
+        ours = {k: b["cpu"][k] - a["cpu"][k] for k in a["cpu"]}
+        ours["stress client"] = client_cpu
+        st = {k: (b["stat"][k] - a["stat"][k]) / CLK_TCK for k in a["stat"]}
+        busy = st["busy"]
+        return {
+            "wall_secs": wall,
+            "cpu_secs": ours,
+            "ours_secs": sum(ours.values()),
+            "machine_busy_secs": busy,
+            "machine_idle_secs": st["idle"],
+            "machine_steal_secs": st["steal"],
+            "others_secs": max(0.0, busy - sum(ours.values())),
+            "machine_busy_fraction": busy / max(1e-9, busy + st["idle"] + st["steal"]),
+        }
+
+    @staticmethod
+    def store_ops(r0, r1, answered):
+        """Redis's work between two INFO reads: round trips (EVALSHA, EVAL
+        and the context read's pipelined LRANGE+GET, counted by its LRANGE)
+        and commands (script bodies' included) per request answered."""
+        if r0 is None or r1 is None:
+            return None
+        d = {k: r1["calls"].get(k, 0) - r0["calls"].get(k, 0) for k in set(r0["calls"]) | set(r1["calls"])}
+        d = {k: v for k, v in d.items() if v}
+        trips = sum(d.get(k, 0) for k in ("evalsha", "eval", "lrange", "script|load"))
+        ours = {"info", "config|resetstat", "flushall", "ping"}  # the bench's own
+        commands = sum(v for k, v in d.items() if k not in ours)
+        n = max(1, answered)
+        return {
+            "calls": d,
+            "round_trips": trips,
+            "round_trips_per_request": trips / n,
+            "commands_per_request": commands / n,
+            "total_commands_processed_per_request":
+                (r1["total_commands_processed"] - r0["total_commands_processed"] - 1) / n,
+        }
+
+    # ---------------------------------------------------------------------
+    # 9. The shared store's cost: one daemon, --state-url memory vs redis
+
+    def store_cost(self):
+        s = self.s
+        sim = self.sim("--latency-scale", "0", "--output-tokens", "text")
+        red = self.redis()
+        closed = ["--clients", s["sc_clients"], "--messages", s["sc_messages"], "--interval", "0s"]
+        warm = ["--clients", s["sc_clients"], "--messages", s["sc_warmup_messages"], "--interval", "0s"]
+        stores = {"memory": "memory", "redis": red.url}
+        try:
+            # The rate: a fraction of what one daemon and the sim do closed
+            # loop, with either store (the lower), measured now.
+            calib = {}
+            for store in ("memory", "redis"):
+                calib[store] = self.store_run(sim, red, store, stores[store], warm, closed, None, "calib")["closed"]
+            sat = min(c["throughput"] for c in calib.values())
+            rate = s["sc_rate"] or max(100, int(round(s["sc_rate_fraction"] * sat, -1)))
+            log(f"9 store cost: closed loop {fmt(calib['memory']['throughput'])} req/s with memory, "
+                f"{fmt(calib['redis']['throughput'])} with redis: open loop at {rate} req/s")
+            opn = ["--rate", f"{rate}/s", "--duration", f"{s['sc_secs']}s", "--sessions", s["sc_sessions"]]
+            reps = []
+            for rep in range(s["reps"]):
+                log(f"9 store cost: repetition {rep + 1}/{s['reps']} ({rate} req/s open loop for {fmt(s['sc_secs'], 0)} s)")
+                order = ("memory", "redis") if rep % 2 == 0 else ("redis", "memory")
+                r = {"order": list(order)}
+                for store in order:
+                    r[store] = self.store_run(sim, red, store, stores[store], warm, closed, opn, store)
+                m, x = r["memory"]["open"], r["redis"]["open"]
+                r["added_p50_ms"] = x["p50"] - m["p50"]
+                r["added_p99_ms"] = x["p99"] - m["p99"]
+                r["cpu_ratio"] = x["daemon_cpu_us_per_request"] / max(1e-9, m["daemon_cpu_us_per_request"])
+                r["closed_throughput_ratio"] = r["redis"]["closed"]["throughput"] / r["memory"]["closed"]["throughput"]
+                reps.append(r)
+                log(f"  memory p50 {fmt(m['p50'])} p99 {fmt(m['p99'])} ms, {fmt(m['daemon_cpu_us_per_request'])} us CPU | "
+                    f"redis p50 {fmt(x['p50'])} p99 {fmt(x['p99'])} ms, {fmt(x['daemon_cpu_us_per_request'])} us CPU, "
+                    f"{fmt(x['store']['round_trips_per_request'])} round trips/request | added p50 "
+                    f"{fmt(r['added_p50_ms'])} p99 {fmt(r['added_p99_ms'])} ms; lost {m['lost']} / {x['lost']}")
+        finally:
+            self.procs.stop(red)
+            self.procs.stop(sim)
+        return {"settings": {k: v for k, v in s.items() if k.startswith("sc_")}, "rate": rate,
+                "calibration": calib, "reps": reps}
+
+    def store_run(self, sim, red, store, url, warm, closed, opn, tag):
+        """One daemon with this store: warm-up, the closed loop (its
+        saturated throughput), then the open loop if `opn`."""
+        s = self.s
+        broker = self.mosquitto()
+        redis_cli(red.port, "flushall")
+        d = None
+        out = {"store": store, "loadavg": loadavg()}
+        try:
+            d = self.daemon(broker, sim, workers=s["sc_workers"], queue=100000,
+                            max_sessions=s["sc_sessions"] + 4 * s["sc_clients"] + 100,
+                            extra=["--state-url", url])
+            self.stress(broker, warm, f"store-{tag}-warmup")
+            parts = {"daemon": d, "broker": broker, "sim": sim, "redis": red}
+            a = self.snapshot(parts, red)
+            summ, _ = self.stress(broker, closed, f"store-{tag}-closed")
+            b = self.snapshot(parts, red)
+            n = max(1, summ["answered"])
+            out["closed"] = {
+                "throughput": summ["okThroughput"], "sent": summ["sent"], "answered": summ["answered"],
+                "ok": summ["outcomes"]["ok"], "lost": summ["outcomes"]["lost"],
+                "p50": summ["latencyMs"]["p50"], "p99": summ["latencyMs"]["p99"],
+                "daemon_cpu_us_per_request": 1e6 * (b["cpu"]["daemon"] - a["cpu"]["daemon"]) / n,
+                "cpu": self.cpu_split(a, b, summ["client_cpu_secs"]),
+                "store": self.store_ops(a["redis"], b["redis"], n) if store == "redis" else None,
+            }
+            if opn:
+                a = self.snapshot(parts, red)
+                summ, recs = self.stress(broker, opn, f"store-{tag}-open")
+                b = self.snapshot(parts, red)
+                n = max(1, summ["answered"])
+                lats = [lat for _, lat, o in recs if o == "ok" and lat is not None]
+                sent_at = [x[0] for x in recs]
+                cpu = {k: b["cpu"][k] - a["cpu"][k] for k in a["cpu"]}
+                out["open"] = {
+                    "sent": summ["sent"], "answered": summ["answered"], "ok": summ["outcomes"]["ok"],
+                    "lost": summ["outcomes"]["lost"],
+                    "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+                    "achieved_send_rate": (len(sent_at) - 1) / max(1e-9, (max(sent_at) - min(sent_at)) / 1000.0),
+                    "p50": pct(lats, 50), "p90": pct(lats, 90), "p99": pct(lats, 99),
+                    "daemon_cpu_us_per_request": 1e6 * cpu["daemon"] / n,
+                    "redis_cpu_us_per_request": 1e6 * cpu["redis"] / n,
+                    "broker_cpu_us_per_request": 1e6 * cpu["broker"] / n,
+                    "cpu": self.cpu_split(a, b, summ["client_cpu_secs"]),
+                    "store": self.store_ops(a["redis"], b["redis"], n) if store == "redis" else None,
+                    "summary": summ,
+                }
+                m = metrics(d.metrics_port)
+                out["open"]["daemon_requests_total"] = requests_counted(m)
+        finally:
+            for x in (d, broker):
+                if x is not None:
+                    self.procs.stop(x)
+        return out
+
+    # ---------------------------------------------------------------------
+    # 10. Throughput with 1, 2 and 4 instances: one broker, one share
+    #     group, one Redis, a sim with spare capacity
+
+    def instances(self):
+        s = self.s
+        # Zero latency: the sim answers at once and serves tens of
+        # thousands of requests per second on one core (selfbench), far
+        # more than the daemons ask of it.
+        sim = self.sim("--latency-scale", "0", "--output-tokens", "text", "--max-num-seqs", 1024)
+        red = self.redis()
+        counts = s["inst_counts"]
+        reps = []
+        try:
+            for rep in range(s["reps"]):
+                log(f"10 instances: repetition {rep + 1}/{s['reps']} ({s['inst_clients']} closed-loop sessions x "
+                    f"{s['inst_messages']} requests per instance count)")
+                r = {}
+                # Rotate the order so that no count always runs first.
+                k = rep % len(counts)
+                for n in counts[k:] + counts[:k]:
+                    r[str(n)] = x = self.instances_run(sim, red, n, rep)
+                    c = x["cpu"]["cpu_secs"]
+                    log(f"  {n} instance(s): {fmt(x['throughput'])} req/s, sent {x['sent']} answered {x['answered']} "
+                        f"ok {x['ok']} lost {x['lost']}; per instance {x['per_instance']}; CPU s: daemons "
+                        f"{fmt(c['daemons'])} broker {fmt(c['broker'])} redis {fmt(c['redis'])} sim {fmt(c['sim'])} "
+                        f"client {fmt(c['stress client'])} others {fmt(x['cpu']['others_secs'])} in "
+                        f"{fmt(x['cpu']['wall_secs'])} s (machine busy {fmt(x['cpu']['machine_busy_fraction'], 3)})")
+                base = r[str(counts[0])]["throughput"]
+                for n in counts:
+                    r[str(n)]["ratio_vs_1"] = r[str(n)]["throughput"] / base if base else None
+                reps.append(r)
+        finally:
+            self.procs.stop(red)
+            self.procs.stop(sim)
+        return {"settings": {k: v for k, v in s.items() if k.startswith("inst_")}, "reps": reps}
+
+    def instances_run(self, sim, red, n, rep):
+        s = self.s
+        closed = ["--clients", s["inst_clients"], "--messages", s["inst_messages"], "--interval", "0s"]
+        warm = ["--clients", s["inst_clients"], "--messages", s["inst_warmup_messages"], "--interval", "0s"]
+        broker = self.mosquitto()
+        redis_cli(red.port, "flushall")
+        ds = []
+        try:
+            for _ in range(n):
+                ds.append(self.daemon(broker, sim, workers=s["inst_workers"], queue=100000,
+                                      max_sessions=4 * s["inst_clients"] + 100,
+                                      extra=["--share-group", s["inst_group"], "--state-url", red.url]))
+            self.stress(broker, warm, f"inst{n}-warmup")
+            parts = {"daemons": ds, "broker": broker, "sim": sim, "redis": red}
+            m0 = [metrics(d.metrics_port) for d in ds]
+            la = loadavg()
+            a = self.snapshot(parts, red)
+            summ, _ = self.stress(broker, closed, f"inst{n}")
+            b = self.snapshot(parts, red)
+            m1 = [metrics(d.metrics_port) for d in ds]
+        finally:
+            for x in (*ds, broker):
+                self.procs.stop(x)
+        per = [int(requests_counted(y) - requests_counted(x)) for x, y in zip(m0, m1)]
+        answered = summ["answered"]
+        cpu = self.cpu_split(a, b, summ["client_cpu_secs"])
+        return {
+            "instances": n,
+            "loadavg": la,
+            "throughput": summ["okThroughput"],
+            "elapsed_ms": summ["elapsedMs"],
+            "sent": summ["sent"],
+            "answered": answered,
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+            "duplicates": summ["duplicates"],
+            "per_instance": per,
+            "daemons_counted": sum(per),
+            "p50": summ["latencyMs"]["p50"],
+            "p99": summ["latencyMs"]["p99"],
+            "cpu": cpu,
+            "cpu_us_per_request": {k: 1e6 * v / max(1, answered) for k, v in cpu["cpu_secs"].items()},
+            "store": self.store_ops(a["redis"], b["redis"], answered),
+            "summary": summ,
+        }
+
 
 # --------------------------------------------------------------------------
 # The table
@@ -1748,6 +2079,69 @@ def build_rows(res, s):
         row(scn, "(info) ok p99 before / after the kill, ms; daemon retries",
             f"{fmt(median([r['ok_p99_before_ms'] for r in reps]))} / {fmt(median([r['ok_p99_after_ms'] for r in reps]))}; "
             f"{fmt(median([r['daemon_retries'] for r in reps]))}")
+
+    if "store_cost" in res:
+        sc = res["store_cost"]
+        reps = sc["reps"]
+        scn = (f"9 store cost (one daemon, zero-latency sim; {fmt(sc['rate'])} req/s open loop = "
+               f"{fmt(s['sc_rate_fraction'])} x the lower closed-loop throughput, {fmt(s['sc_sessions'])} sessions, "
+               f"{fmt(s['sc_secs'], 0)} s; --state-url redis, baseline memory, alternated)")
+        mo = lambda store, k: median([r[store]["open"][k] for r in reps])  # noqa: E731
+        for p in ("p50", "p99"):
+            row(scn, f"latency {p}, ms, redis (baseline: memory)", fmt(mo("redis", p)), fmt(mo("memory", p)),
+                median([r["redis"]["open"][p] / r["memory"]["open"][p] for r in reps]))
+        a50, a99 = med(reps, "added_p50_ms"), med(reps, "added_p99_ms")
+        row(scn, "added latency p50, ms (redis - memory, median of repetitions)", fmt(a50), "", None,
+            "<= 0.5 ms", check_le(a50, 0.5, " ms"))
+        row(scn, "added latency p99, ms (redis - memory)", fmt(a99), "", None, "reported", "reported")
+        row(scn, "daemon CPU per request, us, redis (baseline: memory)", fmt(mo("redis", "daemon_cpu_us_per_request")),
+            fmt(mo("memory", "daemon_cpu_us_per_request")), med(reps, "cpu_ratio"))
+        so = lambda k: median([r["redis"]["open"]["store"][k] for r in reps])  # noqa: E731
+        row(scn, "store round trips per request (EVALSHA + EVAL + the context read)", fmt(so("round_trips_per_request")),
+            "", None, "~5 (store-cost.sh)", "reported")
+        row(scn, "(info) Redis commands per request (scripts' own included); Redis CPU per request, us",
+            f"{fmt(so('commands_per_request'))}; {fmt(mo('redis', 'redis_cpu_us_per_request'))}")
+        row(scn, "(info) broker CPU per request, us: redis / memory",
+            f"{fmt(mo('redis', 'broker_cpu_us_per_request'))} / {fmt(mo('memory', 'broker_cpu_us_per_request'))}")
+        mc = lambda store: median([r[store]["closed"]["throughput"] for r in reps])  # noqa: E731
+        row(scn, f"(info) closed loop ({s['sc_clients']} sessions) throughput, req/s, redis (baseline: memory)",
+            fmt(mc("redis")), fmt(mc("memory")), med(reps, "closed_throughput_ratio"))
+        row(scn, "(info) sent rate achieved, req/s: redis / memory; load average (1 min) over the runs",
+            f"{fmt(mo('redis', 'achieved_send_rate'))} / {fmt(mo('memory', 'achieved_send_rate'))}; "
+            + "-".join(fmt(f(r[st]["loadavg"][0] for r in reps for st in ("memory", "redis"))) for f in (min, max)))
+        lost = max(r[st][ph]["lost"] for r in reps for st in ("memory", "redis") for ph in ("open", "closed"))
+        notok = max(r[st]["open"]["sent"] - r[st]["open"]["ok"] for r in reps for st in ("memory", "redis"))
+        row(scn, "lost; not ok (worst run)", f"{fmt(lost)}; {fmt(notok)}", "", None, "0",
+            "met" if lost == 0 and notok == 0 else f"**MISSED** ({lost} lost, {notok} not ok)")
+
+    if "instances" in res:
+        reps = res["instances"]["reps"]
+        counts = [str(n) for n in s["inst_counts"]]
+        scn = (f"10 instances ({s['inst_clients']} closed-loop sessions x {s['inst_messages']} requests; one Mosquitto, "
+               f"one share group, one Redis; zero-latency sim, {s['inst_workers']} workers each)")
+        mi = lambda n, k: median([r[n][k] for r in reps])  # noqa: E731
+        for n in counts:
+            row(scn, f"{n} instance(s): throughput, req/s (baseline: 1 instance)", fmt(mi(n, "throughput")),
+                fmt(mi(counts[0], "throughput")), median([r[n]["ratio_vs_1"] for r in reps]))
+        parts = ["daemons", "broker", "redis", "sim", "stress client"]
+        for n in counts:
+            cores = {k: median([r[n]["cpu"]["cpu_secs"][k] / r[n]["cpu"]["wall_secs"] for r in reps]) for k in parts}
+            others = median([r[n]["cpu"]["others_secs"] / r[n]["cpu"]["wall_secs"] for r in reps])
+            busy = median([r[n]["cpu"]["machine_busy_fraction"] for r in reps])
+            row(scn, f"{n} instance(s): (info) CPU in cores: daemons / mosquitto / redis / sim / stress client / "
+                f"others; machine busy",
+                " / ".join(fmt(cores[k], 2) for k in parts) + f" / {fmt(others, 2)}; {fmt(100.0 * busy, 0)} %")
+        row(scn, "(info) daemon CPU per request, us: " + " / ".join(counts) + " instance(s)",
+            " / ".join(fmt(median([r[n]["cpu_us_per_request"]["daemons"] for r in reps])) for n in counts))
+        row(scn, "(info) latency p50 / p99, ms: " + " / ".join(counts) + " instance(s)",
+            " / ".join(f"{fmt(mi(n, 'p50'))} / {fmt(mi(n, 'p99'))}" for n in counts))
+        row(scn, "(info) requests per instance, first repetition",
+            "; ".join("-".join(str(x) for x in reps[0][n]["per_instance"]) for n in counts))
+        lost = max(r[n]["lost"] for r in reps for n in counts)
+        unanswered = max(r[n]["sent"] - r[n]["answered"] for r in reps for n in counts)
+        notok = max(r[n]["sent"] - r[n]["ok"] for r in reps for n in counts)
+        row(scn, "lost; not ok (worst run)", f"{fmt(lost)}; {fmt(notok)}", "", None, "0",
+            "met" if lost == 0 and unanswered == 0 and notok == 0 else f"**MISSED** ({lost} lost, {notok} not ok)")
     return rows
 
 
@@ -1811,6 +2205,7 @@ def machine():
         "git_modified_files": [line[3:] for line in status.splitlines()],
         "clk_tck": CLK_TCK,
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "redis": (sh([REDIS_SERVER, "--version"]) or None) if Path(REDIS_SERVER).exists() else None,
     }
 
 
@@ -1820,7 +2215,7 @@ def machine():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="each scenario briefly, once (a smoke check)")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,3 (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="scenarios to run, e.g. 1,3 (default: all)")
     ap.add_argument("--reps", type=int, default=None,
                     help="repetitions of every measurement (default 3, burst 5; 1 with --quick)")
     ap.add_argument("--build-secs", type=float, default=None, help="(from bench.sh) release build time")
@@ -1835,6 +2230,10 @@ def main():
             sys.exit(f"bench: {p} is missing; build with cargo build --release --workspace --bins --examples")
     if not Path(MOSQUITTO).exists():
         sys.exit(f"bench: {MOSQUITTO} is missing (apt-get install mosquitto, or set MOSQUITTO)")
+    if only & {9, 10}:
+        for exe in (REDIS_SERVER, REDIS_CLI):
+            if not Path(exe).exists():
+                sys.exit(f"bench: {exe} is missing (apt-get install redis-server, or set REDIS_SERVER and REDIS_CLI)")
 
     started = args.started or time.time()
     workdir = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
@@ -1897,6 +2296,10 @@ def main():
             timed("auto", b.auto)
         if 8 in only:
             timed("failover", b.failover)
+        if 9 in only:
+            timed("store_cost", b.store_cost)
+        if 10 in only:
+            timed("instances", b.instances)
         ok = True
     finally:
         b.procs.stop_all()
@@ -1921,6 +2324,7 @@ def main():
         "build_secs": args.build_secs,
         "scenario_secs": timings,
         "machine": info,
+        "loadavg_at_end": loadavg(),
         "settings": s,
         "notes": (
             "value and baseline are medians over repetitions; ratio is the median of the "

@@ -29,6 +29,30 @@ if [ ! -x "$MOSQUITTO" ]; then
 fi
 export MOSQUITTO
 
+# Scenarios 9 and 10 need Redis (redis-server and redis-cli): installed with
+# apt if missing, unless --only leaves both out. bench.py starts its own on
+# a free loopback port without persistence (--save '' --appendonly no).
+only=1,2,3,4,5,6,7,8,9,10
+prev=
+for a in "$@"; do
+  case "$a" in --only=*) only=${a#--only=} ;; esac
+  [ "$prev" = --only ] && only=$a
+  prev=$a
+done
+if [[ ",$only," =~ ,(9|10), ]]; then
+  REDIS_SERVER=${REDIS_SERVER:-$(command -v redis-server || true)}
+  REDIS_CLI=${REDIS_CLI:-$(command -v redis-cli || true)}
+  if [ -z "$REDIS_SERVER" ] || [ -z "$REDIS_CLI" ]; then
+    echo "bench: installing redis-server (apt)" >&2
+    as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    REDIS_SERVER=$(command -v redis-server || echo /usr/bin/redis-server)
+    REDIS_CLI=$(command -v redis-cli || echo /usr/bin/redis-cli)
+  fi
+  export REDIS_SERVER REDIS_CLI
+fi
+
 # Every process the driver starts is recorded here ("pid exe"), so that this
 # trap can stop any it could not (the driver itself stops them on exit, on
 # an error, on Ctrl-C and on SIGTERM). Only pids whose executable is still
@@ -56,7 +80,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "bench: cargo build --release --workspace --bins --examples" >&2
+# The binaries are taken from $CARGO_TARGET_DIR/release if it is set (bench.py
+# reads it too), else target/release.
+echo "bench: cargo build --release --workspace --bins --examples (into ${CARGO_TARGET_DIR:-target})" >&2
 b0=$(date +%s.%N)
 cargo build --release --workspace --bins --examples
 b1=$(date +%s.%N)
