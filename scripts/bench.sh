@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Benchmarks of issues 5 and 11: builds in release mode, starts Mosquitto,
-# vllm-sim (one, or three for routing and failover), mqtt-echo and vllm-mqttd
-# on loopback (free ports), drives them with vllm-stress and selfbench,
-# prints one markdown table and writes bench/results/<YYYY-MM-DD>.json
-# (every raw number and the machine).
+# Benchmarks of issues 5, 11 and 12: builds in release mode, starts Mosquitto,
+# vllm-sim (one, or three for routing and failover), mqtt-echo, Redis (9, 10)
+# and vllm-mqttd (one, or 1, 2 and 4 in a share group for 10) on loopback
+# (free ports), drives them with vllm-stress and selfbench, prints one
+# markdown table and writes bench/results/<YYYY-MM-DD>.json (every raw
+# number and the machine).
 #
-#   scripts/bench.sh            # every scenario, 3 repetitions (about 24 min on 2 cores:
-#                               # 1-5 about 13, 6 routing 5, 7 auto 5, 8 failover 1)
-#   scripts/bench.sh --quick    # each scenario briefly, once (about 6 min)
+# Scenarios: 1 overhead, 2 saturation, 3 burst, 4 sessions, 5 worker sweep,
+# 6 routing, 7 workers auto, 8 failover, 9 store cost (memory vs redis),
+# 10 instances (1, 2, 4 with one Redis).
+#
+#   scripts/bench.sh            # every scenario, 3 repetitions (about 27 min on 2 cores:
+#                               # 1-5 about 13, 6 routing 5, 7 auto 5, 8 failover 1,
+#                               # 9 store cost 1.3, 10 instances 1.3)
+#   scripts/bench.sh --quick    # each scenario briefly, once (about 6.5 min)
 #   scripts/bench.sh --only 6,7,8 --keep-logs   # see scripts/bench.py --help
+#   scripts/bench.sh --only 9,10 --out bench/results/2026-12-07-issue12.json
+#
+# CARGO_TARGET_DIR is honoured (the binaries are taken from its release/).
 #
 # The scenarios and their targets are described in scripts/bench.py.
 set -euo pipefail
