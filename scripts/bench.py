@@ -1614,8 +1614,17 @@ class Bench:
         cpu = {}
         for k, p in procs.items():
             cpu[k] = sum(cpu_secs(x.pid) for x in p) if isinstance(p, (list, tuple)) else cpu_secs(p.pid)
+        # The daemon's own count of its store round trips (every call to
+        # Redis is one; Redis's INFO cannot tell a script's LRANGE from a
+        # client's).
+        d = procs.get("daemon") or procs.get("daemons")
+        store_calls = None
+        if red is not None and d is not None:
+            ds = d if isinstance(d, (list, tuple)) else [d]
+            store_calls = sum(msum(metrics(x.metrics_port), "vllm_mqttd_store_calls_total") for x in ds)
         return {"t": time.monotonic(), "cpu": cpu, "stat": proc_stat(),
-                "redis": redis_stats(red.port) if red is not None else None}
+                "redis": redis_stats(red.port) if red is not None else None,
+                "store_calls": store_calls}
 
     @staticmethod
     def cpu_split(a, b, client_cpu):
@@ -1638,15 +1647,18 @@ class Bench:
         }
 
     @staticmethod
-    def store_ops(r0, r1, answered):
-        """Redis's work between two INFO reads: round trips (EVALSHA, EVAL
-        and the context read's pipelined LRANGE+GET, counted by its LRANGE)
-        and commands (script bodies' included) per request answered."""
+    def store_ops(r0, r1, answered, calls0=None, calls1=None):
+        """Redis's work between two INFO reads, per request answered: round
+        trips (the daemon's vllm_mqttd_store_calls_total when given, else
+        EVALSHA + EVAL + LRANGE, which also counts a script's own LRANGE)
+        and commands (script bodies' included)."""
         if r0 is None or r1 is None:
             return None
         d = {k: r1["calls"].get(k, 0) - r0["calls"].get(k, 0) for k in set(r0["calls"]) | set(r1["calls"])}
         d = {k: v for k, v in d.items() if v}
         trips = sum(d.get(k, 0) for k in ("evalsha", "eval", "lrange", "script|load"))
+        if calls0 is not None and calls1 is not None:
+            trips = calls1 - calls0
         ours = {"info", "config|resetstat", "flushall", "ping"}  # the bench's own
         commands = sum(v for k, v in d.items() if k not in ours)
         n = max(1, answered)
@@ -1727,7 +1739,8 @@ class Bench:
                 "p50": summ["latencyMs"]["p50"], "p99": summ["latencyMs"]["p99"],
                 "daemon_cpu_us_per_request": 1e6 * (b["cpu"]["daemon"] - a["cpu"]["daemon"]) / n,
                 "cpu": self.cpu_split(a, b, summ["client_cpu_secs"]),
-                "store": self.store_ops(a["redis"], b["redis"], n) if store == "redis" else None,
+                "store": self.store_ops(a["redis"], b["redis"], n, a["store_calls"], b["store_calls"])
+                if store == "redis" else None,
             }
             if opn:
                 a = self.snapshot(parts, red)
@@ -1747,7 +1760,8 @@ class Bench:
                     "redis_cpu_us_per_request": 1e6 * cpu["redis"] / n,
                     "broker_cpu_us_per_request": 1e6 * cpu["broker"] / n,
                     "cpu": self.cpu_split(a, b, summ["client_cpu_secs"]),
-                    "store": self.store_ops(a["redis"], b["redis"], n) if store == "redis" else None,
+                    "store": self.store_ops(a["redis"], b["redis"], n, a["store_calls"], b["store_calls"])
+                    if store == "redis" else None,
                     "summary": summ,
                 }
                 m = metrics(d.metrics_port)
@@ -1838,7 +1852,7 @@ class Bench:
             "p99": summ["latencyMs"]["p99"],
             "cpu": cpu,
             "cpu_us_per_request": {k: 1e6 * v / max(1, answered) for k, v in cpu["cpu_secs"].items()},
-            "store": self.store_ops(a["redis"], b["redis"], answered),
+            "store": self.store_ops(a["redis"], b["redis"], answered, a["store_calls"], b["store_calls"]),
             "summary": summ,
         }
 

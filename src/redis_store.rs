@@ -47,7 +47,10 @@ use tokio::time::Instant;
 use crate::backend::breaker::{Breaker, Outcome, SharedBreaker};
 use crate::history::{Role, Turn};
 use crate::request::SessionKey;
-use crate::session::{Admit, Context, SessionStore, StoreError, StoreLimits, ANSWERED_IDS};
+use crate::session::{
+    Admit, Context, Exchange, SessionStore, StoreError, StoreLimits, ANSWERED_IDS,
+};
+use crate::telemetry::stats::M_STORE_CALLS;
 
 /// How long one store call may take.
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -55,10 +58,16 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The busy lease outlives the request's deadline by this much.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
-/// Rules 2-4 in one step. KEYS: window, busy, answered, replying.
-/// ARGV: request id ("" if none), limit, window ms, lease ms, token
-/// ("{process}.{random}"), this process's id, "1" for a broker redelivery.
-/// Returns {"ok"} | {"dup", answered 0/1} | {"busy"} | {"rate", retry ms}.
+/// Rules 2-4 in one step. KEYS: window, busy, answered, replying,
+/// history, system. ARGV: request id ("" if none), limit, window ms, lease
+/// ms, token ("{process}.{random}"), this process's id, "1" for a broker
+/// redelivery, "1" to read the context. Returns {"ok"} or, reading the
+/// context, {"ok", has system 0/1, system, history entries...} |
+/// {"dup", answered 0/1} | {"busy"} | {"rate", retry ms}.
+///
+/// The context is read here, in the admission's round trip, because the
+/// worker needs it next and nothing can change it in between: the session
+/// is this request's until it is released.
 ///
 /// The lease is "{token}|{request id}" and `replying` "{process}|{request
 /// id}". A broker redelivery (DUP) of a request some *other* process holds
@@ -107,7 +116,11 @@ end
 redis.call("ZADD", KEYS[1], now, ARGV[5])
 redis.call("PEXPIRE", KEYS[1], window)
 redis.call("SET", KEYS[2], ARGV[5] .. "|" .. rid, "PX", ARGV[4])
-return {"ok"}
+if ARGV[8] ~= "1" then return {"ok"} end
+local system = redis.call("GET", KEYS[6])
+local out = {"ok", system and "1" or "0", system or ""}
+for _, e in ipairs(redis.call("LRANGE", KEYS[5], 0, -1)) do out[#out + 1] = e end
+return out
 "#;
 
 /// Undoes an admission (refused later): frees the lease if still ours and
@@ -121,10 +134,25 @@ redis.call("ZREM", KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// Frees the session if the lease is still ours; the request id counts as
-/// in flight (held by this process) until `finish`. KEYS: busy, replying.
-/// ARGV: token, request id, this process's id.
+/// Records a successful turn (if ARGV[4] is "1", as [`RECORD`] does),
+/// then frees the session if the lease is still ours; the request id
+/// counts as in flight (held by this process) until `finish`. One round
+/// trip for the end of a request's work, and the turn is in the history
+/// before the session is free for the next. KEYS: busy, replying,
+/// history, system. ARGV: token, request id, this process's id, record
+/// 0/1, user, assistant, max messages, idle ttl ms, system prompt or "",
+/// has system (0/1).
 const RELEASE: &str = r#"
+if ARGV[4] == "1" then
+  redis.call("RPUSH", KEYS[3], "u" .. ARGV[5], "a" .. ARGV[6])
+  redis.call("LTRIM", KEYS[3], -tonumber(ARGV[7]), -1)
+  redis.call("PEXPIRE", KEYS[3], ARGV[8])
+  if ARGV[10] == "1" then
+    redis.call("SET", KEYS[4], ARGV[9], "PX", ARGV[8])
+  elseif redis.call("EXISTS", KEYS[4]) == 1 then
+    redis.call("PEXPIRE", KEYS[4], ARGV[8])
+  end
+end
 local held = redis.call("GET", KEYS[1])
 if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. "|" then
   redis.call("DEL", KEYS[1])
@@ -241,6 +269,26 @@ fn admit_result(v: &[redis::Value]) -> Result<Admit, StoreError> {
             "the admission script answered {other:?}"
         ))),
     }
+}
+
+/// The context an admission read (`{"ok", has system, system, entries...}`),
+/// or `None` if it read none.
+fn admitted_context(v: &[redis::Value]) -> Option<Context> {
+    use redis::Value as V;
+    let text = |v: &V| match v {
+        V::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        V::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let [_, has_system, system, entries @ ..] = v else {
+        return None;
+    };
+    Some(Context {
+        system_prompt: (text(has_system).as_deref() == Some("1"))
+            .then(|| text(system).map(Arc::from))
+            .flatten(),
+        history: entries.iter().filter_map(|e| turn(&text(e)?)).collect(),
+    })
 }
 
 /// A stored history entry: a role letter, then the text.
@@ -437,6 +485,9 @@ pub struct RedisStore {
     breaker: Arc<SharedBreaker>,
     /// Lease tokens of the requests this instance holds.
     tokens: Mutex<HashMap<SessionKey, String>>,
+    /// The context each admission read, until its worker asks for it (at
+    /// most one per request admitted and not finished).
+    contexts: Mutex<HashMap<SessionKey, Context>>,
     /// This process's id, drawn at start: leases name their holder, so a
     /// restarted instance can tell its own (live) requests from those of
     /// its previous life.
@@ -481,6 +532,7 @@ impl RedisStore {
             lease: request_timeout + LEASE_MARGIN,
             breaker: SharedBreaker::new(Breaker::new(3, Duration::from_secs(2))),
             tokens: Mutex::new(HashMap::new()),
+            contexts: Mutex::new(HashMap::new()),
             process: format!("{:016x}", rand::random::<u64>()),
             scripts: Scripts {
                 admit: Script::new(ADMIT),
@@ -492,8 +544,24 @@ impl RedisStore {
         })
     }
 
-    /// Runs one store call behind the breaker, time-boxed.
+    /// Runs one store call (one round trip) behind the breaker,
+    /// time-boxed, and counts it by `op` and result.
     async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let result = self.call_inner(f).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(StoreError::Unreachable(_)) => "unreachable",
+            Err(_) => "failed",
+        };
+        metrics::counter!(M_STORE_CALLS, "op" => op, "result" => outcome).increment(1);
+        result
+    }
+
+    async fn call_inner<T>(
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
@@ -538,6 +606,14 @@ impl RedisStore {
             .cloned()
     }
 
+    /// Forgets the context an admission read for `key`, returning it.
+    fn take_context(&self, key: &SessionKey) -> Option<Context> {
+        self.contexts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key)
+    }
+
     fn ttl_ms(&self) -> u64 {
         self.limits.idle_ttl.as_millis() as u64
     }
@@ -569,25 +645,35 @@ impl SessionStore for RedisStore {
             .key(&k.busy)
             .key(&k.answered)
             .key(&k.replying)
+            .key(&k.history)
+            .key(&k.system)
             .arg(request_id.unwrap_or(""))
             .arg(self.limits.rate_limit)
             .arg(self.limits.rate_window.as_millis() as u64)
             .arg(self.lease.as_millis() as u64)
             .arg(&token)
             .arg(&self.process)
-            .arg(if dup { "1" } else { "0" });
-        let v: Vec<redis::Value> = self.call(inv.invoke_async(&mut conn)).await?;
+            .arg(if dup { "1" } else { "0" })
+            .arg(if key.ephemeral { "0" } else { "1" });
+        let v: Vec<redis::Value> = self.call("admit", inv.invoke_async(&mut conn)).await?;
         let admit = admit_result(&v)?;
         if admit == Admit::Admitted {
             self.tokens
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(key.clone(), token);
+            if let Some(ctx) = admitted_context(&v) {
+                self.contexts
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(key.clone(), ctx);
+            }
         }
         Ok(admit)
     }
 
     async fn cancel(&self, key: &SessionKey) -> Result<(), StoreError> {
+        self.take_context(key);
         let Some(token) = self
             .tokens
             .lock()
@@ -600,29 +686,60 @@ impl SessionStore for RedisStore {
         let mut conn = self.conn.clone();
         let mut inv = self.scripts.cancel.prepare_invoke();
         inv.key(&k.window).key(&k.busy).arg(&token);
-        self.call(inv.invoke_async::<i64>(&mut conn))
+        self.call("cancel", inv.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
     }
 
     async fn release(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
+        self.release_with(key, request_id, None).await
+    }
+
+    async fn release_with(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        exchange: Option<Exchange>,
+    ) -> Result<(), StoreError> {
+        self.take_context(key);
         let Some(token) = self.token(key) else {
-            return Ok(());
+            // Not ours (any more): only the turn is recorded.
+            return match exchange {
+                Some(e) => self.record(key, e.user, e.assistant, e.system_prompt).await,
+                None => Ok(()),
+            };
         };
+        // Bounded like the in-memory store: a prompt over its cap is not
+        // kept, and the history keeps its last `history_messages`.
+        let exchange = exchange.filter(|_| !key.ephemeral);
+        let system = exchange
+            .as_ref()
+            .and_then(|e| e.system_prompt.clone())
+            .filter(|p| p.len() <= self.limits.max_system_prompt_bytes);
         let k = Keys::of(key);
         let mut conn = self.conn.clone();
         let mut inv = self.scripts.release.prepare_invoke();
         inv.key(&k.busy)
             .key(&k.replying)
+            .key(&k.history)
+            .key(&k.system)
             .arg(&token)
             .arg(request_id.unwrap_or(""))
-            .arg(&self.process);
-        self.call(inv.invoke_async::<i64>(&mut conn))
+            .arg(&self.process)
+            .arg(if exchange.is_some() { "1" } else { "0" })
+            .arg(exchange.as_ref().map_or("", |e| &*e.user))
+            .arg(exchange.as_ref().map_or("", |e| &*e.assistant))
+            .arg(self.limits.history_messages.max(2))
+            .arg(self.ttl_ms())
+            .arg(system.as_deref().unwrap_or(""))
+            .arg(if system.is_some() { "1" } else { "0" });
+        self.call("release", inv.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
     }
 
     async fn finish(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
+        self.take_context(key);
         self.tokens
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -639,7 +756,7 @@ impl SessionStore for RedisStore {
             .arg(ANSWERED_IDS)
             .arg(self.ttl_ms())
             .arg(&self.process);
-        self.call(inv.invoke_async::<i64>(&mut conn))
+        self.call("finish", inv.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
     }
@@ -648,12 +765,16 @@ impl SessionStore for RedisStore {
         if key.ephemeral {
             return Ok(Context::default());
         }
+        // Read by the admission, in its round trip (see `ADMIT`).
+        if let Some(ctx) = self.take_context(key) {
+            return Ok(ctx);
+        }
         let k = Keys::of(key);
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.lrange(&k.history, 0, -1).get(&k.system);
         let (history, system): (Vec<String>, Option<String>) =
-            self.call(pipe.query_async(&mut conn)).await?;
+            self.call("context", pipe.query_async(&mut conn)).await?;
         Ok(Context {
             system_prompt: system.map(Arc::from),
             history: history.iter().filter_map(|e| turn(e)).collect(),
@@ -661,11 +782,12 @@ impl SessionStore for RedisStore {
     }
 
     async fn reset(&self, key: &SessionKey) -> Result<(), StoreError> {
+        self.take_context(key);
         let k = Keys::of(key);
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.del(&k.history).del(&k.system);
-        self.call(pipe.query_async::<()>(&mut conn)).await
+        self.call("reset", pipe.query_async::<()>(&mut conn)).await
     }
 
     async fn record(
@@ -692,7 +814,7 @@ impl SessionStore for RedisStore {
             .arg(self.ttl_ms())
             .arg(system.as_deref().unwrap_or(""))
             .arg(if system.is_some() { "1" } else { "0" });
-        self.call(inv.invoke_async::<i64>(&mut conn))
+        self.call("record", inv.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
     }
@@ -834,6 +956,25 @@ mod tests {
         );
         assert!(admit_result(&[s("what")]).is_err());
         assert!(admit_result(&[]).is_err());
+    }
+
+    #[test]
+    fn an_admission_brings_the_context_it_read() {
+        let s = |t: &str| V::BulkString(t.as_bytes().to_vec());
+        // Without the context asked for (an ephemeral session).
+        assert!(admitted_context(&[s("ok")]).is_none());
+        let ctx =
+            admitted_context(&[s("ok"), s("1"), s("be terse"), s("uhi"), s("ahello")]).unwrap();
+        assert_eq!(ctx.system_prompt.as_deref(), Some("be terse"));
+        let turns: Vec<_> = ctx.history.iter().map(|t| (t.role, &*t.content)).collect();
+        assert_eq!(turns, [(Role::User, "hi"), (Role::Assistant, "hello")]);
+        // No override: "0" and an empty string, not an empty prompt.
+        let ctx = admitted_context(&[s("ok"), s("0"), s("")]).unwrap();
+        assert!(ctx.system_prompt.is_none() && ctx.history.is_empty());
+        assert_eq!(
+            admit_result(&[s("ok"), s("0"), s("")]).unwrap(),
+            Admit::Admitted
+        );
     }
 
     #[test]

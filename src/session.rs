@@ -68,6 +68,16 @@ pub struct Context {
     pub history: Vec<Turn>,
 }
 
+/// A successful turn, for the history: the user's message, the answer,
+/// and the system prompt override the request set (kept only now, so a
+/// prompt whose requests all fail is never stored).
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub user: Arc<str>,
+    pub assistant: Arc<str>,
+    pub system_prompt: Option<Arc<str>>,
+}
+
 /// Limits the store enforces.
 #[derive(Debug, Clone)]
 pub struct StoreLimits {
@@ -121,6 +131,23 @@ pub trait SessionStore: Send + Sync + 'static {
     /// reply arrives), while deliveries of `request_id` still count as in
     /// flight.
     async fn release(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError>;
+    /// [`record`](Self::record) (if the turn succeeded) and then
+    /// [`release`](Self::release): the end of a request's work. A shared
+    /// store does both in one round trip. The session is released even if
+    /// recording fails; the error is the first one.
+    async fn release_with(
+        &self,
+        key: &SessionKey,
+        request_id: Option<&str>,
+        exchange: Option<Exchange>,
+    ) -> Result<(), StoreError> {
+        let recorded = match exchange {
+            Some(e) => self.record(key, e.user, e.assistant, e.system_prompt).await,
+            None => Ok(()),
+        };
+        let released = self.release(key, request_id).await;
+        recorded.and(released)
+    }
     /// The reply is with egress, ahead of anything enqueued later: remember
     /// `request_id` as answered (its redeliveries are then acknowledged).
     /// Call after `release`.

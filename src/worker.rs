@@ -30,7 +30,7 @@ use crate::history::{build_prompt, shrink};
 use crate::mqtt::egress::Egress;
 use crate::queue::QueueRx;
 use crate::request::{Answer, Failure, Outbound, ReplyBody, Request, SessionKey};
-use crate::session::{SessionStore, StoreError};
+use crate::session::{Exchange, SessionStore, StoreError};
 use crate::streaming::Streamer;
 use crate::telemetry::{Event, Stats};
 use vllm_chat::protocol::ReplyFormat;
@@ -106,13 +106,29 @@ pub async fn run(shared: Arc<Shared>, abandon: CancellationToken) {
             }
             ReplyBody::Delta { .. } => {}
         }
+        // A successful turn goes into the history with the release (one
+        // store round trip): before the session is free, so its next turn
+        // sees it.
+        let exchange = match &body {
+            ReplyBody::Answer { answer, .. } => Some(Exchange {
+                user: req.message.clone(),
+                assistant: Arc::from(answer.text.as_str()),
+                system_prompt: req.system_prompt.as_deref().map(Arc::from),
+            }),
+            _ => None,
+        };
         let key = req.key;
         let request_id = req.reply.request_id.clone();
         // Free the session before the reply can reach the device, or a
         // device that answers at once would be told session_busy.
-        if let Err(e) = shared.store.release(&key, request_id.as_deref()).await {
+        let released = shared
+            .store
+            .release_with(&key, request_id.as_deref(), exchange)
+            .await;
+        if let Err(e) = released {
             // A shared store's lease expires by itself; the reply goes out.
-            tracing::warn!(session = %key, error = %e, "cannot release the session");
+            // Only the next turn loses this exchange.
+            tracing::warn!(session = %key, error = %e, "cannot record the exchange or release the session");
         }
         let mut reply = req.reply;
         if reply.stream.is_some() {
@@ -281,20 +297,8 @@ async fn call(
         &req.message,
         shared.history_token_budget,
     );
-    let answer = call_backend(shared, req, model, &mut prompt, streamer, so_far).await?;
-    let recorded = store
-        .record(
-            &req.key,
-            req.message.clone(),
-            Arc::from(answer.text.as_str()),
-            override_prompt,
-        )
-        .await;
-    if let Err(e) = recorded {
-        // The answer is good; only the next turn loses this exchange.
-        tracing::warn!(session = %req.key, error = %e, "cannot record the exchange in the history");
-    }
-    Ok(answer)
+    // Recorded in the history with the session's release (`run`).
+    call_backend(shared, req, model, &mut prompt, streamer, so_far).await
 }
 
 /// The backend call with its protections, composed in one place. The order

@@ -105,4 +105,8 @@ fn describe() {
         "Replies egress could not take (left for redelivery)."
     );
     describe_counter!(M_IGNORED, "Messages on topics we do not serve.");
+    describe_counter!(
+        M_STORE_CALLS,
+        "Round trips to the shared session store, by operation and result."
+    );
 }

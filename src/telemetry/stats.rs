@@ -81,6 +81,7 @@ pub const M_SESSIONS: &str = "vllm_mqttd_sessions";
 pub const M_MQTT_CONNECTS: &str = "vllm_mqttd_mqtt_connects_total";
 pub const M_EGRESS_DROPPED: &str = "vllm_mqttd_egress_dropped_total";
 pub const M_IGNORED: &str = "vllm_mqttd_ignored_total";
+pub const M_STORE_CALLS: &str = "vllm_mqttd_store_calls_total";
 
 /// Counters since start, plus a latency histogram since the last report.
 #[derive(Debug)]
