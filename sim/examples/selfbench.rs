@@ -24,8 +24,22 @@
 //!     --clients 64 --max-tokens 16 --secs 5 --ramp-secs 0
 //! ```
 //!
+//! With `--stream` it also measures the time to first token (TTFT): from
+//! sending a request to the first SSE chunk that carries content (the
+//! role-only first chunk does not count). `--rate R` makes it an open loop
+//! instead: R requests a second, evenly spaced, whatever is outstanding
+//! (each on its own task; `--clients` is then only the connection pool's
+//! idle size), every request sent in the measured window measured to its
+//! end:
+//!
+//! ```sh
+//! # TTFT of a vllm-sim at 50 req/s, 64-token streamed answers:
+//! target/release/examples/selfbench --url http://127.0.0.1:8000/v1 \
+//!     --rate 50 --stream --max-tokens 64 --secs 10 --warmup-secs 2
+//! ```
+//!
 //! `--json FILE` also writes the figures as one JSON object (what
-//! `scripts/bench.sh` reads).
+//! `scripts/bench.sh` reads; `ttftMs` with `--stream`).
 //!
 //! The simulator runs in this process (unless `--url`), on the same
 //! runtime as the clients, so the zero-latency figure is what server and
@@ -57,9 +71,13 @@ struct Args {
     /// max_tokens of every request.
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
-    /// Ask for SSE streams.
+    /// Ask for SSE streams (and measure the time to first token).
     #[arg(long)]
     stream: bool,
+    /// Open loop: send this many requests per second, evenly spaced,
+    /// whatever is outstanding (instead of --clients back to back).
+    #[arg(long, value_name = "PER_SEC")]
+    rate: Option<f64>,
     /// Bench this server instead of an in-process one.
     #[arg(long)]
     url: Option<String>,
@@ -104,6 +122,122 @@ fn cpu_secs() -> Option<f64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
+}
+
+/// An open-loop request with no answer after this long counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How one request ended.
+struct Done {
+    /// A 2xx answer read to its end.
+    ok: bool,
+    /// Streamed: from `t` (just before sending) to the first chunk with
+    /// content.
+    ttft: Option<Duration>,
+}
+
+/// Sends one chat request and reads its answer to the end.
+async fn one_request(
+    client: &reqwest::Client,
+    url: &str,
+    body: bytes::Bytes,
+    stream: bool,
+    t: Instant,
+) -> Done {
+    let failed = Done {
+        ok: false,
+        ttft: None,
+    };
+    let resp = match client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(_) => return failed,
+    };
+    if !resp.status().is_success() {
+        let _ = resp.bytes().await;
+        return failed;
+    }
+    if !stream {
+        return Done {
+            ok: resp.bytes().await.is_ok(),
+            ttft: None,
+        };
+    }
+    let mut resp = resp;
+    let mut probe = FirstContent::default();
+    let mut ttft = None;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if ttft.is_none() && probe.feed(&chunk) {
+                    ttft = Some(t.elapsed());
+                }
+            }
+            Ok(None) => return Done { ok: true, ttft },
+            Err(_) => return failed,
+        }
+    }
+}
+
+/// Finds the first SSE event whose `choices[0].delta.content` is not
+/// empty (vLLM's first chunk carries only the role, with content "").
+#[derive(Default)]
+struct FirstContent {
+    buf: Vec<u8>,
+}
+
+impl FirstContent {
+    /// More bytes of the stream; true once an event with content is complete.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        self.buf.extend_from_slice(bytes);
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
+            for line in event.split(|&b| b == b'\n') {
+                let Some(data) = line.strip_prefix(b"data:") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) else {
+                    continue; // [DONE]
+                };
+                let content = v.pointer("/choices/0/delta/content");
+                if content
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Adds one request's figures, if it is `measured`: its latency and
+/// time to first token when it succeeded, an error otherwise (`None`: it
+/// timed out).
+fn record(
+    (measured, latency, done): (bool, Duration, Option<Done>),
+    hist: &mut Histogram<u64>,
+    ttft: &mut Histogram<u64>,
+    errors: &mut u64,
+) {
+    if !measured {
+        return;
+    }
+    match done {
+        Some(Done { ok: true, ttft: t }) => {
+            hist.record(latency.as_micros() as u64).unwrap();
+            if let Some(t) = t {
+                ttft.record(t.as_micros() as u64).unwrap();
+            }
+        }
+        _ => *errors += 1,
+    }
 }
 
 #[tokio::main]
@@ -161,7 +295,12 @@ async fn main() {
         .unwrap(),
     );
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients)
+        // Open loop: as many connections as requests outstanding, kept.
+        .pool_max_idle_per_host(if args.rate.is_some() {
+            usize::MAX
+        } else {
+            args.clients
+        })
         .tcp_nodelay(true)
         .build()
         .unwrap();
@@ -169,72 +308,99 @@ async fn main() {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup_secs);
     let measure_to = measure_from + Duration::from_secs_f64(args.secs);
-    let mut tasks = Vec::new();
-    for i in 0..args.clients {
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
-        let first =
-            start + Duration::from_secs_f64(args.ramp_secs * i as f64 / args.clients as f64);
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(first).await;
-            let mut hist = Histogram::<u64>::new(3).unwrap();
-            let mut errors = 0u64;
-            while Instant::now() < measure_to {
-                let t = Instant::now();
-                let call = async {
-                    match client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await
-                    {
-                        Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
-                        Ok(resp) => {
-                            let _ = resp.bytes().await;
-                            false
-                        }
-                        Err(_) => false,
-                    }
-                };
-                // A request still running at the end of the window would
-                // not be counted: drop it rather than wait for it.
-                let Ok(ok) = tokio::time::timeout_at(measure_to, call).await else {
-                    break;
-                };
-                let end = Instant::now();
-                // Completions inside the window count, whenever they
-                // started: long requests straddle its edges.
-                if end >= measure_from && end <= measure_to {
-                    if ok {
-                        hist.record((end - t).as_micros() as u64).unwrap();
-                    } else {
-                        errors += 1;
-                    }
-                }
-            }
-            (hist, errors)
-        }));
-    }
-    tokio::time::sleep_until(measure_from).await;
-    let cpu_at_start = cpu_secs();
+    let stream = args.stream;
     let mut hist = Histogram::<u64>::new(3).unwrap();
+    let mut ttft = Histogram::<u64>::new(3).unwrap();
     let mut errors = 0;
-    for t in tasks {
-        let (h, e) = t.await.unwrap();
-        hist.add(h).unwrap();
-        errors += e;
+    let cpu_at_start;
+    if let Some(rate) = args.rate {
+        // Open loop: request k goes at start + k / rate, each on its own
+        // task; those sent in [measure_from, measure_to) are measured,
+        // however long they take.
+        let mut running = tokio::task::JoinSet::new();
+        let mut cpu0 = None;
+        for k in 0u64.. {
+            let at = start + Duration::from_secs_f64(k as f64 / rate);
+            if at >= measure_to {
+                break;
+            }
+            tokio::time::sleep_until(at).await;
+            let measured = at >= measure_from;
+            if measured && cpu0.is_none() {
+                cpu0 = Some(cpu_secs());
+            }
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            running.spawn(async move {
+                let t = Instant::now();
+                let call = one_request(&client, &url, body, stream, t);
+                let done = tokio::time::timeout(REQUEST_TIMEOUT, call).await.ok();
+                (measured, t.elapsed(), done)
+            });
+            // Reap what has ended, so that a long run holds only the
+            // requests outstanding.
+            while let Some(r) = running.try_join_next() {
+                record(r.unwrap(), &mut hist, &mut ttft, &mut errors);
+            }
+        }
+        while let Some(r) = running.join_next().await {
+            record(r.unwrap(), &mut hist, &mut ttft, &mut errors);
+        }
+        cpu_at_start = cpu0.flatten();
+    } else {
+        let mut tasks = Vec::new();
+        for i in 0..args.clients {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            let first =
+                start + Duration::from_secs_f64(args.ramp_secs * i as f64 / args.clients as f64);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(first).await;
+                let mut hist = Histogram::<u64>::new(3).unwrap();
+                let mut ttft = Histogram::<u64>::new(3).unwrap();
+                let mut errors = 0u64;
+                while Instant::now() < measure_to {
+                    let t = Instant::now();
+                    let call = one_request(&client, &url, body.clone(), stream, t);
+                    // A request still running at the end of the window would
+                    // not be counted: drop it rather than wait for it.
+                    let Ok(done) = tokio::time::timeout_at(measure_to, call).await else {
+                        break;
+                    };
+                    let end = Instant::now();
+                    // Completions inside the window count, whenever they
+                    // started: long requests straddle its edges.
+                    let measured = end >= measure_from && end <= measure_to;
+                    record(
+                        (measured, end - t, Some(done)),
+                        &mut hist,
+                        &mut ttft,
+                        &mut errors,
+                    );
+                }
+                (hist, ttft, errors)
+            }));
+        }
+        tokio::time::sleep_until(measure_from).await;
+        cpu_at_start = cpu_secs();
+        for t in tasks {
+            let (h, f, e) = t.await.unwrap();
+            hist.add(h).unwrap();
+            ttft.add(f).unwrap();
+            errors += e;
+        }
     }
     let cpu = match (cpu_at_start, cpu_secs()) {
         (Some(a), Some(b)) => b - a,
         _ => f64::NAN,
     };
-
     let n = hist.len();
     let rps = n as f64 / args.secs;
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
     println!(
-        "clients={} max_tokens={} stream={} {}",
-        args.clients,
+        "{} max_tokens={} stream={} {}",
+        match args.rate {
+            Some(r) => format!("rate={r}/s (open loop)"),
+            None => format!("clients={}", args.clients),
+        },
         args.max_tokens,
         args.stream,
         match &args.url {
@@ -258,6 +424,17 @@ async fn main() {
         q(0.99),
         hist.max() as f64 / 1000.0
     );
+    let tq = |p: f64| ttft.value_at_quantile(p) as f64 / 1000.0;
+    if args.stream {
+        println!(
+            "time to first token ms ({} requests): p50={:.2} p90={:.2} p99={:.2} max={:.2}",
+            ttft.len(),
+            tq(0.5),
+            tq(0.9),
+            tq(0.99),
+            ttft.max() as f64 / 1000.0
+        );
+    }
     println!(
         "process cpu: {cpu:.2} s over {} s ({:.0}% of one core), {:.1} µs per request",
         args.secs,
@@ -278,6 +455,7 @@ async fn main() {
     if let Some(path) = &args.json {
         let summary = json!({
             "clients": args.clients,
+            "rate": args.rate,
             "maxTokens": args.max_tokens,
             "stream": args.stream,
             "url": args.url,
@@ -292,6 +470,15 @@ async fn main() {
                 "max": hist.max() as f64 / 1000.0,
                 "mean": hist.mean() / 1000.0,
             },
+            // From sending to the first chunk with content (--stream).
+            "ttftMs": args.stream.then(|| json!({
+                "count": ttft.len(),
+                "p50": tq(0.5),
+                "p90": tq(0.9),
+                "p99": tq(0.99),
+                "max": ttft.max() as f64 / 1000.0,
+                "mean": ttft.mean() / 1000.0,
+            })),
             "cpuSecs": cpu,
             "promptTokens": prompt_tokens,
             "prefixCacheHitRate": measured_cache.map(|p| p.hit_rate()),
@@ -316,7 +503,7 @@ async fn main() {
             measured.requests
         );
     }
-    if args.url.is_none() && !args.zero {
+    if args.url.is_none() && !args.zero && args.rate.is_none() {
         // Each client sends its next request as its last one ends, at a
         // decode-step boundary; it is admitted there (into the slot just
         // freed, or the one after it in FCFS order), its prefill (of its
