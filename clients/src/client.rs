@@ -758,6 +758,19 @@ impl Client {
                     return Err(ClientError::Cancelled);
                 }
                 Wake::Interrupted if streaming.as_ref().is_some_and(|s| s.deltas > 0) => {
+                    // The daemon may still be generating for a reply
+                    // topic we gave up: once connected again (bounded),
+                    // tell it to stop, so the session is free sooner.
+                    let back = tokio::time::timeout(
+                        CANCEL_CONFIRM,
+                        shared
+                            .subs
+                            .ensure(&inner.link, &filter, deadline, inner.options.timeout),
+                    )
+                    .await;
+                    if matches!(back, Ok(Ok(_))) {
+                        self.cancel_request(request, &request_id).await;
+                    }
                     return Err(ClientError::Connection(
                         "the connection dropped during a streamed answer; sending it again would repeat the deltas already given"
                             .into(),

@@ -893,3 +893,37 @@ async fn a_stream_cancelled_before_it_is_sent_is_never_sent() {
     assert_eq!(client.stats().sent, 1);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_cut_by_a_broker_restart_ends_with_an_error_and_stops_its_generation() {
+    let sim = vllm_sim::Sim::builder()
+        .output_tokens(vllm_sim::OutputLen::Request)
+        .run()
+        .await;
+    let mut env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let client = env.client().await;
+    let mut stream = client
+        .stream(&ChatRequest::new("maze", "br", "talk").max_tokens(2000))
+        .await
+        .unwrap();
+    assert!(matches!(
+        stream.next().await,
+        Some(Ok(StreamEvent::Delta(_)))
+    ));
+    env.broker.stop();
+    env.broker.start_again().await;
+    // Not sent again (that would repeat the text the caller has): an error.
+    let (_, end) = drain(stream).await;
+    assert!(matches!(end, Err(ClientError::Connection(_))), "{end:?}");
+    // Once back, the client told the daemon to stop the generation.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.disconnected() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the generation went on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.chat_calls(), 1);
+    env.stop().await;
+}
