@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The benchmark driver behind scripts/bench.sh (issues 5, 11, 12). Standard library only.
+"""The benchmark driver behind scripts/bench.sh (issues 5, 11, 12, 13). Standard library only.
 
 It starts Mosquitto, vllm-sim, mqtt-echo, Redis and vllm-mqttd on loopback (free
 ports), drives them with vllm-stress and selfbench, and prints ONE markdown
@@ -44,6 +44,19 @@ Scenarios:
                 throughput and its ratio to 1 instance, the CPU split (daemons,
                 mosquitto, redis, sim, stress client, other users of the
                 machine from /proc/stat), every request answered.
+  11 streaming  (issue 13) a sim with a fixed latency model (TTFT 30 ms, ITL
+                15 ms whatever the batch, prompts cost nothing, 64-token
+                replies, max-num-seqs 1024 so that nothing queues). The rate:
+                a fraction (0.15) of what a closed loop of 1000 streamed
+                sessions through the daemon reaches (measured first). Then,
+                alternated in each repetition: HTTP direct (selfbench --stream
+                --rate, the baseline: time to first token), vllm-stress
+                --stream and the same without --stream through Mosquitto and
+                a daemon at the default --stream-interval (50 ms), all open
+                loop at that rate. Added time to first delta p50/p99 = MQTT
+                TTFD - HTTP TTFT (target p50 <= 2 ms), deltas and messages per
+                streamed request (against the model's count), deltas lost,
+                daemon CPU per request streamed vs not, and its ratio.
 
 Each measurement is repeated (3 times; once with --quick; 7 once unless
 --reps is given, it is the longest) and the table
@@ -219,6 +232,20 @@ def settings(quick):
         "inst_warmup_messages": 5,
         "inst_workers": 128,  # per instance: never the limit
         "inst_group": "bench",
+        # 11 streaming: a fixed latency model, an open loop well below saturation
+        "st_seqs": 1024,  # the sim never queues, the calibration's sessions included
+        "st_tokens": 64,  # fixed reply length
+        "st_ttft_ms": 30.0,  # fixed: --ttft-per-token-ms 0, prompts cost nothing
+        "st_itl_ms": 15.0,  # fixed: --itl-per-seq-ms 0, whatever the batch
+        "st_interval_ms": 50.0,  # the daemon's default --stream-interval (not passed; for the model)
+        "st_calib_clients": 1000,  # closed-loop streamed sessions: the machine's limit, which sets the rate
+        "st_calib_messages": 6,
+        "st_rate_fraction": 0.15,  # the open loop: this fraction of the calibration's throughput
+        "st_rate": None,  # or a fixed rate, req/s
+        "st_secs": 10.0,
+        "st_warmup_secs": 2.0,  # each run: this long at the same rate first, not measured
+        "st_sessions": 500,  # a turn every 5 s per session at 100 req/s, a turn lasting 1 s
+        "st_workers": 1024,  # nothing waits in the daemon, the calibration included
     }
     if quick:
         s.update(
@@ -252,6 +279,9 @@ def settings(quick):
             sc_secs=4.0,
             inst_messages=60,
             inst_warmup_messages=3,
+            st_calib_messages=3,
+            st_secs=4.0,
+            st_warmup_secs=1.0,
         )
     return s
 
@@ -729,13 +759,17 @@ class Bench:
         with open(rec) as f:
             next(f)
             for line in f:
-                sent, lat, outcome, attempts = line.rstrip("\n").split(",")
+                # sent_ms,latency_ms,outcome,attempts (and with --stream
+                # ttfd_ms,deltas,deltas_lost,max_gap_ms,messages)
+                sent, lat, outcome = line.rstrip("\n").split(",")[:3]
                 records.append((float(sent), float(lat) if lat else None, outcome))
         summary["command"] = " ".join(argv)
         summary["client_cpu_secs"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         return summary, records
 
-    def selfbench(self, url, clients, secs, warmup, max_tokens, tag):
+    def selfbench(self, url, clients, secs, warmup, max_tokens, tag, rate=None, stream=False):
+        """selfbench against `url`: `clients` closed loop, or an open loop at
+        `rate` req/s; `stream` asks for SSE (and measures TTFT)."""
         name = self.name(f"selfbench-{tag}")
         js = self.workdir / f"{name}.json"
         argv = [
@@ -749,6 +783,8 @@ class Bench:
                 "--ramp-secs", min(1.0, warmup),
                 "--max-tokens", max_tokens,
                 "--json", js,
+                *(["--rate", rate] if rate is not None else []),
+                *(["--stream"] if stream else []),
             ]
         ]
         p, rc = self.procs.run(name, argv)
@@ -1857,6 +1893,206 @@ class Bench:
         }
 
 
+    # ---------------------------------------------------------------------
+    # 11. Streaming (issue 13): time to first delta over the sim's own time
+    #     to first token, messages per streamed request, daemon CPU
+
+    def streaming_sim(self):
+        s = self.s
+        args = [
+            "--max-num-seqs", s["st_seqs"],
+            "--output-tokens", f"fixed:{s['st_tokens']}",
+            "--ttft-ms", s["st_ttft_ms"],
+            "--ttft-per-token-ms", 0,
+            "--itl-base-ms", s["st_itl_ms"],
+            "--itl-per-seq-ms", 0,
+        ]
+        sim = self.sim(*args)
+        sim.args = [str(a) for a in args]
+        return sim
+
+    def streaming_model(self):
+        """What the sim and the daemon's coalescing should give: the first
+        delta at the first token, then one at the first token at least the
+        interval after the last delta (every ceil(interval / itl) tokens),
+        the rest as the last delta, then the final reply."""
+        s = self.s
+        every = math.ceil(s["st_interval_ms"] / s["st_itl_ms"])
+        deltas = 1 + math.ceil((s["st_tokens"] - 1) / every)
+        return {
+            "tokens_per_delta": every,
+            "deltas": deltas,
+            "messages": deltas + 1,
+            "generation_ms": s["st_ttft_ms"] + (s["st_tokens"] - 1) * s["st_itl_ms"],
+        }
+
+    def streaming(self):
+        s = self.s
+        sim = self.streaming_sim()
+        kinds = ["http", "stream", "plain"]
+        try:
+            calib = self.streaming_calibrate(sim)
+            rate = s["st_rate"] or max(10, int(round(s["st_rate_fraction"] * calib["throughput"], -1)))
+            log(f"11 streaming: closed loop of {s['st_calib_clients']} streamed sessions {fmt(calib['throughput'])} req/s "
+                f"(TTFD p50 {fmt(calib['ttfd_p50'])} ms there): open loop at {rate} req/s")
+            reps = []
+            for rep in range(s["reps"]):
+                log(f"11 streaming: repetition {rep + 1}/{s['reps']} ({rate} req/s open loop for {fmt(s['st_secs'], 0)} s "
+                    f"each: HTTP direct, MQTT streamed, MQTT not streamed, rotated)")
+                # Rotate the order so that no kind always runs first.
+                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                r = {"order": order}
+                for kind in order:
+                    if kind == "http":
+                        r[kind] = self.streaming_http(sim, rate)
+                    else:
+                        r[kind] = self.streaming_mqtt(sim, rate, kind == "stream")
+                h, x, p = r["http"], r["stream"], r["plain"]
+                r["added_p50_ms"] = x["ttfd_p50"] - h["ttft_p50"]
+                r["added_p99_ms"] = x["ttfd_p99"] - h["ttft_p99"]
+                r["cpu_ratio"] = x["daemon_cpu_us_per_request"] / max(1e-9, p["daemon_cpu_us_per_request"])
+                reps.append(r)
+                log(f"  HTTP TTFT p50 {fmt(h['ttft_p50'])} p99 {fmt(h['ttft_p99'])} ms | MQTT TTFD p50 {fmt(x['ttfd_p50'])} "
+                    f"p99 {fmt(x['ttfd_p99'])} ms: added {fmt(r['added_p50_ms'])} / {fmt(r['added_p99_ms'])} ms | "
+                    f"{fmt(x['messages_per_request'])} messages, {fmt(x['deltas_per_request'])} deltas per request, "
+                    f"{x['deltas_lost']} lost | daemon CPU {fmt(x['daemon_cpu_us_per_request'])} us streamed, "
+                    f"{fmt(p['daemon_cpu_us_per_request'])} us not (x {fmt(r['cpu_ratio'], 3)}); "
+                    f"lost {x['lost']} / {p['lost']}")
+        finally:
+            self.procs.stop(sim)
+        return {"settings": {k: v for k, v in s.items() if k.startswith("st_")}, "sim_args": sim.args,
+                "rate": rate, "calibration": calib, "model": self.streaming_model(), "reps": reps}
+
+    def streaming_daemon(self, broker, sim):
+        s = self.s
+        return self.daemon(broker, sim, workers=s["st_workers"], queue=100000,
+                           max_sessions=s["st_calib_clients"] + 2 * s["st_sessions"] + 200)
+
+    def streaming_calibrate(self, sim):
+        """The rate's reference: a closed loop of many streamed sessions,
+        enough to make the machine (not the sessions) the limit."""
+        s = self.s
+        broker = self.mosquitto()
+        d = None
+        try:
+            d = self.streaming_daemon(broker, sim)
+            self.stress(broker, ["--clients", 32, "--messages", 2, "--interval", "0s", "--stream"],
+                        "stream-calib-warmup")
+            la = loadavg()
+            summ, _ = self.stress(broker, ["--clients", s["st_calib_clients"], "--messages", s["st_calib_messages"],
+                                           "--interval", "0s", "--stream"], "stream-calib")
+        finally:
+            for x in (d, broker):
+                if x is not None:
+                    self.procs.stop(x)
+        return {
+            "clients": s["st_calib_clients"],
+            "throughput": summ["okThroughput"],
+            "sent": summ["sent"],
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "p50": summ["latencyMs"]["p50"],
+            "p99": summ["latencyMs"]["p99"],
+            "ttfd_p50": summ["stream"]["ttfdMs"]["p50"],
+            "ttfd_p99": summ["stream"]["ttfdMs"]["p99"],
+            "loadavg": la,
+            "summary": summ,
+        }
+
+    def streaming_http(self, sim, rate):
+        """The baseline: the sim's time to first token over HTTP, streamed,
+        open loop at the same rate (selfbench)."""
+        s = self.s
+        la = loadavg()
+        m0, c0 = self.sim_load(metrics(sim.port)), cpu_secs(sim.pid)
+        hb = self.selfbench(sim.url, 64, s["st_secs"], s["st_warmup_secs"], s["st_tokens"], "stream-http",
+                            rate=rate, stream=True)
+        m1, c1 = self.sim_load(metrics(sim.port)), cpu_secs(sim.pid)
+        n = max(1, hb["requests"])
+        ttft, lat = hb["ttftMs"], hb["latencyMs"]
+        return {
+            "loadavg": la,
+            "requests": hb["requests"],
+            "errors": hb["errors"],
+            "ttft_p50": ttft["p50"], "ttft_p90": ttft["p90"], "ttft_p99": ttft["p99"], "ttft_max": ttft["max"],
+            "ttft_count": ttft["count"],
+            "p50": lat["p50"], "p99": lat["p99"],
+            "selfbench_cpu_us_per_request": 1e6 * hb["cpuSecs"] / n,
+            # warm-up included (same rate)
+            "sim_cpu_us_per_request_approx": 1e6 * (c1 - c0) / n,
+            "sim_ttft_mean_ms": self.sim_ttft_mean(m0, m1),
+            "raw": hb,
+        }
+
+    @staticmethod
+    def sim_ttft_mean(m0, m1):
+        """The sim's own mean time to first token between two reads of its
+        /metrics (its histogram's sum / count), ms."""
+        n = m1["ttft_count"] - m0["ttft_count"]
+        return 1000.0 * (m1["ttft_sum"] - m0["ttft_sum"]) / n if n else None
+
+    def streaming_mqtt(self, sim, rate, streamed):
+        """A fresh broker and daemon: a warm-up at the rate, then the
+        measured open loop, streamed or not."""
+        s = self.s
+        tag = "stream" if streamed else "plain"
+        mode = ["--stream"] if streamed else []
+        load = lambda secs: ["--rate", f"{rate}/s", "--duration", f"{secs}s",  # noqa: E731
+                             "--sessions", s["st_sessions"], *mode]
+        broker = self.mosquitto()
+        d = None
+        out = {"streamed": streamed}
+        try:
+            d = self.streaming_daemon(broker, sim)
+            self.stress(broker, load(s["st_warmup_secs"]), f"{tag}-warmup")
+            parts = {"daemon": d, "broker": broker, "sim": sim}
+            out["loadavg"] = loadavg()
+            m0 = self.sim_load(metrics(sim.port))
+            a = self.snapshot(parts)
+            summ, recs = self.stress(broker, load(s["st_secs"]), tag)
+            b = self.snapshot(parts)
+            m1 = self.sim_load(metrics(sim.port))
+            out["daemon_requests_total"] = requests_counted(metrics(d.metrics_port))
+        finally:
+            for x in (d, broker):
+                if x is not None:
+                    self.procs.stop(x)
+        n = max(1, summ["answered"])
+        cpu = {k: b["cpu"][k] - a["cpu"][k] for k in a["cpu"]}
+        sent_at = [x[0] for x in recs]
+        out.update({
+            "sent": summ["sent"],
+            "answered": summ["answered"],
+            "ok": summ["outcomes"]["ok"],
+            "lost": summ["outcomes"]["lost"],
+            "outcomes": {k: v for k, v in summ["outcomes"].items() if v},
+            "achieved_send_rate": (len(sent_at) - 1) / max(1e-9, (max(sent_at) - min(sent_at)) / 1000.0),
+            "p50": summ["latencyMs"]["p50"],
+            "p99": summ["latencyMs"]["p99"],
+            "daemon_cpu_us_per_request": 1e6 * cpu["daemon"] / n,
+            "broker_cpu_us_per_request": 1e6 * cpu["broker"] / n,
+            "sim_cpu_us_per_request": 1e6 * cpu["sim"] / n,
+            "client_cpu_us_per_request": 1e6 * summ["client_cpu_secs"] / n,
+            "cpu": self.cpu_split(a, b, summ["client_cpu_secs"]),
+            "sim_ttft_mean_ms": self.sim_ttft_mean(m0, m1),
+            "summary": summ,
+        })
+        if streamed:
+            st = summ["stream"]
+            out.update({
+                "ttfd_p50": st["ttfdMs"]["p50"], "ttfd_p90": st["ttfdMs"]["p90"], "ttfd_p99": st["ttfdMs"]["p99"],
+                "ttfd_max": st["ttfdMs"]["max"], "ttfd_count": st["ttfdMs"]["count"],
+                "gap_p50": st["gapMs"]["p50"], "gap_p99": st["gapMs"]["p99"],
+                "deltas_per_request": st["deltasPerRequest"],
+                "messages_per_request": st["messagesPerRequest"],
+                "deltas_lost": st["deltasLost"],
+                "without_delta": st["withoutDelta"],
+                "repeated_deltas": st["repeatedDeltas"],
+                "unmatched_deltas": st["unmatchedDeltas"],
+            })
+        return out
+
+
 # --------------------------------------------------------------------------
 # The table
 
@@ -2156,6 +2392,59 @@ def build_rows(res, s):
         notok = max(r[n]["sent"] - r[n]["ok"] for r in reps for n in counts)
         row(scn, "lost; not ok (worst run)", f"{fmt(lost)}; {fmt(notok)}", "", None, "0",
             "met" if lost == 0 and unanswered == 0 and notok == 0 else f"**MISSED** ({lost} lost, {notok} not ok)")
+
+    if "streaming" in res:
+        sr = res["streaming"]
+        reps = sr["reps"]
+        mdl = sr["model"]
+        cal = sr["calibration"]
+        scn = (f"11 streaming (sim: TTFT {fmt(s['st_ttft_ms'], 0)} ms, ITL {fmt(s['st_itl_ms'], 0)} ms, both fixed, "
+               f"{s['st_tokens']}-token replies; {fmt(sr['rate'])} req/s open loop = {fmt(s['st_rate_fraction'])} x the "
+               f"streamed closed-loop throughput, {fmt(s['st_sessions'])} sessions, {fmt(s['st_secs'], 0)} s; "
+               f"default --stream-interval ({fmt(s['st_interval_ms'], 0)} ms); HTTP direct, streamed, not streamed "
+               f"alternated)")
+        mk = lambda kind, k: median([r[kind][k] for r in reps])  # noqa: E731
+        for p in ("p50", "p99"):
+            row(scn, f"time to first delta {p}, ms (baseline: HTTP direct time to first token {p}, same rate)",
+                fmt(mk("stream", f"ttfd_{p}")), fmt(mk("http", f"ttft_{p}")),
+                median([r["stream"][f"ttfd_{p}"] / r["http"][f"ttft_{p}"] for r in reps]))
+        a50, a99 = med(reps, "added_p50_ms"), med(reps, "added_p99_ms")
+        row(scn, "added time to first delta p50, ms (MQTT TTFD - HTTP TTFT, median of repetitions)", fmt(a50), "",
+            None, "<= 2 ms", check_le(a50, 2.0, " ms"))
+        row(scn, "added time to first delta p99, ms (MQTT TTFD - HTTP TTFT)", fmt(a99), "", None, "reported",
+            "reported")
+        mp = mk("stream", "messages_per_request")
+        row(scn, f"messages per streamed request (baseline: the model, {mdl['deltas']} deltas + the final reply)",
+            fmt(mp), fmt(mdl["messages"]), mp / mdl["messages"], "reported", "reported")
+        row(scn, "(info) deltas per request; deltas lost; requests without a delta (worst run); gap between deltas "
+            "p50 / p99, ms",
+            f"{fmt(mk('stream', 'deltas_per_request'))}; {fmt(max(r['stream']['deltas_lost'] for r in reps))}; "
+            f"{fmt(max(r['stream']['without_delta'] for r in reps))}; "
+            f"{fmt(mk('stream', 'gap_p50'))} / {fmt(mk('stream', 'gap_p99'))}",
+            f"model: a delta every {mdl['tokens_per_delta']} tokens ({fmt(mdl['tokens_per_delta'] * s['st_itl_ms'], 0)} ms)")
+        c, cb = mk("stream", "daemon_cpu_us_per_request"), mk("plain", "daemon_cpu_us_per_request")
+        row(scn, "daemon CPU per request, us, streamed (baseline: not streamed, same rate)", fmt(c), fmt(cb),
+            med(reps, "cpu_ratio"), "reported", "reported")
+        row(scn, "(info) CPU per request, us, streamed / not streamed: mosquitto; load generator; sim",
+            "; ".join(f"{fmt(mk('stream', k))} / {fmt(mk('plain', k))}"
+                      for k in ("broker_cpu_us_per_request", "client_cpu_us_per_request", "sim_cpu_us_per_request")))
+        row(scn, "(info) reply latency p50 / p99, ms: streamed; not streamed; HTTP direct",
+            f"{fmt(mk('stream', 'p50'))} / {fmt(mk('stream', 'p99'))}; {fmt(mk('plain', 'p50'))} / "
+            f"{fmt(mk('plain', 'p99'))}; {fmt(mk('http', 'p50'))} / {fmt(mk('http', 'p99'))}",
+            f"model: {fmt(mdl['generation_ms'], 0)} ms")
+        row(scn, "(info) the sim's own TTFT mean (its histogram's sum / count), ms: HTTP run; streamed; not streamed",
+            f"{fmt(mk('http', 'sim_ttft_mean_ms'))}; {fmt(mk('stream', 'sim_ttft_mean_ms'))}; "
+            f"{fmt(mk('plain', 'sim_ttft_mean_ms'))}")
+        runs = [r[k] for r in reps for k in ("http", "stream", "plain")]
+        row(scn, f"(info) closed loop of {s['st_calib_clients']} streamed sessions: req/s, TTFD p50 / p99, ms "
+            "(sets the rate); load average (1 min) over the runs",
+            f"{fmt(cal['throughput'])}, {fmt(cal['ttfd_p50'])} / {fmt(cal['ttfd_p99'])}; "
+            + "-".join(fmt(f(x["loadavg"][0] for x in runs)) for f in (min, max)))
+        lost = max(max(r[k]["lost"] for r in reps for k in ("stream", "plain")), cal["lost"])
+        notok = max(max(r[k]["sent"] - r[k]["ok"] for r in reps for k in ("stream", "plain")),
+                    max(r["http"]["errors"] for r in reps))
+        row(scn, "lost; not ok or HTTP errors (worst run)", f"{fmt(lost)}; {fmt(notok)}", "", None, "0",
+            "met" if lost == 0 and notok == 0 else f"**MISSED** ({lost} lost, {notok} not ok)")
     return rows
 
 
@@ -2229,7 +2518,7 @@ def machine():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="each scenario briefly, once (a smoke check)")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="scenarios to run, e.g. 1,3 (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="scenarios to run, e.g. 1,3 (default: all)")
     ap.add_argument("--reps", type=int, default=None,
                     help="repetitions of every measurement (default 3, burst 5; 1 with --quick)")
     ap.add_argument("--build-secs", type=float, default=None, help="(from bench.sh) release build time")
@@ -2314,6 +2603,8 @@ def main():
             timed("store_cost", b.store_cost)
         if 10 in only:
             timed("instances", b.instances)
+        if 11 in only:
+            timed("streaming", b.streaming)
         ok = True
     finally:
         b.procs.stop_all()

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Benchmarks of issues 5, 11 and 12: builds in release mode, starts Mosquitto,
-# vllm-sim (one, or three for routing and failover), mqtt-echo, Redis (9, 10)
-# and vllm-mqttd (one, or 1, 2 and 4 in a share group for 10) on loopback
-# (free ports), drives them with vllm-stress and selfbench, prints one
-# markdown table and writes bench/results/<YYYY-MM-DD>.json (every raw
-# number and the machine).
+# Benchmarks of issues 5, 11, 12 and 13: builds in release mode, starts
+# Mosquitto, vllm-sim (one, or three for routing and failover), mqtt-echo,
+# Redis (9, 10) and vllm-mqttd (one, or 1, 2 and 4 in a share group for 10)
+# on loopback (free ports), drives them with vllm-stress and selfbench,
+# prints one markdown table and writes bench/results/<YYYY-MM-DD>.json
+# (every raw number and the machine).
 #
 # Scenarios: 1 overhead, 2 saturation, 3 burst, 4 sessions, 5 worker sweep,
 # 6 routing, 7 workers auto, 8 failover, 9 store cost (memory vs redis),
-# 10 instances (1, 2, 4 with one Redis).
+# 10 instances (1, 2, 4 with one Redis), 11 streaming (time to first delta
+# over HTTP's time to first token, messages and daemon CPU per request).
 #
-#   scripts/bench.sh            # every scenario, 3 repetitions (about 27 min on 2 cores:
+#   scripts/bench.sh            # every scenario, 3 repetitions (about 29.5 min on 2 cores:
 #                               # 1-5 about 13, 6 routing 5, 7 auto 5, 8 failover 1,
-#                               # 9 store cost 1.3, 10 instances 1.3)
-#   scripts/bench.sh --quick    # each scenario briefly, once (about 6.5 min)
+#                               # 9 store cost 1.3, 10 instances 1.3, 11 streaming 2.5)
+#   scripts/bench.sh --quick    # each scenario briefly, once (about 7 min)
 #   scripts/bench.sh --only 6,7,8 --keep-logs   # see scripts/bench.py --help
 #   scripts/bench.sh --only 9,10 --out bench/results/2026-12-07-issue12.json
+#   scripts/bench.sh --only 11 --out bench/results/2026-12-07-issue13.json
 #
 # CARGO_TARGET_DIR is honoured (the binaries are taken from its release/).
 #
@@ -41,7 +43,7 @@ export MOSQUITTO
 # Scenarios 9 and 10 need Redis (redis-server and redis-cli): installed with
 # apt if missing, unless --only leaves both out. bench.py starts its own on
 # a free loopback port without persistence (--save '' --appendonly no).
-only=1,2,3,4,5,6,7,8,9,10
+only=1,2,3,4,5,6,7,8,9,10,11
 prev=
 for a in "$@"; do
   case "$a" in --only=*) only=${a#--only=} ;; esac
