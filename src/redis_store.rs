@@ -419,8 +419,16 @@ impl redis::aio::ConnectionLike for Conn {
 }
 
 impl Conn {
-    /// Connects to `target`; the first connection must succeed.
+    /// Connects to `target` and checks that it answers (PING, on every
+    /// master of a cluster): a wrong address or password is found at
+    /// start, not at the first request.
     async fn open(target: Target, password: Option<&str>) -> redis::RedisResult<Conn> {
+        let mut conn = Self::connect(target, password).await?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(conn)
+    }
+
+    async fn connect(target: Target, password: Option<&str>) -> redis::RedisResult<Conn> {
         match target {
             Target::Single(url) => {
                 let mut info = url.as_str().into_connection_info()?;

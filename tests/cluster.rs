@@ -393,3 +393,39 @@ async fn a_redis_cluster_over_tls_with_rediss_cluster() {
     assert!(cluster.url().starts_with("rediss+cluster://"));
     the_store_over_tls(&cluster.url(), &pki).await;
 }
+
+/// The store's password from `sessions.state_password_file` (the URL holds
+/// none), for one server and for every node of a cluster: a conversation
+/// keeps its history; without the password the daemon does not start.
+#[tokio::test]
+async fn a_password_from_the_state_password_file_for_one_server_and_for_a_cluster() {
+    const PASSWORD: &str = "s3cret-store";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let fake = counting().await;
+    let single = Store::Single(Redis::start_with_password(PASSWORD).await);
+    let cluster = Store::Cluster(RedisCluster::start_with_password(3, PASSWORD).await);
+    for store in [&single, &cluster] {
+        // A broker each: Mosquitto would queue the group's messages for the
+        // stopped instance of the round before (persistent session).
+        let broker = Mosquitto::start().await;
+        let mut c = instance(&broker, &fake, store, 100);
+        c.sessions.state_password_file = Some(file.clone());
+        let d = Daemon::start(c).await;
+        let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+        let s = support::daemon::unique("pw");
+        for (turn, text) in [(0, "2"), (1, "4")] {
+            let v = ask(&mut dev, &s, &format!("{s} t{turn}")).await;
+            assert_eq!(v["text"], text, "{}: {v}", store.url());
+        }
+        d.stop().await.unwrap();
+
+        let err = vllm_mqttd::App::new(instance(&broker, &fake, store, 100))
+            .expect("a valid configuration")
+            .run(tokio_util::sync::CancellationToken::new())
+            .await
+            .expect_err("no password, no store, no daemon");
+        assert!(err.to_string().contains("127.0.0.1"), "{err}");
+    }
+}

@@ -51,6 +51,51 @@ impl Tls {
     }
 }
 
+/// How clients reach a test server: TLS or not, a password or not.
+#[derive(Debug, Clone, Default)]
+struct Access {
+    tls: Option<Tls>,
+    password: Option<String>,
+}
+
+impl Access {
+    /// The server's options for `port` (a cluster adds its own).
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args = match &self.tls {
+            Some(tls) => tls.server_args(port),
+            None => vec!["--port".into(), port.to_string()],
+        };
+        if let Some(pw) = &self.password {
+            // masterauth: what a node shows another (replicas; harmless here).
+            for a in ["--requirepass", pw, "--masterauth", pw] {
+                args.push(a.into());
+            }
+        }
+        args
+    }
+
+    /// redis-cli's options to reach such a server.
+    fn cli_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(tls) = &self.tls {
+            args.extend(["--tls".into(), "--cacert".into(), tls.ca.clone()]);
+        }
+        if let Some(pw) = &self.password {
+            args.extend(["-a".into(), pw.clone(), "--no-auth-warning".into()]);
+        }
+        args
+    }
+
+    /// `redis` or `rediss`.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        }
+    }
+}
+
 /// Which server program a store runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Server {
@@ -97,7 +142,7 @@ impl Server {
 pub struct Redis {
     port: u16,
     program: PathBuf,
-    tls: Option<Tls>,
+    access: Access,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -110,20 +155,34 @@ impl Redis {
 
     /// Starts `program` (a `redis-server` or a `valkey-server`) the same way.
     pub async fn start_program(program: PathBuf) -> Redis {
-        Self::start_with(program, None).await
+        Self::start_with(program, Access::default()).await
     }
 
     /// Starts a `redis-server` that speaks TLS only, with `pki`'s server
     /// certificate (`url()` is then `rediss://`).
     pub async fn start_tls(pki: &Pki) -> Redis {
-        Self::start_with("redis-server".into(), Some(Tls::of(pki))).await
+        let access = Access {
+            tls: Some(Tls::of(pki)),
+            password: None,
+        };
+        Self::start_with("redis-server".into(), access).await
     }
 
-    async fn start_with(program: PathBuf, tls: Option<Tls>) -> Redis {
+    /// Starts a `redis-server` that asks for `password` (`requirepass`);
+    /// `url()` does not hold it.
+    pub async fn start_with_password(password: &str) -> Redis {
+        let access = Access {
+            tls: None,
+            password: Some(password.to_owned()),
+        };
+        Self::start_with("redis-server".into(), access).await
+    }
+
+    async fn start_with(program: PathBuf, access: Access) -> Redis {
         let mut r = Redis {
             port: free_port(),
             program,
-            tls,
+            access,
             child: None,
             dir: tempfile::Builder::new()
                 .prefix("redis-test-")
@@ -136,8 +195,7 @@ impl Redis {
 
     /// `redis://127.0.0.1:PORT` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        let s = if self.tls.is_some() { "s" } else { "" };
-        format!("redis{s}://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.access.scheme(), self.port)
     }
 
     /// `kill -9`: everything it held is gone (no persistence).
@@ -151,12 +209,8 @@ impl Redis {
     /// Starts it again on the same port, empty.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis-server is still running");
-        let mut cmd = Command::new(&self.program);
-        match &self.tls {
-            Some(tls) => cmd.args(tls.server_args(self.port)),
-            None => cmd.args(["--port", &self.port.to_string()]),
-        };
-        let child = cmd
+        let child = Command::new(&self.program)
+            .args(self.access.server_args(self.port))
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -170,19 +224,20 @@ impl Redis {
                 )
             });
         self.child = Some(child);
-        wait_for_ping(self.port, self.tls.as_ref()).await;
+        wait_for_ping(self.port, &self.access).await;
     }
 }
 
 /// Waits (bounded) until the server on `port` answers PING.
-async fn wait_for_ping(port: u16, tls: Option<&Tls>) {
+async fn wait_for_ping(port: u16, access: &Access) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let pong = match tls {
-            None => ping(port).await,
-            Some(tls) => cli(port, Some(tls), &["PING"])
+        let pong = if access.tls.is_none() && access.password.is_none() {
+            ping(port).await
+        } else {
+            cli(port, access, &["PING"])
                 .await
-                .is_ok_and(|out| out.trim() == "PONG"),
+                .is_ok_and(|out| out.trim() == "PONG")
         };
         if pong {
             return;
@@ -195,15 +250,12 @@ async fn wait_for_ping(port: u16, tls: Option<&Tls>) {
     }
 }
 
-/// `redis-cli -p PORT [--tls --cacert CA] ARGS...`: its output (one reply
-/// element a line), or what went wrong.
-async fn cli(port: u16, tls: Option<&Tls>, args: &[&str]) -> Result<String, String> {
-    let mut cmd = tokio::process::Command::new("redis-cli");
-    cmd.args(["-p", &port.to_string()]);
-    if let Some(tls) = tls {
-        cmd.args(["--tls", "--cacert", &tls.ca]);
-    }
-    let out = cmd
+/// `redis-cli -p PORT [--tls --cacert CA] [-a PASSWORD] ARGS...`: its
+/// output (one reply element a line), or what went wrong.
+async fn cli(port: u16, access: &Access, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(access.cli_args())
         .args(args)
         .output()
         .await
@@ -238,7 +290,7 @@ impl Drop for Redis {
 /// redis-server); works with a `valkey-server` too.
 pub struct RedisCluster {
     nodes: Vec<Node>,
-    tls: Option<Tls>,
+    access: Access,
     _dir: tempfile::TempDir,
 }
 
@@ -252,17 +304,31 @@ impl RedisCluster {
     /// (the slots split evenly), and waits until every node says
     /// `cluster_state:ok`.
     pub async fn start(program: PathBuf, masters: usize) -> RedisCluster {
-        Self::start_with(program, masters, None).await
+        Self::start_with(program, masters, Access::default()).await
     }
 
     /// The same with `redis-server`, TLS only (clients and the cluster
     /// bus) with `pki`'s server certificate: `url()` is then
     /// `rediss+cluster://`.
     pub async fn start_tls(masters: usize, pki: &Pki) -> RedisCluster {
-        Self::start_with("redis-server".into(), masters, Some(Tls::of(pki))).await
+        let access = Access {
+            tls: Some(Tls::of(pki)),
+            password: None,
+        };
+        Self::start_with("redis-server".into(), masters, access).await
     }
 
-    async fn start_with(program: PathBuf, masters: usize, tls: Option<Tls>) -> RedisCluster {
+    /// The same with `redis-server`, every node asking for `password`;
+    /// `url()` does not hold it.
+    pub async fn start_with_password(masters: usize, password: &str) -> RedisCluster {
+        let access = Access {
+            tls: None,
+            password: Some(password.to_owned()),
+        };
+        Self::start_with("redis-server".into(), masters, access).await
+    }
+
+    async fn start_with(program: PathBuf, masters: usize, access: Access) -> RedisCluster {
         let dir = tempfile::Builder::new()
             .prefix("redis-cluster-test-")
             .tempdir()
@@ -273,12 +339,10 @@ impl RedisCluster {
             // the port + 10000, which nothing keeps free).
             let (port, bus) = (free_port(), free_port());
             let mut cmd = Command::new(&program);
-            match &tls {
-                Some(tls) => cmd
-                    .args(tls.server_args(port))
-                    .args(["--tls-cluster", "yes"]),
-                None => cmd.args(["--port", &port.to_string()]),
-            };
+            cmd.args(access.server_args(port));
+            if access.tls.is_some() {
+                cmd.args(["--tls-cluster", "yes"]);
+            }
             let child = cmd
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -295,16 +359,14 @@ impl RedisCluster {
         }
         let cluster = RedisCluster {
             nodes,
-            tls,
+            access,
             _dir: dir,
         };
         for n in &cluster.nodes {
-            wait_for_ping(n.port, cluster.tls.as_ref()).await;
+            wait_for_ping(n.port, &cluster.access).await;
         }
         let mut create = tokio::process::Command::new("redis-cli");
-        if let Some(tls) = &cluster.tls {
-            create.args(["--tls", "--cacert", &tls.ca]);
-        }
+        create.args(cluster.access.cli_args());
         create.arg("--cluster").arg("create");
         for n in &cluster.nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
@@ -346,13 +408,12 @@ impl RedisCluster {
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`: every node as a
     /// seed (`rediss+cluster://` with TLS).
     pub fn url(&self) -> String {
-        let s = if self.tls.is_some() { "s" } else { "" };
         let nodes: Vec<String> = self
             .ports()
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis{s}+cluster://{}", nodes.join(","))
+        format!("{}+cluster://{}", self.access.scheme(), nodes.join(","))
     }
 
     /// The nodes' ports.
@@ -363,7 +424,7 @@ impl RedisCluster {
     /// `redis-cli -p PORT ARGS...` (no redirections followed): its output,
     /// one reply element a line.
     pub async fn cli(&self, port: u16, args: &[&str]) -> String {
-        cli(port, self.tls.as_ref(), args)
+        cli(port, &self.access, args)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     }
