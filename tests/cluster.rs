@@ -215,7 +215,7 @@ async fn limits_and_history_hold_across_instances(store: Store) {
 /// resharding moves it): the instances' cluster connections follow MOVED
 /// and the history moved with its keys. Then every node forgets the
 /// scripts (SCRIPT FLUSH): the next request still runs (NOSCRIPT, the
-/// script loaded again, run again).
+/// script loaded again, run again). Then a `reset` starts it over.
 async fn a_session_follows_its_slot_and_scripts_come_back(program: PathBuf) {
     let broker = Mosquitto::start().await;
     let cluster = RedisCluster::start(program, 3).await;
@@ -257,6 +257,17 @@ async fn a_session_follows_its_slot_and_scripts_come_back(program: PathBuf) {
         assert_eq!(v["ok"], true, "after SCRIPT FLUSH: {v}");
         assert_eq!(v["text"], text, "{v}");
     }
+    // `reset` (a pipeline of DELs, on the slot's new owner): the session
+    // starts over.
+    let body = json!({"sessionId": "m", "message": "m t6", "reset": true, "format": "json"});
+    dev.publish("maze/user_input", body.to_string(), 1).await;
+    let v = dev
+        .expect_on("maze/assistant_response/m", WAIT)
+        .await
+        .json();
+    assert_eq!(v["text"], "2", "reset: {v}");
+    let v = ask(&mut dev, "m", "m t7").await;
+    assert_eq!(v["text"], "4", "{v}");
     assert!(
         turns_served(&fa, "m") > 0 && turns_served(&fb, "m") > 0,
         "both instances served m (A {}, B {})",
