@@ -11,9 +11,9 @@
 # 10 instances (1, 2, 4 with one Redis), 11 streaming (time to first delta
 # over HTTP's time to first token, messages and daemon CPU per request).
 #
-#   scripts/bench.sh            # every scenario, 3 repetitions (about 29.5 min on 2 cores:
+#   scripts/bench.sh            # every scenario, 3 repetitions (about 29 min on 2 cores:
 #                               # 1-5 about 13, 6 routing 5, 7 auto 5, 8 failover 1,
-#                               # 9 store cost 1.3, 10 instances 1.3, 11 streaming 2.5)
+#                               # 9 store cost 1.3, 10 instances 1.3, 11 streaming 2.3)
 #   scripts/bench.sh --quick    # each scenario briefly, once (about 7 min)
 #   scripts/bench.sh --only 6,7,8 --keep-logs   # see scripts/bench.py --help
 #   scripts/bench.sh --only 9,10 --out bench/results/2026-12-07-issue12.json
