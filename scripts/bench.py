@@ -2347,8 +2347,8 @@ def build_rows(res, s):
         row(scn, "daemon CPU per request, us, redis (baseline: memory)", fmt(mo("redis", "daemon_cpu_us_per_request")),
             fmt(mo("memory", "daemon_cpu_us_per_request")), med(reps, "cpu_ratio"))
         so = lambda k: median([r["redis"]["open"]["store"][k] for r in reps])  # noqa: E731
-        row(scn, "store round trips per request (EVALSHA + EVAL + the context read)", fmt(so("round_trips_per_request")),
-            "", None, "~5 (store-cost.sh)", "reported")
+        row(scn, "store round trips per request (the daemon's vllm_mqttd_store_calls_total)",
+            fmt(so("round_trips_per_request")), "", None, "3 (admit, release, finish)", "reported")
         row(scn, "(info) Redis commands per request (scripts' own included); Redis CPU per request, us",
             f"{fmt(so('commands_per_request'))}; {fmt(mo('redis', 'redis_cpu_us_per_request'))}")
         row(scn, "(info) broker CPU per request, us: redis / memory",
