@@ -9,7 +9,7 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{json, Value};
 use vllm_test_support as support;
 
-use support::daemon::WAIT;
+use support::daemon::{wait_until, WAIT};
 use support::env::Env;
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::TestClient;
@@ -26,19 +26,6 @@ async fn until_done(dev: &mut TestClient, topic: &str) -> (Vec<Value>, Value, Ve
             return (deltas, v, corr);
         }
         deltas.push(v);
-    }
-}
-
-/// Waits (bounded) until the backend has seen a client go away: the
-/// daemon dropped its call, which is what makes vLLM abort a generation.
-async fn until_disconnected(disconnects: impl Fn() -> usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while disconnects() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the backend call was not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -231,11 +218,7 @@ async fn a_cancelled_queued_request_never_reaches_the_backend() {
 #[tokio::test]
 async fn a_cancelled_running_request_drops_its_backend_call_and_keeps_its_text() {
     // The real pace of a simulated vLLM: a long answer streams for seconds.
-    let sim = vllm_sim::Sim::builder()
-        .output_tokens(vllm_sim::OutputLen::Request)
-        .run()
-        .await;
-    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let env = Env::paced().await;
     let mut dev = env.device("maze").await;
     dev.publish(
         "maze/user_input",
@@ -260,7 +243,10 @@ async fn a_cancelled_running_request_drops_its_backend_call_and_keeps_its_text()
         "the text so far"
     );
     // The backend saw the client go away (vLLM aborts the generation).
-    until_disconnected(|| sim.disconnected()).await;
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
     env.stop().await;
 }
 
@@ -300,7 +286,10 @@ async fn a_device_whose_connection_dies_cancels_its_own_generation_by_last_will(
         .await
         .json();
     assert_eq!(v["error"]["code"], "cancelled", "{v}");
-    until_disconnected(|| env.fake.disconnected()).await;
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
     env.stop().await;
 }
 
@@ -430,11 +419,7 @@ async fn a_stalled_subscriber_does_not_hold_up_other_sessions_or_its_own_generat
 
 #[tokio::test]
 async fn a_cancelled_json_request_that_does_not_stream_gets_the_text_so_far() {
-    let sim = vllm_sim::Sim::builder()
-        .output_tokens(vllm_sim::OutputLen::Request)
-        .run()
-        .await;
-    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let env = Env::paced().await;
     let mut dev = env.device("maze").await;
     dev.publish(
         "maze/user_input",
@@ -445,11 +430,10 @@ async fn a_cancelled_json_request_that_does_not_stream_gets_the_text_so_far() {
     )
     .await;
     // Once a few tokens are out, cancel.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sim.metrics().generation_tokens() < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "no generation");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("tokens generated", || {
+        env.fake.metrics().generation_tokens() >= 5
+    })
+    .await;
     dev.publish(
         "maze/cancel",
         json!({"sessionId": "j", "requestId": "rj"}).to_string(),
@@ -469,7 +453,10 @@ async fn a_cancelled_json_request_that_does_not_stream_gets_the_text_so_far() {
         v.get("done").is_none() && v.get("seq").is_none(),
         "not streamed: {v}"
     );
-    until_disconnected(|| sim.disconnected()).await;
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
     // A text-mode device gets the original error text, nothing more.
     dev.publish(
         "maze/user_input",
@@ -477,11 +464,11 @@ async fn a_cancelled_json_request_that_does_not_stream_gets_the_text_so_far() {
         1,
     )
     .await;
-    let before = sim.metrics().generation_tokens();
-    while sim.metrics().generation_tokens() < before + 5 {
-        assert!(tokio::time::Instant::now() < deadline, "no generation");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let before = env.fake.metrics().generation_tokens();
+    wait_until("tokens generated", || {
+        env.fake.metrics().generation_tokens() >= before + 5
+    })
+    .await;
     dev.publish("maze/cancel", json!({"sessionId": "t"}).to_string(), 1)
         .await;
     let m = dev.expect_on("maze/assistant_response/t", WAIT).await;

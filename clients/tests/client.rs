@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use support::broker::{Mosquitto, MosquittoOptions};
-use support::daemon::{config, unique, Daemon, WAIT};
+use support::daemon::{config, unique, wait_until, Daemon, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use vllm_chat::protocol::ErrorCode;
@@ -447,15 +447,6 @@ async fn persistent_env(fake: FakeVllm) -> Env {
     }
 }
 
-/// Waits (bounded) until `f` holds.
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Stands in for a broker that is down: listens on its port, reads each
 /// connection's CONNECT and drops the connection, counting the tries of
 /// one MQTT client (the CONNECT carries its client id).
@@ -624,14 +615,10 @@ async fn cancel_ends_a_running_request_with_cancelled_and_drops_its_generation()
     }
     // Not retried: the backend saw one call, and its client went away.
     assert_eq!(env.fake.chat_calls(), 1);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while env.fake.disconnected() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the call was not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
     env.fake.release(1);
     let again = client.chat("maze", "c1", "short one").await.unwrap();
     assert_eq!(again.text.as_deref(), Some("echo: short one"));
@@ -814,11 +801,7 @@ async fn a_failure_after_the_first_delta_is_not_retried_and_keeps_the_text() {
 #[tokio::test]
 async fn dropping_a_stream_cancels_its_generation_and_frees_the_session() {
     // The real pace of a simulated vLLM: a long answer streams for seconds.
-    let sim = vllm_sim::Sim::builder()
-        .output_tokens(vllm_sim::OutputLen::Request)
-        .run()
-        .await;
-    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let env = Env::paced().await;
     let client = env.client().await;
     let mut stream = client
         .stream(&ChatRequest::new("maze", "dr", "talk").max_tokens(2000))
@@ -830,14 +813,10 @@ async fn dropping_a_stream_cancels_its_generation_and_frees_the_session() {
     ));
     drop(stream);
     // The daemon dropped the backend call (vLLM aborts the generation).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sim.disconnected() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the generation went on"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
     // The session's next request is answered at once: the dropped one kept
     // the session's turn until the daemon confirmed the cancel.
     let next = client
@@ -896,11 +875,7 @@ async fn a_stream_cancelled_before_it_is_sent_is_never_sent() {
 
 #[tokio::test]
 async fn a_stream_cut_by_a_broker_restart_ends_with_an_error_and_stops_its_generation() {
-    let sim = vllm_sim::Sim::builder()
-        .output_tokens(vllm_sim::OutputLen::Request)
-        .run()
-        .await;
-    let mut env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let mut env = Env::paced().await;
     let client = env.client().await;
     let mut stream = client
         .stream(&ChatRequest::new("maze", "br", "talk").max_tokens(2000))
@@ -916,14 +891,10 @@ async fn a_stream_cut_by_a_broker_restart_ends_with_an_error_and_stops_its_gener
     let (_, end) = drain(stream).await;
     assert!(matches!(end, Err(ClientError::Connection(_))), "{end:?}");
     // Once back, the client told the daemon to stop the generation.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sim.disconnected() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the generation went on"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(sim.chat_calls(), 1);
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
+    assert_eq!(env.fake.chat_calls(), 1);
     env.stop().await;
 }

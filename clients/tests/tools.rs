@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::daemon::{unique, WAIT};
+use support::daemon::{unique, wait_until, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use tokio::process::Command;
@@ -159,11 +159,7 @@ async fn chat_one_shot_prints_the_reply() {
 async fn chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A simulated vLLM at its real pace: the answer streams for seconds.
-    let sim = vllm_sim::Sim::builder()
-        .output_tokens(vllm_sim::OutputLen::Request)
-        .run()
-        .await;
-    let env = Env::start(sim.base_url(), |c| c.backend.model = String::new()).await;
+    let env = Env::paced().await;
     let port = env.broker.port().to_string();
     let mut child = Command::new(CHAT)
         .args(["--mqtt-host", env.broker.host(), "--mqtt-port", &port])
@@ -190,14 +186,10 @@ async fn chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt() {
         .unwrap();
     assert!(killed.success());
     // The daemon dropped the generation...
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sim.disconnected() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the generation went on"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the backend call was dropped", || {
+        env.fake.disconnected() > 0
+    })
+    .await;
     // ...and the REPL is still there: it reads the next line.
     stdin.write_all(b"/exit\n").await.unwrap();
     drop(stdin);
@@ -218,7 +210,7 @@ async fn chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt() {
         "Ctrl-C did not end the REPL: {status:?}\n{err}"
     );
     assert!(err.contains("(cancelled)"), "{err}");
-    assert_eq!(sim.chat_calls(), 1);
+    assert_eq!(env.fake.chat_calls(), 1);
     env.stop().await;
 }
 

@@ -14,6 +14,17 @@ use crate::mqtt_client::{ConnectOptions, TestClient};
 /// Upper bound for anything a test waits for; never a sleep.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Waits until `f` holds, checking every 10 ms, for at most [`WAIT`];
+/// panics naming `what` if it never does. For conditions no event tells
+/// of (a backend's counters, say).
+pub async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// A name unique in this test process and across concurrent test binaries.

@@ -30,6 +30,12 @@ impl Backend for RawBackend {
     }
 }
 
+impl Backend for vllm_sim::Sim {
+    fn base_url(&self) -> String {
+        vllm_sim::Sim::base_url(self)
+    }
+}
+
 /// A backend that is only an address (nothing listening yet, say).
 impl Backend for String {
     fn base_url(&self) -> String {
@@ -43,6 +49,20 @@ pub struct Env<B = FakeVllm> {
     /// The backend the test controls.
     pub fake: B,
     pub daemon: Daemon,
+}
+
+impl Env<vllm_sim::Sim> {
+    /// The simulator at a real vLLM's pace (an answer as long as the
+    /// request's `max_tokens`, streamed token by token for seconds), the
+    /// daemon taking the model it serves: for stopping a generation
+    /// mid-way.
+    pub async fn paced() -> Self {
+        let sim = vllm_sim::Sim::builder()
+            .output_tokens(vllm_sim::OutputLen::Request)
+            .run()
+            .await;
+        Env::start(sim, |c| c.backend.model = String::new()).await
+    }
 }
 
 impl<B: Backend> Env<B> {
