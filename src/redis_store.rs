@@ -134,14 +134,16 @@ redis.call("ZREM", KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// Records a successful turn (if ARGV[4] is "1", as [`RECORD`] does),
+/// Records a successful turn if ARGV[4] is "1" (appends the exchange,
+/// keeps the last N messages, sets the system prompt override if given),
 /// then frees the session if the lease is still ours; the request id
 /// counts as in flight (held by this process) until `finish`. One round
 /// trip for the end of a request's work, and the turn is in the history
-/// before the session is free for the next. KEYS: busy, replying,
-/// history, system. ARGV: token, request id, this process's id, record
-/// 0/1, user, assistant, max messages, idle ttl ms, system prompt or "",
-/// has system (0/1).
+/// before the session is free for the next. With an empty token and
+/// request id it only records. KEYS: busy, replying, history, system.
+/// ARGV: token, request id, this process's id, record 0/1, user,
+/// assistant, max messages, idle ttl ms, system prompt or "", has system
+/// (0/1).
 const RELEASE: &str = r#"
 if ARGV[4] == "1" then
   redis.call("RPUSH", KEYS[3], "u" .. ARGV[5], "a" .. ARGV[6])
@@ -153,6 +155,7 @@ if ARGV[4] == "1" then
     redis.call("PEXPIRE", KEYS[4], ARGV[8])
   end
 end
+if ARGV[1] == "" then return 1 end
 local held = redis.call("GET", KEYS[1])
 if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. "|" then
   redis.call("DEL", KEYS[1])
@@ -169,21 +172,6 @@ if ARGV[1] ~= "" then
   redis.call("LTRIM", KEYS[1], 0, tonumber(ARGV[2]) - 1)
   redis.call("PEXPIRE", KEYS[1], ARGV[3])
   if redis.call("GET", KEYS[2]) == ARGV[4] .. "|" .. ARGV[1] then redis.call("DEL", KEYS[2]) end
-end
-return 1
-"#;
-
-/// Appends an exchange and keeps the last N messages; sets the system
-/// prompt override if given. KEYS: history, system. ARGV: user, assistant,
-/// max messages, idle ttl ms, system prompt or "" , has system (0/1).
-const RECORD: &str = r#"
-redis.call("RPUSH", KEYS[1], "u" .. ARGV[1], "a" .. ARGV[2])
-redis.call("LTRIM", KEYS[1], -tonumber(ARGV[3]), -1)
-redis.call("PEXPIRE", KEYS[1], ARGV[4])
-if ARGV[6] == "1" then
-  redis.call("SET", KEYS[2], ARGV[5], "PX", ARGV[4])
-elseif redis.call("EXISTS", KEYS[2]) == 1 then
-  redis.call("PEXPIRE", KEYS[2], ARGV[4])
 end
 return 1
 "#;
@@ -508,7 +496,6 @@ struct Scripts {
     cancel: Script,
     release: Script,
     finish: Script,
-    record: Script,
 }
 
 impl RedisStore {
@@ -547,7 +534,6 @@ impl RedisStore {
                 cancel: Script::new(CANCEL),
                 release: Script::new(RELEASE),
                 finish: Script::new(FINISH),
-                record: Script::new(RECORD),
             },
         })
     }
@@ -612,6 +598,49 @@ impl RedisStore {
             .unwrap_or_else(PoisonError::into_inner)
             .get(key)
             .cloned()
+    }
+
+    /// The release script (see [`RELEASE`]): records `exchange` if any,
+    /// then frees the lease `token` holds (none if empty); `op` names the
+    /// call in the round-trip count.
+    async fn release_script(
+        &self,
+        key: &SessionKey,
+        token: &str,
+        request_id: &str,
+        exchange: Option<Exchange>,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        // Bounded like the in-memory store: a prompt over its cap is not
+        // kept, and the history keeps its last `history_messages`.
+        let exchange = exchange.filter(|_| !key.ephemeral);
+        if token.is_empty() && exchange.is_none() {
+            return Ok(());
+        }
+        let system = exchange
+            .as_ref()
+            .and_then(|e| e.system_prompt.clone())
+            .filter(|p| p.len() <= self.limits.max_system_prompt_bytes);
+        let k = Keys::of(key);
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.release.prepare_invoke();
+        inv.key(&k.busy)
+            .key(&k.replying)
+            .key(&k.history)
+            .key(&k.system)
+            .arg(token)
+            .arg(request_id)
+            .arg(&self.process)
+            .arg(if exchange.is_some() { "1" } else { "0" })
+            .arg(exchange.as_ref().map_or("", |e| &*e.user))
+            .arg(exchange.as_ref().map_or("", |e| &*e.assistant))
+            .arg(self.limits.history_messages.max(2))
+            .arg(self.ttl_ms())
+            .arg(system.as_deref().unwrap_or(""))
+            .arg(if system.is_some() { "1" } else { "0" });
+        self.call(op, inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
     }
 
     /// Forgets the context an admission read for `key`, returning it.
@@ -710,40 +739,14 @@ impl SessionStore for RedisStore {
         exchange: Option<Exchange>,
     ) -> Result<(), StoreError> {
         self.take_context(key);
-        let Some(token) = self.token(key) else {
-            // Not ours (any more): only the turn is recorded.
-            return match exchange {
-                Some(e) => self.record(key, e.user, e.assistant, e.system_prompt).await,
-                None => Ok(()),
-            };
+        let (token, request_id) = match self.token(key) {
+            Some(token) => (token, request_id.unwrap_or("")),
+            // No lease of ours (never taken, or given up): only the turn
+            // is recorded.
+            None => (String::new(), ""),
         };
-        // Bounded like the in-memory store: a prompt over its cap is not
-        // kept, and the history keeps its last `history_messages`.
-        let exchange = exchange.filter(|_| !key.ephemeral);
-        let system = exchange
-            .as_ref()
-            .and_then(|e| e.system_prompt.clone())
-            .filter(|p| p.len() <= self.limits.max_system_prompt_bytes);
-        let k = Keys::of(key);
-        let mut conn = self.conn.clone();
-        let mut inv = self.scripts.release.prepare_invoke();
-        inv.key(&k.busy)
-            .key(&k.replying)
-            .key(&k.history)
-            .key(&k.system)
-            .arg(&token)
-            .arg(request_id.unwrap_or(""))
-            .arg(&self.process)
-            .arg(if exchange.is_some() { "1" } else { "0" })
-            .arg(exchange.as_ref().map_or("", |e| &*e.user))
-            .arg(exchange.as_ref().map_or("", |e| &*e.assistant))
-            .arg(self.limits.history_messages.max(2))
-            .arg(self.ttl_ms())
-            .arg(system.as_deref().unwrap_or(""))
-            .arg(if system.is_some() { "1" } else { "0" });
-        self.call("release", inv.invoke_async::<i64>(&mut conn))
+        self.release_script(key, &token, request_id, exchange, "release")
             .await
-            .map(drop)
     }
 
     async fn finish(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
@@ -805,26 +808,14 @@ impl SessionStore for RedisStore {
         assistant: Arc<str>,
         system_prompt: Option<Arc<str>>,
     ) -> Result<(), StoreError> {
-        if key.ephemeral {
-            return Ok(());
-        }
-        let k = Keys::of(key);
-        // Bounded like the in-memory store: a prompt over its cap is not
-        // kept, and the history keeps its last `history_messages`.
-        let system = system_prompt.filter(|p| p.len() <= self.limits.max_system_prompt_bytes);
-        let mut conn = self.conn.clone();
-        let mut inv = self.scripts.record.prepare_invoke();
-        inv.key(&k.history)
-            .key(&k.system)
-            .arg(&*user)
-            .arg(&*assistant)
-            .arg(self.limits.history_messages.max(2))
-            .arg(self.ttl_ms())
-            .arg(system.as_deref().unwrap_or(""))
-            .arg(if system.is_some() { "1" } else { "0" });
-        self.call("record", inv.invoke_async::<i64>(&mut conn))
+        // The release script without a lease to free only records.
+        let exchange = Exchange {
+            user,
+            assistant,
+            system_prompt,
+        };
+        self.release_script(key, "", "", Some(exchange), "record")
             .await
-            .map(drop)
     }
 
     /// Redis forgets idle sessions by itself (every key has a TTL).
