@@ -11,7 +11,8 @@
 //!   connection shared by any number of tasks. It paces requests, keeps at
 //!   most one request per session outstanding, matches replies by request
 //!   id, retries the errors a retry can fix and sends again what a lost
-//!   connection may have lost.
+//!   connection may have lost. [`Client::stream`] returns an answer as it
+//!   is generated (protocol v1.1), and [`Client::cancel`] stops one.
 //!
 //!   Its layers, each depending only on the ones before it:
 //!   [`ClientOptions`] and [`Protocol`] (`options`) and [`ClientError`]
