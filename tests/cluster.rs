@@ -317,6 +317,183 @@ async fn on_a_valkey_cluster_a_session_follows_its_slot_to_another_node_and_surv
     a_session_follows_its_slot_and_scripts_come_back(valkey).await;
 }
 
+/// What a request got during a failover: `Ok(text)`, or `Err(retryAfterMs)`
+/// for `unavailable`. Panics on anything else: no reply within `within`,
+/// another error, or a message that is not this request's reply.
+async fn one_reply(
+    dev: &mut TestClient,
+    session: &str,
+    message: &str,
+    within: Duration,
+) -> Result<String, u64> {
+    let body = json!({"sessionId": session, "message": message, "format": "json"});
+    dev.publish("maze/user_input", body.to_string(), 1).await;
+    let reply = dev.expect(within).await;
+    assert_eq!(
+        reply.topic,
+        format!("maze/assistant_response/{session}"),
+        "{message}: a message that is not its reply: {}",
+        reply.text()
+    );
+    let v = reply.json();
+    if v["ok"] == true {
+        return Ok(v["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{v}"))
+            .to_owned());
+    }
+    assert_eq!(v["error"]["code"], "unavailable", "{message}: {v}");
+    let retry = v["error"]["retryAfterMs"].as_u64();
+    assert!(retry.is_some_and(|r| r > 0), "{message}: {v}");
+    Err(retry.unwrap())
+}
+
+/// A failover on a real cluster (three masters, a replica each, a node
+/// timeout of 1 s, `cluster-require-full-coverage no`): the master of
+/// session `m`'s slot is SIGKILLed while a daemon serves `m` and `o` (on
+/// another master), their requests alternating. Until `m`'s replica is
+/// promoted, and after, every request gets exactly one reply, `ok` or
+/// `unavailable` with `retryAfterMs` (a reply within the store's 1.5 s
+/// time box and some slack, never a hang, never another error); `o` is
+/// served (`ok`) all along, so its successes keep the store's breaker
+/// closed; `m` is `unavailable` at first, and served again by itself once
+/// its replica is master, with its history. (With Redis's default
+/// `cluster-require-full-coverage yes`, every session is `unavailable`
+/// for the second or so between the master's FAIL and the promotion.)
+#[tokio::test]
+async fn on_a_redis_cluster_with_replicas_a_killed_master_fails_over_and_its_sessions_are_served_again(
+) {
+    let cluster = RedisCluster::start_with_replicas(Server::Redis.program().unwrap(), 3).await;
+    let broker = Mosquitto::start().await;
+    let fake = counting().await;
+    let mut store = Store::Cluster(cluster);
+    let mut c = instance(&broker, &fake, &store, 1000);
+    // Every turn in the prompt: its length tells the turns recorded.
+    c.sessions.history_messages = 1000;
+    let d = Daemon::start(c).await;
+    let Store::Cluster(cluster) = &mut store else {
+        unreachable!()
+    };
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+
+    // `m` on master M, `o` on another master (from the slot map).
+    let mut picked: Vec<(String, u16)> = Vec::new();
+    for i in 0..200 {
+        let s = format!("f{i}");
+        let node = cluster
+            .node_of(cluster.keyslot(&key_of(&s, "busy")).await)
+            .await;
+        if picked.iter().all(|(_, n)| *n != node) {
+            picked.push((s, node));
+        }
+        if picked.len() == 2 {
+            break;
+        }
+    }
+    let [(m, master), (o, other)] = <[(String, u16); 2]>::try_from(picked).unwrap();
+    let replica = cluster.replica_of(master).await;
+    assert!(cluster.is_master(other).await && !cluster.is_master(replica).await);
+
+    // Two turns each; the history grows by two messages a turn.
+    let (mut m_turns, mut o_turns) = (0u32, 0u32);
+    for _ in 0..2 {
+        for (s, turns) in [(&m, &mut m_turns), (&o, &mut o_turns)] {
+            let v = ask(&mut dev, s, &format!("{s} t{turns}")).await;
+            assert_eq!(v["text"], format!("{}", 2 + 2 * *turns), "{v}");
+            *turns += 1;
+        }
+    }
+    // Replication is asynchronous: a write the replica has not received
+    // when its master dies is lost with it. The test waits until the
+    // replica has everything (the turns are recorded before their reply),
+    // so `m`'s history must survive the failover; without this wait only
+    // "a reply each, then ok" would be guaranteed, not the history.
+    cluster.wait_replicated(replica).await;
+
+    cluster.kill_node(master);
+    let killed = tokio::time::Instant::now();
+    let deadline = killed + Duration::from_secs(15);
+    // One reply within the store's time box (1.5 s) and slack.
+    let within = Duration::from_secs(5);
+    let (mut m_unavailable, mut o_unavailable) = (0u32, 0u32);
+    let mut promoted_after = None;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failover served {m} within 15 s (replica {replica} master: {}, \
+             {m_unavailable} unavailable)",
+            cluster.is_master(replica).await
+        );
+        let promoted = cluster.is_master(replica).await;
+        if promoted && promoted_after.is_none() {
+            promoted_after = Some(killed.elapsed());
+        }
+        match one_reply(&mut dev, &m, &format!("{m} t{m_turns}"), within).await {
+            Ok(text) => {
+                // Every turn recorded before the kill, and each since.
+                assert_eq!(text, format!("{}", 2 + 2 * m_turns), "{m}'s history");
+                m_turns += 1;
+                // Served only once its replica is master (checked before
+                // this request was sent, or since).
+                assert!(
+                    promoted || cluster.is_master(replica).await,
+                    "{m} served with its master dead and its replica not promoted"
+                );
+                break;
+            }
+            Err(retry) => {
+                m_unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(retry.min(100))).await;
+            }
+        }
+        match one_reply(&mut dev, &o, &format!("{o} t{o_turns}"), within).await {
+            Ok(text) => {
+                assert_eq!(text, format!("{}", 2 + 2 * o_turns), "{o}'s history");
+                o_turns += 1;
+            }
+            Err(retry) => {
+                o_unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(retry.min(100))).await;
+            }
+        }
+    }
+    eprintln!(
+        "failover: replica promoted after {promoted_after:?}, {m} served again after {:?}; \
+         unavailable: {m_unavailable} for {m}, {o_unavailable} for {o}; {o} served {} turns",
+        killed.elapsed(),
+        o_turns - 2
+    );
+    assert!(
+        m_unavailable > 0,
+        "{m} was never unavailable: was its master killed?"
+    );
+    assert_eq!(o_unavailable, 0, "{o}, on a live master, was not served");
+    assert!(o_turns > 2, "{o} was not served during the failover");
+    assert!(cluster.is_master(replica).await);
+    assert_eq!(
+        cluster
+            .node_of(cluster.keyslot(&key_of(&m, "hist")).await)
+            .await,
+        replica
+    );
+
+    // After the failover, both sessions as before, by themselves.
+    for _ in 0..2 {
+        for (s, turns) in [(&m, &mut m_turns), (&o, &mut o_turns)] {
+            let r = one_reply(&mut dev, s, &format!("{s} t{turns}"), within).await;
+            assert_eq!(
+                r,
+                Ok(format!("{}", 2 + 2 * *turns)),
+                "{s} after the failover"
+            );
+            *turns += 1;
+        }
+    }
+    // Nothing more: one reply per request.
+    dev.expect_none(Duration::from_millis(300)).await;
+    d.stop().await.unwrap();
+}
+
 /// A cluster URL whose nodes answer nothing: the daemon does not start,
 /// and says so (an operator error found at start, as for one server).
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! A private `redis-server` (from apt, installed by `scripts/test.sh`) on a
 //! free loopback port, without persistence, that a test can kill and start
 //! again on the same port; a private Redis Cluster of three masters
-//! ([`RedisCluster`]); and the same on Valkey when a `valkey-server` is
-//! found ([`Server::Valkey`]).
+//! ([`RedisCluster`]), or of three masters with a replica each, that fails
+//! over within seconds when a test kills a master; and the same on Valkey
+//! when a `valkey-server` is found ([`Server::Valkey`]).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -284,10 +285,11 @@ impl Drop for Redis {
     }
 }
 
-/// A Redis Cluster of masters only (no replicas), on free loopback ports,
-/// without persistence; every node killed when dropped. Made with
-/// `redis-cli --cluster create` (apt's redis-tools, which comes with
-/// redis-server); works with a `valkey-server` too.
+/// A Redis Cluster of masters only ([`RedisCluster::start`]), or of
+/// masters with one replica each ([`RedisCluster::start_with_replicas`]),
+/// on free loopback ports, without persistence; every node killed when
+/// dropped. Made with `redis-cli --cluster create` (apt's redis-tools,
+/// which comes with redis-server); works with a `valkey-server` too.
 pub struct RedisCluster {
     nodes: Vec<Node>,
     access: Access,
@@ -296,7 +298,19 @@ pub struct RedisCluster {
 
 struct Node {
     port: u16,
-    child: Child,
+    /// `None` once [`RedisCluster::kill_node`] killed it.
+    child: Option<Child>,
+}
+
+/// How a cluster is laid out.
+#[derive(Clone, Copy)]
+struct Layout {
+    masters: usize,
+    replicas_per_master: usize,
+    node_timeout_ms: u32,
+    /// `cluster-require-full-coverage`: with `yes` (Redis's default) every
+    /// node refuses every key (CLUSTERDOWN) while a slot has no master.
+    full_coverage: bool,
 }
 
 impl RedisCluster {
@@ -304,7 +318,26 @@ impl RedisCluster {
     /// (the slots split evenly), and waits until every node says
     /// `cluster_state:ok`.
     pub async fn start(program: PathBuf, masters: usize) -> RedisCluster {
-        Self::start_with(program, masters, Access::default()).await
+        Self::start_with(program, Layout::masters(masters), Access::default()).await
+    }
+
+    /// `masters` masters with one replica each (`--cluster-replicas 1`,
+    /// twice as many nodes) and a `cluster-node-timeout` of 1 s, so a
+    /// replica takes over a master killed with [`Self::kill_node`] within
+    /// a few seconds. `cluster-require-full-coverage no`: while a dead
+    /// master's slots wait for its replica, the other masters go on
+    /// serving theirs (with Redis's default, `yes`, the whole cluster
+    /// answers CLUSTERDOWN from the moment the master is marked failed
+    /// until its replica is promoted). Waits until every replica's link to
+    /// its master is up.
+    pub async fn start_with_replicas(program: PathBuf, masters: usize) -> RedisCluster {
+        let layout = Layout {
+            masters,
+            replicas_per_master: 1,
+            node_timeout_ms: 1000,
+            full_coverage: false,
+        };
+        Self::start_with(program, layout, Access::default()).await
     }
 
     /// The same with `redis-server`, TLS only (clients and the cluster
@@ -315,7 +348,7 @@ impl RedisCluster {
             tls: Some(Tls::of(pki)),
             password: None,
         };
-        Self::start_with("redis-server".into(), masters, access).await
+        Self::start_with("redis-server".into(), Layout::masters(masters), access).await
     }
 
     /// The same with `redis-server`, every node asking for `password`;
@@ -325,16 +358,17 @@ impl RedisCluster {
             tls: None,
             password: Some(password.to_owned()),
         };
-        Self::start_with("redis-server".into(), masters, access).await
+        Self::start_with("redis-server".into(), Layout::masters(masters), access).await
     }
 
-    async fn start_with(program: PathBuf, masters: usize, access: Access) -> RedisCluster {
+    async fn start_with(program: PathBuf, layout: Layout, access: Access) -> RedisCluster {
+        let total = layout.masters * (1 + layout.replicas_per_master);
         let dir = tempfile::Builder::new()
             .prefix("redis-cluster-test-")
             .tempdir()
             .expect("a temp dir");
         let mut nodes = Vec::new();
-        for _ in 0..masters {
+        for _ in 0..total {
             // The cluster bus gets a free port of its own (by default it is
             // the port + 10000, which nothing keeps free).
             let (port, bus) = (free_port(), free_port());
@@ -348,14 +382,24 @@ impl RedisCluster {
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--cluster-node-timeout", "5000"])
+                .args([
+                    "--cluster-node-timeout",
+                    &layout.node_timeout_ms.to_string(),
+                ])
+                .args([
+                    "--cluster-require-full-coverage",
+                    yes_no(layout.full_coverage),
+                ])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("{} ({e})", program.display()));
-            nodes.push(Node { port, child });
+            nodes.push(Node {
+                port,
+                child: Some(child),
+            });
         }
         let cluster = RedisCluster {
             nodes,
@@ -372,7 +416,11 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{}", n.port));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args([
+                "--cluster-replicas",
+                &layout.replicas_per_master.to_string(),
+            ])
+            .arg("--cluster-yes")
             .output()
             .await
             .expect("redis-cli (apt's redis-tools, with redis-server)");
@@ -391,7 +439,7 @@ impl RedisCluster {
                         .lines()
                         .find_map(|l| l.strip_prefix("cluster_known_nodes:"))
                         .and_then(|n| n.trim().parse::<usize>().ok());
-                    if known == Some(masters) {
+                    if known == Some(total) && cluster.link_up(port).await {
                         break;
                     }
                 }
@@ -416,9 +464,89 @@ impl RedisCluster {
         format!("{}+cluster://{}", self.access.scheme(), nodes.join(","))
     }
 
-    /// The nodes' ports.
+    /// The ports of the nodes still running (all but those
+    /// [`Self::kill_node`] killed), masters and replicas.
     pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.port).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// `kill -9` of the node on `port` (a master, for a failover): it
+    /// holds no data anywhere after (no persistence), and is not started
+    /// again.
+    pub fn kill_node(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on {port}"));
+        let mut child = node.child.take().expect("a node killed twice");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+
+    /// `ROLE`, one element a line: `master`, its replication offset, then
+    /// its replicas (ip, port, offset acknowledged); or `slave`, the
+    /// master's ip and port, the link's state (`connected` when up), the
+    /// offset received.
+    pub async fn role(&self, port: u16) -> Vec<String> {
+        let out = self.cli(port, &["ROLE"]).await;
+        out.lines().map(str::to_owned).collect()
+    }
+
+    /// Whether the node on `port` is a master now.
+    pub async fn is_master(&self, port: u16) -> bool {
+        self.role(port).await.first().map(String::as_str) == Some("master")
+    }
+
+    /// Whether the node on `port` is a master, or a replica whose link to
+    /// its master is up.
+    async fn link_up(&self, port: u16) -> bool {
+        let role = self.role(port).await;
+        role.first().map(String::as_str) == Some("master")
+            || role.get(3).map(String::as_str) == Some("connected")
+    }
+
+    /// The port of the replica of the master on `master`.
+    pub async fn replica_of(&self, master: u16) -> u16 {
+        for port in self.ports() {
+            let role = self.role(port).await;
+            if role.first().map(String::as_str) == Some("slave")
+                && role.get(2).and_then(|p| p.parse::<u16>().ok()) == Some(master)
+            {
+                return port;
+            }
+        }
+        panic!("no replica of {master}");
+    }
+
+    /// Waits (bounded) until the replica on `replica` has received every
+    /// write its master had when this was called (replication is
+    /// asynchronous: a write it has not received is lost in a failover).
+    pub async fn wait_replicated(&self, replica: u16) {
+        let role = self.role(replica).await;
+        let master: u16 = role[2].parse().expect("a replica's master port");
+        let offset = |role: &[String], i: usize| -> u64 {
+            role.get(i)
+                .and_then(|o| o.parse().ok())
+                .unwrap_or_else(|| panic!("ROLE: {role:?}"))
+        };
+        let wanted = offset(&self.role(master).await, 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let role = self.role(replica).await;
+            if offset(&role, 4) >= wanted {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {replica} never reached offset {wanted}: {role:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `redis-cli -p PORT ARGS...` (no redirections followed): its output,
@@ -432,7 +560,7 @@ impl RedisCluster {
     /// The slot of `key` (`CLUSTER KEYSLOT`).
     pub async fn keyslot(&self, key: &str) -> u16 {
         let out = self
-            .cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
+            .cli(self.ports()[0], &["CLUSTER", "KEYSLOT", key])
             .await;
         out.trim()
             .parse()
@@ -521,11 +649,31 @@ impl RedisCluster {
     }
 }
 
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+impl Layout {
+    /// `masters` masters, no replica, the node timeout of 5 s.
+    fn masters(masters: usize) -> Layout {
+        Layout {
+            masters,
+            replicas_per_master: 0,
+            node_timeout_ms: 5000,
+            full_coverage: true,
+        }
+    }
+}
+
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for n in &mut self.nodes {
-            let _ = n.child.kill();
-            let _ = n.child.wait();
+        for mut c in self.nodes.iter_mut().filter_map(|n| n.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
