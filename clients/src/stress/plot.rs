@@ -13,6 +13,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -57,14 +58,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Latency to the final reply of every request.
-fn latency_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult {
-    let highest = records
-        .iter()
-        .filter_map(|r| r.latency.map(ms))
-        .fold(1.0_f64, f64::max);
-    let y_max = highest * 1.1;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
+/// A panel's chart: time since start across, `y_desc` up to `y_max`.
+fn chart<'a, 'b>(
+    area: &'a Area<'b>,
+    x_max: f64,
+    y_max: f64,
+    y_desc: &str,
+) -> Result<Chart<'a, 'b>, DrawingAreaErrorKind<std::io::Error>> {
     let mut chart = ChartBuilder::on(area)
         .margin(15)
         .x_label_area_size(45)
@@ -73,40 +75,83 @@ fn latency_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult 
     chart
         .configure_mesh()
         .x_desc("time since start (s)")
-        .y_desc("latency (ms)")
+        .y_desc(y_desc)
         .draw()?;
+    Ok(chart)
+}
 
-    let ok: Vec<(f64, f64)> = records
+/// One dot per point, in `color`, with its legend entry.
+fn dots(
+    chart: &mut Chart<'_, '_>,
+    points: &[(f64, f64)],
+    color: RGBColor,
+    alpha: f64,
+    label: String,
+) -> DrawResult {
+    chart
+        .draw_series(
+            points
+                .iter()
+                .map(|&p| Circle::new(p, 2, color.mix(alpha).filled())),
+        )?
+        .label(label)
+        .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+    Ok(())
+}
+
+/// The per-second p50 and p99 lines, then the legend.
+fn percentile_lines<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    (p50, p99): (Line, Line),
+    p50_label: String,
+    p99_label: &str,
+) -> DrawResult {
+    chart
+        .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))?
+        .label(p50_label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(p99, MAGENTA.stroke_width(2)))?
+        .label(p99_label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+}
+
+/// Latency to the final reply of every request.
+fn latency_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult {
+    let highest = records
         .iter()
-        .filter(|r| r.outcome == Outcome::Ok)
-        .filter_map(|r| r.latency.map(|l| (secs(r.sent), ms(l))))
-        .collect();
-    let errors: Vec<(f64, f64)> = records
-        .iter()
-        .filter(|r| r.outcome != Outcome::Ok)
-        .filter_map(|r| r.latency.map(|l| (secs(r.sent), ms(l))))
-        .collect();
+        .filter_map(|r| r.latency.map(ms))
+        .fold(1.0_f64, f64::max);
+    let y_max = highest * 1.1;
+    let mut chart = chart(area, x_max, y_max, "latency (ms)")?;
+
+    let points = |ok: bool| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter(|r| (r.outcome == Outcome::Ok) == ok)
+            .filter_map(|r| r.latency.map(|l| (secs(r.sent), ms(l))))
+            .collect()
+    };
+    let (ok, errors) = (points(true), points(false));
     let lost: Vec<f64> = records
         .iter()
         .filter(|r| r.outcome == Outcome::Lost)
         .map(|r| secs(r.sent))
         .collect();
-
-    chart
-        .draw_series(
-            ok.iter()
-                .map(|&p| Circle::new(p, 2, BLUE.mix(0.45).filled())),
-        )?
-        .label(format!("ok ({})", ok.len()))
-        .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.filled()));
-    chart
-        .draw_series(
-            errors
-                .iter()
-                .map(|&p| Circle::new(p, 2, RED.mix(0.6).filled())),
-        )?
-        .label(format!("error reply ({})", errors.len()))
-        .legend(|(x, y)| Circle::new((x + 10, y), 3, RED.filled()));
+    dots(&mut chart, &ok, BLUE, 0.45, format!("ok ({})", ok.len()))?;
+    dots(
+        &mut chart,
+        &errors,
+        RED,
+        0.6,
+        format!("error reply ({})", errors.len()),
+    )?;
     chart
         .draw_series(
             lost.iter()
@@ -114,23 +159,12 @@ fn latency_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult 
         )?
         .label(format!("lost ({})", lost.len()))
         .legend(|(x, y)| Cross::new((x + 10, y), 4, BLACK.stroke_width(1)));
-
-    let (p50, p99) = per_second(records);
-    chart
-        .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))?
-        .label("ok p50 per second")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
-    chart
-        .draw_series(LineSeries::new(p99, MAGENTA.stroke_width(2)))?
-        .label("ok p99 per second")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(2)));
-
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
+    percentile_lines(
+        &mut chart,
+        per_second(records),
+        "ok p50 per second".into(),
+        "ok p99 per second",
+    )
 }
 
 /// Time to first delta of every streamed request that got one.
@@ -140,18 +174,7 @@ fn ttfd_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult {
         .iter()
         .filter_map(|r| ttfd(r).map(ms))
         .fold(1.0_f64, f64::max);
-    let y_max = highest * 1.1;
-
-    let mut chart = ChartBuilder::on(area)
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("time since start (s)")
-        .y_desc("time to first delta (ms)")
-        .draw()?;
+    let mut chart = chart(area, x_max, highest * 1.1, "time to first delta (ms)")?;
 
     let points = |ok: bool| -> Vec<(f64, f64)> {
         records
@@ -165,41 +188,26 @@ fn ttfd_panel(area: &Area<'_>, records: &[Record], x_max: f64) -> DrawResult {
         .iter()
         .filter(|r| r.stream.is_some() && ttfd(r).is_none())
         .count();
-    chart
-        .draw_series(
-            ok.iter()
-                .map(|&p| Circle::new(p, 2, BLUE.mix(0.45).filled())),
-        )?
-        .label(format!("first delta, ok ({})", ok.len()))
-        .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.filled()));
-    chart
-        .draw_series(
-            others
-                .iter()
-                .map(|&p| Circle::new(p, 2, RED.mix(0.6).filled())),
-        )?
-        .label(format!(
-            "first delta, then an error or lost ({})",
-            others.len()
-        ))
-        .legend(|(x, y)| Circle::new((x + 10, y), 3, RED.filled()));
-    let (p50, p99) = per_second_of(records, ttfd);
-    chart
-        .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))?
-        .label(format!(
-            "p50 per second ({without} request(s) without a delta not shown)"
-        ))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
-    chart
-        .draw_series(LineSeries::new(p99, MAGENTA.stroke_width(2)))?
-        .label("p99 per second")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
+    dots(
+        &mut chart,
+        &ok,
+        BLUE,
+        0.45,
+        format!("first delta, ok ({})", ok.len()),
+    )?;
+    dots(
+        &mut chart,
+        &others,
+        RED,
+        0.6,
+        format!("first delta, then an error or lost ({})", others.len()),
+    )?;
+    percentile_lines(
+        &mut chart,
+        per_second_of(records, ttfd),
+        format!("p50 per second ({without} request(s) without a delta not shown)"),
+        "p99 per second",
+    )
 }
 
 /// Points of a line: (seconds since start, milliseconds).
