@@ -473,17 +473,23 @@ fn unreachable(e: &redis::RedisError) -> bool {
         )
 }
 
+/// A lease this instance holds, for one admitted request.
+struct Held {
+    /// The lease's fencing token.
+    token: String,
+    /// The context the admission read, until the worker asks for it.
+    context: Option<Context>,
+}
+
 /// Sessions in Redis.
 pub struct RedisStore {
     conn: Conn,
     limits: StoreLimits,
     lease: Duration,
     breaker: Arc<SharedBreaker>,
-    /// Lease tokens of the requests this instance holds.
-    tokens: Mutex<HashMap<SessionKey, String>>,
-    /// The context each admission read, until its worker asks for it (at
-    /// most one per request admitted and not finished).
-    contexts: Mutex<HashMap<SessionKey, Context>>,
+    /// The sessions this instance holds a lease on: one lock for the
+    /// request's whole stay.
+    held: Mutex<HashMap<SessionKey, Held>>,
     /// This process's id, drawn at start: leases name their holder, so a
     /// restarted instance can tell its own (live) requests from those of
     /// its previous life.
@@ -526,8 +532,7 @@ impl RedisStore {
             limits,
             lease: request_timeout + LEASE_MARGIN,
             breaker: SharedBreaker::new(Breaker::new(3, Duration::from_secs(2))),
-            tokens: Mutex::new(HashMap::new()),
-            contexts: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             process: format!("{:016x}", rand::random::<u64>()),
             scripts: Scripts {
                 admit: Script::new(ADMIT),
@@ -539,24 +544,11 @@ impl RedisStore {
     }
 
     /// Runs one store call (one round trip) behind the breaker,
-    /// time-boxed, and counts it by `op` and result.
+    /// time-boxed. Each call that goes to the store is counted by `op` and
+    /// result; one the open breaker refuses makes no round trip and is not.
     async fn call<T>(
         &self,
         op: &'static str,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        let result = self.call_inner(f).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(StoreError::Unreachable(_)) => "unreachable",
-            Err(_) => "failed",
-        };
-        metrics::counter!(M_STORE_CALLS, "op" => op, "result" => outcome).increment(1);
-        result
-    }
-
-    async fn call_inner<T>(
-        &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
         let permit = self.breaker.acquire().map_err(|retry| {
@@ -565,39 +557,31 @@ impl RedisStore {
                 retry.as_millis()
             ))
         })?;
-        match tokio::time::timeout(CALL_TIMEOUT, f).await {
-            Ok(Ok(v)) => {
-                permit.record(Outcome::Healthy);
-                Ok(v)
+        let (outcome, result) = match tokio::time::timeout(CALL_TIMEOUT, f).await {
+            Ok(Ok(v)) => (Outcome::Healthy, Ok(v)),
+            Ok(Err(e)) if unreachable(&e) => {
+                (Outcome::Failed, Err(StoreError::Unreachable(e.to_string())))
             }
-            Ok(Err(e)) => {
-                let unreachable = unreachable(&e);
-                permit.record(if unreachable {
-                    Outcome::Failed
-                } else {
-                    Outcome::Healthy
-                });
-                Err(if unreachable {
-                    StoreError::Unreachable(e.to_string())
-                } else {
-                    StoreError::Failed(e.to_string())
-                })
-            }
-            Err(_) => {
-                permit.record(Outcome::Failed);
+            Ok(Err(e)) => (Outcome::Healthy, Err(StoreError::Failed(e.to_string()))),
+            Err(_) => (
+                Outcome::Failed,
                 Err(StoreError::Unreachable(format!(
                     "no answer within {CALL_TIMEOUT:?}"
-                )))
-            }
-        }
+                ))),
+            ),
+        };
+        permit.record(outcome);
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(StoreError::Unreachable(_)) => "unreachable",
+            Err(_) => "failed",
+        };
+        metrics::counter!(M_STORE_CALLS, "op" => op, "result" => label).increment(1);
+        result
     }
 
-    fn token(&self, key: &SessionKey) -> Option<String> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned()
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The release script (see [`RELEASE`]): records `exchange` if any,
@@ -643,12 +627,9 @@ impl RedisStore {
             .map(drop)
     }
 
-    /// Forgets the context an admission read for `key`, returning it.
+    /// Takes the context an admission read for `key`, if still there.
     fn take_context(&self, key: &SessionKey) -> Option<Context> {
-        self.contexts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key)
+        self.held().get_mut(key)?.context.take()
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -695,28 +676,14 @@ impl SessionStore for RedisStore {
         let v: Vec<redis::Value> = self.call("admit", inv.invoke_async(&mut conn)).await?;
         let admit = admit_result(&v)?;
         if admit == Admit::Admitted {
-            self.tokens
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(key.clone(), token);
-            if let Some(ctx) = admitted_context(&v) {
-                self.contexts
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(key.clone(), ctx);
-            }
+            let context = admitted_context(&v);
+            self.held().insert(key.clone(), Held { token, context });
         }
         Ok(admit)
     }
 
     async fn cancel(&self, key: &SessionKey) -> Result<(), StoreError> {
-        self.take_context(key);
-        let Some(token) = self
-            .tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key)
-        else {
+        let Some(Held { token, .. }) = self.held().remove(key) else {
             return Ok(());
         };
         let k = Keys::of(key);
@@ -738,8 +705,11 @@ impl SessionStore for RedisStore {
         request_id: Option<&str>,
         exchange: Option<Exchange>,
     ) -> Result<(), StoreError> {
-        self.take_context(key);
-        let (token, request_id) = match self.token(key) {
+        let token = self.held().get_mut(key).map(|h| {
+            h.context = None;
+            h.token.clone()
+        });
+        let (token, request_id) = match token {
             Some(token) => (token, request_id.unwrap_or("")),
             // No lease of ours (never taken, or given up): only the turn
             // is recorded.
@@ -750,11 +720,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn finish(&self, key: &SessionKey, request_id: Option<&str>) -> Result<(), StoreError> {
-        self.take_context(key);
-        self.tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key);
+        self.held().remove(key);
         let Some(rid) = request_id else {
             return Ok(());
         };
@@ -830,10 +796,7 @@ impl SessionStore for RedisStore {
     }
 
     fn busy(&self) -> usize {
-        self.tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.held().len()
     }
 }
 
