@@ -14,6 +14,11 @@
 //! delta, so the worker keeps reading the backend's stream and the text
 //! held here is bounded by the answer's own cap (`max_reply_bytes`). No
 //! `seq` is spent on a delta that did not go out, so `seq` has no gaps.
+//!
+//! A JSON request that does not stream gets a silent [`Streamer`]
+//! ([`Streamer::silent`]): it sends nothing and only keeps the text, so
+//! that a cancel can be answered with what was generated so far, through
+//! the same path (attempts restart it) as a streamed one.
 
 use std::time::Duration;
 
@@ -26,7 +31,8 @@ use crate::request::{Outbound, ReplyBody, ReplyTo, StreamBy};
 pub struct Streamer<'a> {
     egress: &'a Egress,
     to: &'a ReplyTo,
-    by: StreamBy,
+    /// `None`: silent, the text is kept and no delta sent.
+    by: Option<StreamBy>,
     interval: Duration,
     pending: String,
     /// Everything generated so far (for a final reply that ends early).
@@ -38,10 +44,19 @@ pub struct Streamer<'a> {
 impl<'a> Streamer<'a> {
     pub fn new(egress: &'a Egress, to: &'a ReplyTo, by: StreamBy, interval: Duration) -> Self {
         Self {
+            by: Some(by),
+            interval,
+            ..Self::silent(egress, to)
+        }
+    }
+
+    /// One that sends no delta and only keeps the text generated so far.
+    pub fn silent(egress: &'a Egress, to: &'a ReplyTo) -> Self {
+        Self {
             egress,
             to,
-            by,
-            interval,
+            by: None,
+            interval: Duration::ZERO,
             pending: String::new(),
             text: String::new(),
             sent: 0,
@@ -72,8 +87,11 @@ impl<'a> Streamer<'a> {
     /// More generated text.
     pub fn push(&mut self, text: &str) {
         self.text.push_str(text);
+        let Some(by) = self.by else {
+            return;
+        };
         self.pending.push_str(text);
-        let cut = match self.by {
+        let cut = match by {
             StreamBy::Time => {
                 let due = self.last.is_none_or(|t| t.elapsed() >= self.interval);
                 if due {

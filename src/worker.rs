@@ -191,15 +191,19 @@ async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBod
         // Cancelled while queued: the backend never sees it.
         return ReplyBody::Failure(cancelled());
     }
-    let mut streamer = req
-        .reply
-        .stream
-        .map(|by| Streamer::new(&shared.egress, &req.reply, by, shared.stream_interval));
     // A JSON request that does not stream still answers a cancel with the
-    // text generated so far: it is collected here (bounded, like the
+    // text generated so far: a silent streamer keeps it (bounded, like the
     // answer, by `max_reply_bytes`). A text-mode reply has no room for it.
-    let mut so_far =
-        (streamer.is_none() && req.reply.format == ReplyFormat::Json).then(String::new);
+    let mut streamer = match (req.reply.stream, req.reply.format) {
+        (Some(by), _) => Some(Streamer::new(
+            &shared.egress,
+            &req.reply,
+            by,
+            shared.stream_interval,
+        )),
+        (None, ReplyFormat::Json) => Some(Streamer::silent(&shared.egress, &req.reply)),
+        (None, _) => None,
+    };
     // A cancel drops the call (and so the backend connection: vLLM aborts
     // the generation), like a deadline.
     let result = tokio::select! {
@@ -207,7 +211,7 @@ async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBod
         _ = token.cancelled() => Ok(Err(cancelled())),
         r = tokio::time::timeout_at(
             req.deadline,
-            call(shared, req, streamer.as_mut(), so_far.as_mut()),
+            call(shared, req, streamer.as_mut()),
         ) => r,
     };
     let failure = match result {
@@ -243,10 +247,19 @@ async fn process(shared: &Shared, req: &Request, deltas: &AtomicU32) -> ReplyBod
                 text: s.text().to_owned(),
             }
         }
-        None if failure.code == ErrorCode::Cancelled => match so_far {
-            Some(text) if !text.is_empty() => ReplyBody::Partial { failure, text },
-            _ => ReplyBody::Failure(failure),
-        },
+        // A cancelled request that does not stream (a silent streamer):
+        // the text so far, when any came. (A streamed one's final text
+        // must be its deltas', so it has text only after a delta.)
+        Some(s)
+            if req.reply.stream.is_none()
+                && failure.code == ErrorCode::Cancelled
+                && !s.text().is_empty() =>
+        {
+            ReplyBody::Partial {
+                failure,
+                text: s.text().to_owned(),
+            }
+        }
         _ => ReplyBody::Failure(failure),
     }
 }
@@ -255,7 +268,6 @@ async fn call(
     shared: &Shared,
     req: &Request,
     streamer: Option<&mut Streamer<'_>>,
-    so_far: Option<&mut String>,
 ) -> Result<Answer, Failure> {
     let project = shared.projects.get(&req.key.project);
     let model = project.map(|p| p.model.as_str()).filter(|m| !m.is_empty());
@@ -298,7 +310,7 @@ async fn call(
         shared.history_token_budget,
     );
     // Recorded in the history with the session's release (`run`).
-    call_backend(shared, req, model, &mut prompt, streamer, so_far).await
+    call_backend(shared, req, model, &mut prompt, streamer).await
 }
 
 /// The backend call with its protections, composed in one place. The order
@@ -328,7 +340,6 @@ async fn call_backend(
     model: Option<&str>,
     prompt: &mut Vec<crate::history::Turn>,
     mut streamer: Option<&mut Streamer<'_>>,
-    mut so_far: Option<&mut String>,
 ) -> Result<Answer, Failure> {
     let mut schedule = shared.retry.schedule();
     let mut shrunk = false;
@@ -385,17 +396,7 @@ async fn call_backend(
         let in_flight_at_start = member.in_flight();
         let started = Instant::now();
         let result = match streamer.as_deref_mut() {
-            None => match so_far.as_deref_mut() {
-                None => member.backend.chat(&name, prompt, req.sampling).await,
-                Some(text) => {
-                    // Each attempt's text starts over.
-                    text.clear();
-                    member
-                        .backend
-                        .chat_streaming(&name, prompt, req.sampling, &mut |t| text.push_str(t))
-                        .await
-                }
-            },
+            None => member.backend.chat(&name, prompt, req.sampling).await,
             Some(s) => {
                 // Text of an attempt that sent no delta is forgotten: the
                 // retry starts the answer over.
