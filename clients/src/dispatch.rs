@@ -153,39 +153,33 @@ impl Dispatch {
     /// counting it as a stray would leave the caller waiting out its whole
     /// reply timeout for an answer that already came.
     pub(crate) fn deliver(&self, m: Message, counters: &Counters) {
-        let parsed = serde_json::from_slice::<Reply>(&m.payload);
-        // Not a reply: perhaps a delta of a streamed answer.
-        let delta = match &parsed {
-            Ok(_) => None,
-            Err(_) => serde_json::from_slice::<Delta>(&m.payload).ok(),
-        };
-        let json_id = match (&parsed, &delta) {
-            (Ok(reply), _) => reply.request_id.clone(),
-            (Err(_), Some(d)) => d.request_id.clone(),
-            (Err(_), None) => serde_json::from_slice::<serde_json::Value>(&m.payload)
-                .ok()
-                .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned)),
-        };
-        // The JSON's requestId, else Correlation Data, else the topic's
-        // last level: all three are the request id we chose.
-        let id = json_id
-            .or_else(|| {
-                m.correlation
-                    .as_ref()
-                    .and_then(|c| std::str::from_utf8(c).ok().map(str::to_owned))
-            })
-            .or_else(|| m.topic.rsplit('/').next().map(str::to_owned))
-            .unwrap_or_default();
-        let mut book = lock(&self.book);
-        if let Some(delta) = delta {
+        // A delta of a streamed answer, or a reply: told apart first, so
+        // each is parsed once.
+        if let Some(delta) = crate::protocol::delta_seq(&m.payload)
+            .and_then(|_| serde_json::from_slice::<Delta>(&m.payload).ok())
+        {
+            let id = request_id(delta.request_id.clone(), &m);
             counters.count(Seen::Delta);
-            match book.pending.get(&id).and_then(|p| p.deltas.as_ref()) {
+            match lock(&self.book)
+                .pending
+                .get(&id)
+                .and_then(|p| p.deltas.as_ref())
+            {
                 // A receiver gone means its attempt is ending: nothing to do.
                 Some(tx) => drop(tx.send(delta)),
                 None => tracing::debug!(request_id = %id, "delta for no streamed request ignored"),
             }
             return;
         }
+        let parsed = serde_json::from_slice::<Reply>(&m.payload);
+        let json_id = match &parsed {
+            Ok(reply) => reply.request_id.clone(),
+            Err(_) => serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .ok()
+                .and_then(|v| v.get("requestId")?.as_str().map(str::to_owned)),
+        };
+        let id = request_id(json_id, &m);
+        let mut book = lock(&self.book);
         let waiter = book.pending.remove(&id).map(|p| p.reply);
         let wake = match (parsed, waiter) {
             (Ok(reply), Some(tx)) => (Wake::Reply(Ok(reply)), tx),
@@ -238,6 +232,20 @@ impl Dispatch {
             book.finish(id.to_owned(), Fate::Abandoned);
         }
     }
+}
+
+/// The request id a message answers: the JSON's `requestId`, else the
+/// Correlation Data, else the reply topic's last level (the client puts
+/// its request id in all three).
+fn request_id(json_id: Option<String>, m: &Message) -> String {
+    json_id
+        .or_else(|| {
+            m.correlation
+                .as_ref()
+                .and_then(|c| std::str::from_utf8(c).ok().map(str::to_owned))
+        })
+        .or_else(|| m.topic.rsplit('/').next().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// One registered request: wait on it with [`wake`](Self::wake). Dropping

@@ -307,6 +307,29 @@ pub struct Delta {
     pub delta: String,
 }
 
+/// The fields that tell a delta (`{"seq":N,"delta":"..."}`) from a final
+/// reply (`ok`, and `done` when streamed), read without copying the text.
+#[derive(Deserialize)]
+struct DeltaProbe {
+    seq: Option<u32>,
+    delta: Option<serde::de::IgnoredAny>,
+    ok: Option<serde::de::IgnoredAny>,
+}
+
+/// `Some(seq)` when `payload` is a delta of a streamed answer (`seq` is
+/// `None` only if the daemon left it out), `None` for anything else; it
+/// reads the fields that tell them apart and skips the text. The client
+/// and the stress tool ask it before parsing a reply.
+pub fn delta_seq(payload: &[u8]) -> Option<Option<u32>> {
+    if payload.first() != Some(&b'{') {
+        return None;
+    }
+    match serde_json::from_slice::<DeltaProbe>(payload) {
+        Ok(p) if p.delta.is_some() && p.ok.is_none() => Some(p.seq),
+        _ => None,
+    }
+}
+
 /// The request payload as a client writes it. The daemon parses requests
 /// field by field (to name the offending field in `bad_request` replies and
 /// to accept plain text); clients serialise this.

@@ -26,9 +26,6 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use serde::de::IgnoredAny;
-use serde::Deserialize;
-
 use super::outcome::{classify_payload, Outcome};
 use super::report::{self, DeltaStats, Record, ReplyCounters, Streamed};
 use super::{Load, StressConfig};
@@ -82,27 +79,6 @@ struct Ledger {
     lost: HashSet<String>,
     /// Streamed runs: gaps between deltas, repeated and unmatched deltas.
     deltas: DeltaStats,
-}
-
-/// The fields that tell a delta (`{"seq":N,"delta":"..."}`) from a final
-/// reply (`ok`, and `done` when streamed), read without copying the text.
-#[derive(Deserialize)]
-struct Probe {
-    seq: Option<u32>,
-    delta: Option<IgnoredAny>,
-    ok: Option<IgnoredAny>,
-}
-
-/// `Some(seq)` when `payload` is a delta of a streamed answer (`seq` is
-/// `None` only if the daemon left it out).
-fn delta_seq(payload: &[u8]) -> Option<Option<u32>> {
-    if payload.first() != Some(&b'{') {
-        return None;
-    }
-    match serde_json::from_slice::<Probe>(payload) {
-        Ok(p) if p.delta.is_some() && p.ok.is_none() => Some(p.seq),
-        _ => None,
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +141,7 @@ impl Book {
         // Our reply topics end with the request id.
         let id = topic.rsplit('/').next().unwrap_or_default();
         let delta = if self.stream {
-            delta_seq(&payload)
+            crate::protocol::delta_seq(&payload)
         } else {
             None
         };
@@ -597,6 +573,7 @@ pub(super) async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::delta_seq;
 
     fn book() -> Book {
         Book {
