@@ -208,4 +208,76 @@ mod tests {
         );
         assert_eq!(sentence_cut("好。然后"), "好。".len());
     }
+
+    fn reply_to(stream: Option<StreamBy>) -> ReplyTo {
+        ReplyTo {
+            topic: "maze/assistant_response/s".into(),
+            format: vllm_chat::protocol::ReplyFormat::Json,
+            stream,
+            seq: None,
+            correlation: None,
+            session_id: "s".into(),
+            request_id: None,
+            client_id: None,
+        }
+    }
+
+    /// The deltas egress holds, in order: (seq, text).
+    async fn deltas(rx: &mut crate::mqtt::egress::EgressRx, n: usize) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match rx.recv().await.and_then(|o| o.reply) {
+                Some((_, ReplyBody::Delta { seq, text })) => out.push((seq, text)),
+                other => panic!("not a delta: {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_full_egress_never_blocks_the_reader_and_loses_no_text() {
+        // Room for one message, and nobody reading yet: a broker that
+        // has fallen behind.
+        let stats = std::sync::Arc::new(crate::telemetry::Stats::new());
+        let (egress, mut rx) = Egress::channel(1, stats);
+        let to = reply_to(Some(StreamBy::Time));
+        let mut s = Streamer::new(&egress, &to, StreamBy::Time, Duration::ZERO);
+        // `push` is not async: the backend's stream is read on, whatever
+        // egress does. The first delta takes the room; the rest waits.
+        for piece in ["The ", "maze ", "has "] {
+            s.push(piece);
+        }
+        assert_eq!(s.sent(), 1);
+        assert_eq!(deltas(&mut rx, 1).await, [(0, "The ".to_owned())]);
+        // Room again: what waited goes as one delta, with the next text.
+        s.push("two ");
+        s.push("exits.");
+        // The last delta waits for room (the final reply must come after
+        // it): it goes once egress reads again.
+        let (_, got) = tokio::join!(s.finish(), deltas(&mut rx, 2));
+        assert_eq!(
+            got,
+            [(1, "maze has two ".to_owned()), (2, "exits.".to_owned())]
+        );
+        assert_eq!((s.sent(), s.text()), (3, "The maze has two exits."));
+    }
+
+    #[tokio::test]
+    async fn a_silent_streamer_sends_nothing_and_keeps_the_text_of_its_attempt() {
+        let stats = std::sync::Arc::new(crate::telemetry::Stats::new());
+        let (egress, _rx) = Egress::channel(1, stats);
+        let to = reply_to(None);
+        let mut s = Streamer::silent(&egress, &to);
+        s.push("an attempt that failed");
+        s.restart();
+        s.push("Two ");
+        s.push("exits.");
+        s.finish().await;
+        assert_eq!((s.sent(), s.text()), (0, "Two exits."));
+        // Egress still has its one place: nothing was offered.
+        assert!(egress.offer(Outbound {
+            reply: None,
+            ack: None
+        }));
+    }
 }

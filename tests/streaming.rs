@@ -330,6 +330,10 @@ async fn stalled_subscriber(host: &str, port: u16, filter: &str) -> tokio::net::
     s
 }
 
+/// The whole system with a subscriber that never reads: Mosquitto queues
+/// for it, and nothing of it reaches the daemon. The daemon's own part (a
+/// backed-up broker connection never blocks the reading of the backend,
+/// and loses no text) is `streaming::tests::a_full_egress_never_blocks_the_reader_and_loses_no_text`.
 #[tokio::test]
 async fn a_stalled_subscriber_does_not_hold_up_other_sessions_or_its_own_generation() {
     // A long answer cut into many deltas, for a reply topic whose only
