@@ -560,13 +560,27 @@ impl Client {
     /// error `cancelled` (a `send` waiting for it ends with that error). A
     /// cancel for nothing in flight is ignored by the daemon.
     pub async fn cancel(&self, project: &str, session: &str) -> Result<(), ClientError> {
-        let payload = serde_json::json!({ "sessionId": session }).to_string();
+        self.publish_cancel(project, session, None).await
+    }
+
+    /// Publishes a cancel (protocol v1.1) for `session`'s request
+    /// `request_id`, or for whatever it has in flight.
+    async fn publish_cancel(
+        &self,
+        project: &str,
+        session: &str,
+        request_id: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let payload = match request_id {
+            Some(id) => serde_json::json!({ "sessionId": session, "requestId": id }),
+            None => serde_json::json!({ "sessionId": session }),
+        };
         self.inner
             .link
             .publish(
                 format!("{project}/cancel"),
                 1,
-                payload.into_bytes(),
+                payload.to_string().into_bytes(),
                 RequestProps::default(),
             )
             .await
@@ -787,15 +801,7 @@ impl Client {
     /// whose caller cancelled it). A failure is only logged: the request
     /// then ends by its deadline.
     async fn cancel_request(&self, request: &ChatRequest, request_id: &str) {
-        let payload =
-            serde_json::json!({ "sessionId": request.session(), "requestId": request_id });
-        let topic = format!("{}/cancel", request.project());
-        let publish = self.inner.link.publish(
-            topic,
-            1,
-            payload.to_string().into_bytes(),
-            RequestProps::default(),
-        );
+        let publish = self.publish_cancel(request.project(), request.session(), Some(request_id));
         match tokio::time::timeout(CANCEL_CONFIRM, publish).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(%request_id, error = %e, "cancel not sent"),
