@@ -200,7 +200,8 @@ async fn exchange(client: &Client, cli: &Cli, req: &ChatRequest) -> Outcome {
         Err(e) => return Outcome::Failed(e),
     };
     let mut out = std::io::stdout().lock();
-    let mut printed = String::new();
+    // Deltas printed; the final reply's `seq` says how many were sent.
+    let mut printed = 0u32;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut cancelled = false;
@@ -219,7 +220,7 @@ async fn exchange(client: &Client, cli: &Cli, req: &ChatRequest) -> Outcome {
                 let _ = writeln!(out, "{}", serde_json::to_string(&d).unwrap_or_default());
             }
             Some(Ok(StreamEvent::Delta(d))) => {
-                printed.push_str(&d.delta);
+                printed += 1;
                 let _ = write!(out, "{}", d.delta);
                 let _ = out.flush();
             }
@@ -229,9 +230,9 @@ async fn exchange(client: &Client, cli: &Cli, req: &ChatRequest) -> Outcome {
             }
             Some(Ok(StreamEvent::Done(reply))) => {
                 let text = reply.text.unwrap_or_default();
-                if printed.is_empty() {
+                if printed == 0 {
                     let _ = writeln!(out, "{text}");
-                } else if text == printed {
+                } else if reply.seq == Some(printed) {
                     let _ = writeln!(out);
                 } else {
                     // A delta was lost on the way (they go at QoS 0); the
@@ -244,7 +245,7 @@ async fn exchange(client: &Client, cli: &Cli, req: &ChatRequest) -> Outcome {
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                if !printed.is_empty() {
+                if printed > 0 {
                     let _ = writeln!(out);
                 }
                 let by_us = matches!(e, ClientError::Cancelled)
