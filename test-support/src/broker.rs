@@ -89,11 +89,27 @@ fn running_as_root() -> bool {
 }
 
 /// A port that was free a moment ago (bind 127.0.0.1:0, drop the listener).
+///
+/// Never the same port twice in one test process: the kernel may hand a
+/// port just released to the next `bind(0)`, and two calls in a row (a
+/// broker's two listeners, a cluster node and its bus port) then got the
+/// same one, which failed a test now and then.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(port)
+        {
+            return port;
+        }
+    }
 }
 
 impl Mosquitto {
