@@ -141,9 +141,9 @@ impl App {
         let (client, eventloop) = AsyncClient::new(options, cfg.mqtt.request_channel);
         let pool = Arc::new(Pool::new(&cfg, self.api_key.as_ref())?);
         for url in cfg.backend.url.iter() {
-            if crate::backend::exposes_credentials(url, self.api_key.is_some()) {
+            if crate::secret::exposes_credentials(url, self.api_key.is_some()) {
                 tracing::warn!(
-                    backend = %crate::backend::redact_url(url),
+                    backend = %crate::secret::redact_url(url),
                     "credentials go to the backend in clear text (http to a non-loopback host): use https"
                 );
             }
@@ -200,7 +200,7 @@ impl App {
             .map_err(|e| {
                 AppError::State(format!(
                     "{}: {e}",
-                    crate::backend::redact_url(&cfg.sessions.state_url)
+                    crate::secret::redact_url(&cfg.sessions.state_url)
                 ))
             })?;
             Arc::new(store)

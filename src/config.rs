@@ -53,7 +53,7 @@ impl Urls {
     pub fn redacted(&self) -> String {
         self.0
             .iter()
-            .map(|u| crate::backend::redact_url(u))
+            .map(|u| crate::secret::redact_url(u))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -652,14 +652,8 @@ impl Default for StatsConfig {
     }
 }
 
-/// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+/// Log output: `text` for people, `json` for log shippers.
+pub use vllm_plumbing::LogFormat;
 
 /// Logging.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -702,11 +696,11 @@ impl Config {
             c.backend
                 .url
                 .iter()
-                .map(|u| crate::backend::redact_url(u))
+                .map(|u| crate::secret::redact_url(u))
                 .collect(),
         );
         if c.sessions.state_url != "memory" {
-            c.sessions.state_url = crate::backend::redact_url(&c.sessions.state_url);
+            c.sessions.state_url = crate::secret::redact_url(&c.sessions.state_url);
         }
         c
     }
@@ -965,7 +959,7 @@ impl Config {
             if let Err(e) = crate::redis_store::Target::parse(state) {
                 return bad(
                     "sessions.state_url",
-                    format!("{:?}: {e}", crate::backend::redact_url(state)),
+                    format!("{:?}: {e}", crate::secret::redact_url(state)),
                 );
             }
         }
@@ -1035,7 +1029,7 @@ impl Config {
                         "backend.url",
                         format!(
                             "{:?} is not an http(s) URL like http://127.0.0.1:8000/v1",
-                            crate::backend::redact_url(url)
+                            crate::secret::redact_url(url)
                         ),
                     )
                 }
@@ -1045,7 +1039,7 @@ impl Config {
         if let Some(dup) = self.backend.url.iter().find(|u| !seen.insert(u.as_str())) {
             return bad(
                 "backend.url",
-                format!("{} is listed twice", crate::backend::redact_url(dup)),
+                format!("{} is listed twice", crate::secret::redact_url(dup)),
             );
         }
         if self.backend.request_timeout.is_zero() {

@@ -33,7 +33,8 @@
 pub mod admission;
 pub mod app;
 pub(crate) mod backend;
-pub(crate) mod backoff;
+pub(crate) use vllm_plumbing::backoff;
+pub(crate) mod breaker;
 pub(crate) mod cancel;
 pub(crate) mod circuit;
 pub mod cli;
@@ -49,6 +50,7 @@ pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod streaming;
 pub mod telemetry;
+pub(crate) mod window;
 pub(crate) mod worker;
 
 pub use app::App;

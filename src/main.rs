@@ -38,8 +38,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("vllm-mqttd: {e}");
-    ExitCode::from(code)
+    vllm_plumbing::fail("vllm-mqttd", code, e)
 }
 
 fn run(args: RunArgs) -> ExitCode {

@@ -44,7 +44,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, Script};
 use tokio::time::Instant;
 
-use crate::backend::breaker::{Breaker, Outcome, SharedBreaker};
+use crate::breaker::{Breaker, Outcome, SharedBreaker};
 use crate::history::{Role, Turn};
 use crate::request::SessionKey;
 use crate::session::{
@@ -896,7 +896,7 @@ mod tests {
         assert!(err("redis-cluster://h1:7000").contains("redis+cluster://"));
         assert!(err("http://h1").contains("neither"));
         // The password never shows in what the daemon logs of the URL.
-        let shown = crate::backend::redact_url("redis+cluster://app:s3cret@h1:7000,h2:7001");
+        let shown = crate::secret::redact_url("redis+cluster://app:s3cret@h1:7000,h2:7001");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("h1:7000,h2:7001"), "{shown}");
     }

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use lru::LruCache;
 use tokio::time::Instant;
 
-use crate::admission::window::SlidingWindow;
 use crate::history::{push_exchange, Turn};
 use crate::request::SessionKey;
+use crate::window::SlidingWindow;
 
 /// Request ids remembered per session to drop redeliveries of answered
 /// requests. QoS 1 redelivery happens on reconnect, for requests not yet

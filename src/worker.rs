@@ -21,10 +21,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vllm_chat::protocol::ErrorCode;
 
-use crate::backend::breaker::Outcome;
 use crate::backend::pool::{Pool, Route};
 use crate::backend::retry::RetryPolicy;
 use crate::backend::{routing, BackendError};
+use crate::breaker::Outcome;
 use crate::config::ProjectConfig;
 use crate::history::{build_prompt, shrink};
 use crate::mqtt::egress::Egress;

@@ -25,6 +25,8 @@ use bytes::Bytes;
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use vllm_plumbing::backoff::Reconnect;
 
 use crate::error::ClientError;
 use crate::options::{ClientOptions, Protocol};
@@ -38,6 +40,10 @@ const MAX_PACKET: usize = 1024 * 1024;
 /// First and longest pause between reconnect attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// A connection that lasted this long resets the reconnect delay; one the
+/// broker drops at once (a publish it refuses, say) keeps doubling it, so
+/// a fault on connect cannot become a reconnect storm.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// The sending half of a connection (cheap to clone).
 #[derive(Clone)]
@@ -285,7 +291,7 @@ where
 /// and the unused handler maker back); on success the handler is built and
 /// gets every event from the CONNACK on. After it, a failure is
 /// [`NetEvent::Lost`] and a reconnect after a pause that doubles up to
-/// [`RECONNECT_MAX`].
+/// [`RECONNECT_MAX`] (the daemon's policy: `vllm_plumbing::backoff`).
 async fn run<F, H>(
     mut events: Events,
     first: oneshot::Sender<Result<(), Failure<F>>>,
@@ -323,12 +329,13 @@ async fn run<F, H>(
             }
         }
     };
-    let mut backoff = RECONNECT_MIN;
+    let mut backoff = Reconnect::new(RECONNECT_MIN, RECONNECT_MAX, STABLE_CONNECTION);
+    backoff.connected(Instant::now());
     loop {
         match events.poll().await {
             Polled::Event(event) => {
                 if let NetEvent::Connected = event {
-                    backoff = RECONNECT_MIN;
+                    backoff.connected(Instant::now());
                 }
                 handler(event);
             }
@@ -336,8 +343,7 @@ async fn run<F, H>(
             Polled::Done => return,
             Polled::Failed { error, .. } => {
                 handler(NetEvent::Lost(error));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
+                tokio::time::sleep(backoff.failed(Instant::now())).await;
             }
         }
     }

@@ -2,8 +2,9 @@
 //! (`vllm-mqttd`, `vllm-sim`, and the client tools `vllm-chat` and
 //! `vllm-stress`), so that each rule exists once: the BSD exit statuses,
 //! how a command line is parsed (help is success, a bad flag is a usage
-//! error), how a duration is written, how SIGINT and SIGTERM are caught,
-//! and how logging is set up.
+//! error), how a duration is written, how a reconnect loop backs off
+//! ([`backoff`]), how SIGINT and SIGTERM are caught, how logging is set up,
+//! and how a binary reports a fatal error ([`fail`]).
 //!
 //! None of it knows MQTT or HTTP: the protocol lives in `vllm-chat`'s
 //! `protocol` module, and the connection-failure classifier beside TLS in
@@ -15,6 +16,8 @@
 
 use std::process::ExitCode;
 use std::time::Duration;
+
+pub mod backoff;
 
 /// Exit status for a bad flag, value or configuration (BSD `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -81,13 +84,33 @@ impl Signals {
     }
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Log line format (`text` or `json` on the command line and in config
+/// files).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable text.
+    #[default]
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Prints `program: error` on stderr and gives the exit status `code`:
+/// how every binary of the workspace ends on a fatal error.
+pub fn fail(program: &str, code: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("{program}: {error}");
+    ExitCode::from(code)
 }
 
 /// Installs the global subscriber on stderr: `RUST_LOG` if set, else

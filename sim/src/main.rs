@@ -63,8 +63,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("vllm-sim: {e}");
-    ExitCode::from(code)
+    vllm_plumbing::fail("vllm-sim", code, e)
 }
 
 /// vLLM's periodic line, every 10 s while there is traffic.

@@ -11,9 +11,8 @@
 //! [`Quotas::acquire`] and a `try_send` on the queue (undoing rules 2-4 if
 //! either refuses). Every refusal is answered at once.
 
-pub mod quota;
+pub(crate) mod quota;
 pub mod validate;
-pub mod window;
 
 use std::sync::Arc;
 

@@ -34,9 +34,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use vllm_chat::protocol::ErrorCode;
 
-use crate::admission::window::SlidingWindow;
 use crate::config::ProjectConfig;
 use crate::request::{Failure, SessionKey};
+use crate::window::SlidingWindow;
 
 /// Device entries kept before idle ones are swept (then twice the live
 /// ones): sweeping is amortised over admissions, with no task of its own.

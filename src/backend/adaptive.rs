@@ -98,9 +98,6 @@
 //! +20 % from empty to full batch, proportional to in-flight past B) it
 //! settles between B and 1.25 B.
 
-// Until the worker's scraper and permits use it (issue 11); the tests do
-// already.
-
 use std::time::Duration;
 
 use tokio::time::Instant;

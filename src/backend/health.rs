@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::breaker::{Outcome, SharedBreaker};
 use super::Backend;
+use crate::breaker::{Outcome, SharedBreaker};
 
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -14,7 +14,6 @@
 //! HTTP status.
 
 pub(crate) mod adaptive;
-pub mod breaker;
 pub mod budget;
 pub mod health;
 pub mod model;
@@ -29,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
+
+use crate::secret::redact_url;
 use tokio::time::Instant;
 use vllm_chat::protocol::{ErrorCode, Usage};
 
@@ -159,8 +160,8 @@ impl BackendError {
     /// refusal (4xx) proves the backend is up. A reset is a failure: the
     /// worker forgives one per request, and only when it may have been a
     /// stale pooled connection ([`BackendError::is_stale_pooled_reset`]).
-    pub fn outcome(&self) -> breaker::Outcome {
-        use breaker::Outcome;
+    pub fn outcome(&self) -> crate::breaker::Outcome {
+        use crate::breaker::Outcome;
         match self {
             BackendError::Connect(_)
             | BackendError::Reset { .. }
@@ -198,64 +199,6 @@ fn endpoint(base: &Url, segments: &[&str]) -> Result<Url, AppError> {
         .pop_if_empty()
         .extend(segments);
     Ok(url)
-}
-
-/// A URL fit for logs and error messages: user name, password and query
-/// (where tokens hide) replaced by `***`. Text that is not a URL is kept
-/// only up to its first `@`, `?` or whitespace.
-pub fn redact_url(raw: &str) -> String {
-    match Url::parse(raw) {
-        Ok(mut u) => {
-            if !u.username().is_empty() {
-                let _ = u.set_username("***");
-            }
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            if u.query().is_some() {
-                u.set_query(Some("***"));
-            }
-            u.to_string()
-        }
-        // Unparsable: no structure to trust. Keep the scheme and what
-        // follows the last `@` (the host, usually), up to a query or a
-        // space; user info (before that `@`) and the query never show.
-        Err(_) => {
-            let (scheme, rest) = match raw.split_once("://") {
-                Some((scheme, rest)) => (format!("{scheme}://"), rest),
-                None => (String::new(), raw),
-            };
-            let (user, rest) = match rest.rsplit_once('@') {
-                Some((_, host)) => ("***@", host),
-                None => ("", rest),
-            };
-            let cut = rest
-                .find(|c: char| c == '?' || c == '#' || c.is_whitespace())
-                .unwrap_or(rest.len());
-            format!("{scheme}{user}{}...", &rest[..cut])
-        }
-    }
-}
-
-/// Does `raw` carry credentials (in its user info or query) over plain
-/// HTTP to a host that is not loopback? They would cross the network in
-/// clear text.
-pub fn exposes_credentials(raw: &str, api_key: bool) -> bool {
-    let Ok(u) = Url::parse(raw) else {
-        return false;
-    };
-    let creds =
-        api_key || !u.username().is_empty() || u.password().is_some() || u.query().is_some();
-    let loopback = match u.host_str() {
-        Some(h) => {
-            h == "localhost"
-                || h.trim_matches(['[', ']'])
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }
-        None => true,
-    };
-    creds && u.scheme() == "http" && !loopback
 }
 
 /// The innermost error's text: reqwest's own Display says only "error
@@ -670,28 +613,12 @@ mod tests {
     }
 
     #[test]
-    fn urls_keep_their_query_and_logs_lose_their_secrets() {
+    fn request_urls_keep_the_base_urls_query() {
         let base = Url::parse("http://u:p@gpu:8000/v1/?token=s3cret").unwrap();
         assert_eq!(
             endpoint(&base, &["models"]).unwrap().as_str(),
             "http://u:p@gpu:8000/v1/models?token=s3cret"
         );
-        let shown = redact_url("http://u:p@gpu:8000/v1?token=s3cret");
-        assert!(
-            !shown.contains("s3cret") && !shown.contains(":p@"),
-            "{shown}"
-        );
-        assert!(shown.starts_with("http://***:***@gpu:8000/v1"), "{shown}");
-        assert_eq!(
-            redact_url("http://127.0.0.1:8000/v1"),
-            "http://127.0.0.1:8000/v1"
-        );
-        assert!(!redact_url("not a url?token=s3cret").contains("s3cret"));
-        assert!(exposes_credentials("http://gpu:8000/v1?token=x", false));
-        assert!(exposes_credentials("http://gpu:8000/v1", true));
-        assert!(!exposes_credentials("https://gpu:8000/v1?token=x", true));
-        assert!(!exposes_credentials("http://127.0.0.1:8000/v1", true));
-        assert!(!exposes_credentials("http://gpu:8000/v1", false));
     }
 
     #[test]
@@ -711,7 +638,7 @@ mod tests {
         };
         assert!(!e.is_retryable());
         assert_eq!(e.to_failure().code, ErrorCode::BackendError);
-        assert_eq!(e.outcome(), breaker::Outcome::Healthy);
+        assert_eq!(e.outcome(), crate::breaker::Outcome::Healthy);
         for s in RETRYABLE_STATUS {
             let e = BackendError::Status {
                 status: s,
@@ -719,7 +646,7 @@ mod tests {
                 retry_after: None,
             };
             assert!(e.is_retryable(), "{s}");
-            assert_eq!(e.outcome(), breaker::Outcome::Failed);
+            assert_eq!(e.outcome(), crate::breaker::Outcome::Failed);
         }
         assert!(!BackendError::ContextLength("x".into()).is_retryable());
         for maybe_pooled in [false, true] {
@@ -728,7 +655,7 @@ mod tests {
                 maybe_pooled,
             };
             // Counted either way; only the worker forgives one stale reset.
-            assert_eq!(reset.outcome(), breaker::Outcome::Failed);
+            assert_eq!(reset.outcome(), crate::breaker::Outcome::Failed);
             assert!(reset.is_retryable());
             assert_eq!(reset.is_stale_pooled_reset(), maybe_pooled);
         }

@@ -21,14 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::adaptive::{AdaptiveLimit, Change};
-use super::breaker::{Breaker, SharedBreaker};
 use super::budget::Budget;
 use super::model::{self, ModelRx, ModelState};
 use super::routing::{self, Candidate, Routing};
-use super::{health, prom, redact_url, Backend};
+use super::{health, prom, Backend};
+use crate::breaker::{Breaker, SharedBreaker};
 use crate::circuit::{BackendStatus, Circuit, Circuits};
 use crate::config::{Config, NumWorkers};
 use crate::error::AppError;
+use crate::secret::redact_url;
 use crate::secret::Secret;
 
 /// One backend server.

@@ -1,9 +1,9 @@
 //! Logging set-up and the stats that typed events feed.
 
-pub mod metrics;
-pub mod stats;
+pub(crate) mod metrics;
+pub(crate) mod stats;
 
-pub use stats::{Event, Gauges, Sampler, Snapshot, Stats};
+pub(crate) use stats::{Event, Gauges, Sampler, Stats};
 
 use crate::config::LogFormat;
 
@@ -17,10 +17,6 @@ pub fn init(format: LogFormat, verbose: u8) {
         0 => "info,rumqttd=off",
         1 => "info,vllm_mqttd=debug,rumqttd=warn",
         _ => "debug,vllm_mqttd=trace",
-    };
-    let format = match format {
-        LogFormat::Text => vllm_plumbing::LogFormat::Text,
-        LogFormat::Json => vllm_plumbing::LogFormat::Json,
     };
     vllm_plumbing::init_logging(default, format);
 }

@@ -131,8 +131,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("vllm-chat: {e}");
-    ExitCode::from(code)
+    vllm_plumbing::fail("vllm-chat", code, e)
 }
 
 fn request(

@@ -145,8 +145,7 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("vllm-stress: {e}");
-    ExitCode::from(code)
+    vllm_plumbing::fail("vllm-stress", code, e)
 }
 
 fn config(cli: &Cli) -> Result<StressConfig, vllm_chat::ClientError> {

@@ -1,10 +1,11 @@
-//! Exponential backoff for the daemon's own reconnect loops (the MQTT
-//! connection, backend discovery and health probing): pure functions of
-//! the current delay and the clock, so the loops only sleep on what they
-//! return, and the tests step a fake clock.
+//! Exponential backoff for reconnect loops (the daemon's MQTT connection,
+//! backend discovery and health probing; the client library's MQTT
+//! connection): pure functions of the current delay and the clock, so the
+//! loops only sleep on what they return, and the tests step a fake clock.
 //!
-//! Backend *request* retries are a different policy (jittered, bounded by
-//! a deadline, honouring `Retry-After`): [`crate::backend::retry`].
+//! The daemon's backend *request* retries are a different policy
+//! (jittered, bounded by a deadline, honouring `Retry-After`): its
+//! `backend::retry`.
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct Reconnect {
 }
 
 impl Reconnect {
+    /// Delays from `min` doubling to `max`; back to `min` after a
+    /// connection that lasted `stable_after`.
     pub fn new(min: Duration, max: Duration, stable_after: Duration) -> Self {
         Self {
             min,

@@ -59,6 +59,7 @@ impl SlidingWindow {
     }
 
     /// Requests admitted in the window ending at the last call.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.admitted.len()
     }
