@@ -1,6 +1,6 @@
 //! The backend circuit's state as the rest of the daemon sees it.
 //!
-//! The breaker ([`crate::backend::breaker`]) decides it; the status topic,
+//! The breaker ([`crate::breaker`]) decides it; the status topic,
 //! the stats and the metrics report it. It lives here, not in the breaker,
 //! so the reporting stages depend on this small domain type instead of
 //! reaching into the backend stage.
