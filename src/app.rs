@@ -420,11 +420,17 @@ fn sampler(shared: &Arc<Shared>, queue_capacity: usize) -> Sampler {
             .pool
             .members()
             .iter()
-            .map(|m| BackendGauge {
-                url: m.name.to_string(),
-                circuit: m.breaker.circuit(),
-                in_flight: m.in_flight(),
-                limit: m.limit(),
+            .map(|m| {
+                let (calls, failures, retries) = m.counts();
+                BackendGauge {
+                    url: m.name.to_string(),
+                    circuit: m.breaker.circuit(),
+                    in_flight: m.in_flight(),
+                    limit: m.limit(),
+                    calls,
+                    failures,
+                    retries,
+                }
             })
             .collect(),
     })

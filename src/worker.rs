@@ -416,7 +416,9 @@ async fn call_backend(
                 .pool
                 .sample(index, started.elapsed() / tokens, in_flight_at_start);
         }
+        member.called(result.is_ok());
         shared.stats.emit(Event::BackendCall {
+            backend: &member.name,
             elapsed: started.elapsed(),
             ok: result.is_ok(),
         });
@@ -442,7 +444,9 @@ async fn call_backend(
             // (a backend that resets everything must open the circuit).
             e if e.is_stale_pooled_reset() && !reset_retried => {
                 permit.record(Outcome::Neutral);
+                member.retried();
                 shared.stats.emit(Event::Retry {
+                    backend: &member.name,
                     reason: &err.to_string(),
                     delay: Duration::ZERO,
                 });
@@ -472,7 +476,9 @@ async fn call_backend(
         // Another backend not yet tried goes at once: the delay is for
         // letting the same backend recover.
         let delay = if untried { Duration::ZERO } else { delay };
+        member.retried();
         shared.stats.emit(Event::Retry {
+            backend: &member.name,
             reason: &err.to_string(),
             delay,
         });

@@ -422,6 +422,16 @@ async fn breaker_opens_fails_fast_and_a_health_probe_closes_it() {
     let v = stats.expect(WAIT).await.json();
     assert_eq!(v["backend"]["circuit"], "closed");
     assert!(v["backend"]["circuitRejected"].as_u64().unwrap() >= 1);
+    // And the backend's own line: 4 calls, the 3 failures (none retried:
+    // max_retries is 0).
+    let b = &v["backend"]["backends"][0];
+    assert_eq!(b["url"], fake.base_url(), "{v}");
+    assert_eq!(b["circuit"], "closed", "{v}");
+    assert_eq!(
+        (&b["calls"], &b["failures"], &b["retries"]),
+        (&json!(4), &json!(3), &json!(0)),
+        "{v}"
+    );
     w.env.stop().await;
 }
 

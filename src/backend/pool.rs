@@ -51,6 +51,11 @@ pub struct Member {
     /// and its current value for lock-free reads.
     adaptive: Option<std::sync::Mutex<AdaptiveLimit>>,
     limit: AtomicUsize,
+    /// Calls made to it, calls that failed, and failures retried (here or
+    /// on another backend), since start: its line in the stats.
+    calls: AtomicU64,
+    failures: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl Member {
@@ -84,6 +89,28 @@ impl Member {
                 pool_room.notify_waiters();
             }
         }
+    }
+
+    /// Counts one finished call.
+    pub fn called(&self, ok: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure of this backend's that the request retries.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls, failed calls and retried failures since start.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+            self.retries.load(Ordering::Relaxed),
+        )
     }
 
     /// Counts a call in flight until the guard drops.
@@ -184,6 +211,9 @@ impl Pool {
                     in_flight: AtomicUsize::new(0),
                     adaptive,
                     limit: AtomicUsize::new(limit),
+                    calls: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                    retries: AtomicU64::new(0),
                 }))
             })
             .collect::<Result<Vec<_>, AppError>>()?;

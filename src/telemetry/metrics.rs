@@ -76,9 +76,12 @@ fn describe() {
     describe_histogram!(
         M_BACKEND,
         Unit::Seconds,
-        "Duration of each backend call (attempt)."
+        "Duration of each backend call (attempt), by backend and result."
     );
-    describe_counter!(M_RETRIES, "Backend calls retried.");
+    describe_counter!(
+        M_RETRIES,
+        "Failed backend calls retried, by the backend that failed."
+    );
     describe_counter!(
         M_CIRCUIT_REJECTED,
         "Requests failed fast by the open circuit."

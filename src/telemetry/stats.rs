@@ -46,15 +46,24 @@ pub enum Event<'a> {
     Duplicate { project: &'a Arc<str> },
     /// A worker took a request from the queue after `wait`.
     Dequeued { wait: Duration },
-    /// One backend call (one attempt) took `elapsed`.
-    BackendCall { elapsed: Duration, ok: bool },
+    /// One call (one attempt) to `backend` took `elapsed`.
+    BackendCall {
+        backend: &'a Arc<str>,
+        elapsed: Duration,
+        ok: bool,
+    },
     /// A message on a topic we do not serve.
     Ignored { topic: &'a str },
     /// Egress could not take a reply (its channel was full or closed); the
     /// request stays unacknowledged and the broker will redeliver it.
     EgressDropped,
-    /// A backend call failed and will be tried again after `delay`.
-    Retry { reason: &'a str, delay: Duration },
+    /// A call to `backend` failed and the request will be tried again
+    /// after `delay` (on it or another backend).
+    Retry {
+        backend: &'a Arc<str>,
+        reason: &'a str,
+        delay: Duration,
+    },
     /// The circuit is open: a request failed fast without a backend call.
     CircuitRejected,
     /// Connected (or reconnected) to the broker.
@@ -101,10 +110,10 @@ pub struct Stats {
     latency: Mutex<Histogram<u64>>,
 }
 
-/// A Prometheus label value that shares the project's name: a reference
-/// count instead of a `String` per request event.
-fn label(project: &Arc<str>) -> metrics::SharedString {
-    metrics::SharedString::from_shared(project.clone())
+/// A Prometheus label value that shares a project's or backend's name: a
+/// reference count instead of a `String` per event.
+fn label(name: &Arc<str>) -> metrics::SharedString {
+    metrics::SharedString::from_shared(name.clone())
 }
 
 fn idx(code: ErrorCode) -> usize {
@@ -218,9 +227,17 @@ impl Stats {
             Event::Dequeued { wait } => {
                 histogram!(M_QUEUE_WAIT).record(wait.as_secs_f64());
             }
-            Event::BackendCall { elapsed, ok } => {
-                histogram!(M_BACKEND, "result" => if ok { "ok" } else { "error" })
-                    .record(elapsed.as_secs_f64());
+            Event::BackendCall {
+                backend,
+                elapsed,
+                ok,
+            } => {
+                histogram!(
+                    M_BACKEND,
+                    "backend" => label(backend),
+                    "result" => if ok { "ok" } else { "error" }
+                )
+                .record(elapsed.as_secs_f64());
             }
             Event::Ignored { topic } => {
                 self.ignored.fetch_add(1, Relaxed);
@@ -232,10 +249,15 @@ impl Stats {
                 counter!(M_EGRESS_DROPPED).increment(1);
                 tracing::error!("egress is full: reply dropped, request left for redelivery");
             }
-            Event::Retry { reason, delay } => {
+            Event::Retry {
+                backend,
+                reason,
+                delay,
+            } => {
                 self.retries.fetch_add(1, Relaxed);
-                counter!(M_RETRIES).increment(1);
+                counter!(M_RETRIES, "backend" => label(backend)).increment(1);
                 tracing::debug!(
+                    backend = &**backend,
                     reason,
                     delay_ms = delay.as_millis() as u64,
                     "retrying backend call"
@@ -351,7 +373,8 @@ pub struct Gauges {
 }
 
 /// One backend's state: its circuit, calls in flight and its concurrency
-/// limit (adaptive with `num_workers = "auto"`).
+/// limit (adaptive with `num_workers = "auto"`); and since start, the calls
+/// made to it, those that failed, and the failures retried.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendGauge {
@@ -359,6 +382,9 @@ pub struct BackendGauge {
     pub circuit: Circuit,
     pub in_flight: usize,
     pub limit: usize,
+    pub calls: u64,
+    pub failures: u64,
+    pub retries: u64,
 }
 
 impl Default for Gauges {
@@ -450,6 +476,26 @@ impl Snapshot {
         let rejected = format!("{:?}", self.rejected);
         let errors = format!("{:?}", self.errors);
         let queue = format!("{}/{}", self.queue.length, self.queue.capacity);
+        // One backend: `url circuit in_flight/limit calls=.. failures=..
+        // retries=..`; several are joined with "; ".
+        let backends = self
+            .backend
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} {} {}/{} calls={} failures={} retries={}",
+                    b.url,
+                    b.circuit.as_str(),
+                    b.in_flight,
+                    b.limit,
+                    b.calls,
+                    b.failures,
+                    b.retries
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
         macro_rules! line {
             ($lvl:ident, $msg:expr) => {
                 tracing::$lvl!(
@@ -471,6 +517,7 @@ impl Snapshot {
                     circuit = self.backend.circuit.as_str(),
                     retries = self.backend.retries,
                     circuit_rejected = self.backend.circuit_rejected,
+                    backends = %backends,
                     "{}",
                     $msg
                 )
