@@ -1,6 +1,7 @@
 //! Several backends behind one daemon (real Mosquitto, several fake vLLM
-//! servers on free ports): failover, session affinity, recovery, model
-//! routing, and the retained status listing each backend.
+//! servers on free ports): failover, session affinity and its bounded-load
+//! spill, recovery, model routing, a fixed worker count shared by all
+//! backends, and the retained status listing each backend.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use serde_json::{json, Value};
 use vllm_test_support as support;
 
 use support::broker::Mosquitto;
-use support::daemon::{config, Daemon, WAIT};
+use support::daemon::{config, wait_until, Daemon, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
 use support::mqtt_client::TestClient;
 use support::raw_http::{RawBackend, ResetMode};
@@ -373,5 +374,179 @@ async fn a_retry_waits_its_backoff_when_no_other_backend_serves_the_model() {
             w[1] - w[0]
         );
     }
+    daemon.stop().await.unwrap();
+}
+
+/// A fake that answers with its own name, and only when let through
+/// (`release`): a call stays in flight there until the test says.
+async fn held(name: &'static str) -> FakeVllm {
+    FakeVllm::builder()
+        .gated()
+        .reply_with(move |_| name.to_owned())
+        .run()
+        .await
+}
+
+/// Calls received and calls in flight, over all `fakes`.
+fn calls(fakes: &[FakeVllm]) -> usize {
+    fakes.iter().map(|f| f.chat_calls()).sum()
+}
+
+fn in_flight(fakes: &[FakeVllm]) -> usize {
+    fakes.iter().map(|f| f.in_flight()).sum()
+}
+
+/// Lets every call held at `fakes` through; returns how many.
+fn release_all(fakes: &[FakeVllm]) -> usize {
+    fakes
+        .iter()
+        .map(|f| {
+            let n = f.in_flight();
+            f.release(n);
+            n
+        })
+        .sum()
+}
+
+async fn send(dev: &TestClient, session: &str, message: &str) {
+    dev.publish(
+        "maze/user_input",
+        json!({"sessionId": session, "message": message, "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+}
+
+/// `--num-workers 8` with three backends means 8 calls at once in all, not
+/// 8 per backend. The backends hold every call until the test lets it
+/// through, so a call the daemon should not have made stays visible: after
+/// each release, once the replacements arrived, the calls received must be
+/// exactly 8 more than those let through, and never more than 8 are held.
+#[tokio::test]
+async fn a_fixed_worker_count_bounds_the_calls_to_all_backends_together() {
+    const WORKERS: usize = 8;
+    const REQUESTS: usize = 30;
+    let broker = Mosquitto::start().await;
+    let fakes = [held("a").await, held("b").await, held("c").await];
+    let mut c = config(broker.host(), broker.port(), &fakes[0].base_url());
+    c.backend.url = vllm_mqttd::config::Urls(fakes.iter().map(|f| f.base_url()).collect());
+    c.workers.num_workers = vllm_mqttd::config::NumWorkers::Fixed(WORKERS);
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    for s in 0..REQUESTS {
+        send(&dev, &format!("w{s}"), "hi").await;
+    }
+    let mut released = 0;
+    let mut most = 0;
+    let mut busy_backends = std::collections::HashSet::new();
+    loop {
+        let due = (WORKERS + released).min(REQUESTS);
+        // Every call let through has finished, and those that replace
+        // them have arrived.
+        wait_until("the next calls reach the backends", || {
+            // Read in this order, a call arriving meanwhile can only make
+            // the finished ones look fewer (a fake counts it in flight
+            // first).
+            let n = calls(&fakes);
+            n >= due && n.saturating_sub(in_flight(&fakes)) == released
+        })
+        .await;
+        let running = in_flight(&fakes);
+        assert_eq!(
+            calls(&fakes),
+            due,
+            "more than {WORKERS} calls at once ({released} let through so far)"
+        );
+        assert!(running <= WORKERS, "{running} calls at once");
+        most = most.max(running);
+        for (i, f) in fakes.iter().enumerate() {
+            if f.in_flight() > 0 {
+                busy_backends.insert(i);
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        released += release_all(&fakes);
+    }
+    assert_eq!(most, WORKERS, "the workers were never all busy");
+    assert!(busy_backends.len() >= 2, "{busy_backends:?}");
+    // One ok reply per session; no call was made twice.
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..REQUESTS {
+        let m = dev.expect(WAIT).await;
+        assert_eq!(m.json()["ok"], true, "{}: {}", m.topic, m.text());
+        assert!(
+            answered.insert(m.topic.clone()),
+            "two replies on {}",
+            m.topic
+        );
+    }
+    assert_eq!(calls(&fakes), REQUESTS);
+    daemon.stop().await.unwrap();
+}
+
+/// The bounded-load rule as the devices see it. Sessions whose home is
+/// one backend, in flight together, do not all go there: a backend is
+/// passed over when it would hold more than ceil(1.25 x mean) of the
+/// calls in flight (`src/backend/routing.rs`). Each request is sent once
+/// the previous one is held at a backend, so the daemon routes it knowing
+/// every earlier one: with three backends the home takes at most
+/// ceil(1.25 x 8 / 3) = 4 of 8, whatever the hashes.
+#[tokio::test]
+async fn sessions_of_one_busy_backend_spill_to_the_others() {
+    const TOGETHER: usize = 8;
+    let broker = Mosquitto::start().await;
+    let fakes = [held("a").await, held("b").await, held("c").await];
+    let mut c = config(broker.host(), broker.port(), &fakes[0].base_url());
+    c.backend.url = vllm_mqttd::config::Urls(fakes.iter().map(|f| f.base_url()).collect());
+    // Room for every call: only the bounded-load rule moves a session.
+    c.workers.num_workers = vllm_mqttd::config::NumWorkers::Fixed(2 * TOGETHER);
+    let daemon = Daemon::start(c).await;
+    let mut dev = support::daemon::device(broker.host(), broker.port(), "maze").await;
+    // Each session's home, asked alone: 3 x TOGETHER sessions give one
+    // backend at least TOGETHER of them.
+    let mut homes: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for s in 0..3 * TOGETHER {
+        let session = format!("s{s}");
+        send(&dev, &session, "where?").await;
+        wait_until("the request reaches a backend", || calls(&fakes) == s + 1).await;
+        assert_eq!(release_all(&fakes), 1);
+        let v = dev
+            .expect_on(&format!("maze/assistant_response/{session}"), WAIT)
+            .await
+            .json();
+        assert_eq!(v["ok"], true, "{v}");
+        let home = v["text"].as_str().unwrap().to_owned();
+        homes.entry(home).or_default().push(session);
+    }
+    let (home, sessions) = homes
+        .into_iter()
+        .max_by_key(|(_, s)| s.len())
+        .expect("some homes");
+    assert!(sessions.len() >= TOGETHER, "{home}: {sessions:?}");
+    let sessions = &sessions[..TOGETHER];
+    for (i, session) in sessions.iter().enumerate() {
+        send(&dev, session, "all together").await;
+        wait_until("the request is held at a backend", || {
+            in_flight(&fakes) == i + 1
+        })
+        .await;
+    }
+    assert_eq!(release_all(&fakes), TOGETHER);
+    let mut at_home = 0;
+    for _ in 0..TOGETHER {
+        let m = dev.expect(WAIT).await;
+        let v = m.json();
+        assert_eq!(v["ok"], true, "{}: {v}", m.topic);
+        if v["text"] == home.as_str() {
+            at_home += 1;
+        }
+    }
+    let cap = (1.25 * TOGETHER as f64 / 3.0).ceil() as usize;
+    assert!(
+        (1..=cap).contains(&at_home),
+        "{at_home} of {TOGETHER} stayed on their home {home} (at most {cap} may)"
+    );
     daemon.stop().await.unwrap();
 }
