@@ -57,6 +57,18 @@ pub async fn discover(
     model: watch::Sender<ModelState>,
     stop: CancellationToken,
 ) {
+    discover_every(backend, name, model, stop, REDISCOVER).await
+}
+
+/// [`discover`], asking again every `rediscover` once the list is known
+/// (the tests' knob: the daemon always uses [`REDISCOVER`]).
+async fn discover_every(
+    backend: Backend,
+    name: Arc<str>,
+    model: watch::Sender<ModelState>,
+    stop: CancellationToken,
+    rediscover: Duration,
+) {
     let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
     let mut delay = min;
     let mut warned = false;
@@ -88,7 +100,7 @@ pub async fn discover(
                 }
                 warned = false;
                 delay = min;
-                REDISCOVER
+                rediscover
             }
             Err(e) => {
                 if warned {
@@ -127,5 +139,81 @@ mod tests {
         assert_eq!(s.serves(Some("b")).as_deref(), Some("b"));
         assert_eq!(s.serves(Some("c")), None);
         assert_eq!(ModelState::Discovering.serves(None), None);
+    }
+
+    /// A vLLM restarted with another model (the same address, a new
+    /// process) is noticed at the next re-discovery; while it is down the
+    /// last list stands. The interval is shortened for the test; the loop
+    /// is the daemon's.
+    #[tokio::test]
+    async fn a_backend_restarted_with_another_model_is_noticed() {
+        let wait = Duration::from_secs(10);
+        let first = vllm_sim::Sim::scripted().model("old").run().await;
+        let port = first.addr().port();
+        let backend = Backend::new(
+            &crate::config::BackendConfig::default(),
+            &first.base_url(),
+            None,
+        )
+        .unwrap();
+        let (tx, mut rx) = watch::channel(ModelState::Discovering);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(discover_every(
+            backend,
+            Arc::from("test"),
+            tx,
+            stop.clone(),
+            Duration::from_millis(50),
+        ));
+        tokio::time::timeout(
+            wait,
+            rx.wait_for(|s| s.serves(None).as_deref() == Some("old")),
+        )
+        .await
+        .expect("the first model is discovered")
+        .unwrap();
+        // Asked again and again while nothing changes, without a new state.
+        assert!(first.wait_for_models_served(3, wait).await);
+        assert!(!rx.has_changed().unwrap());
+
+        // Going down: its model list cannot be read, and the last one
+        // stands (no new state).
+        first.set_available(false);
+        let asked = first.model_calls();
+        let deadline = tokio::time::Instant::now() + wait;
+        while first.model_calls() < asked + 2 {
+            assert!(tokio::time::Instant::now() < deadline, "not asked again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!rx.has_changed().unwrap(), "{:?}", *rx.borrow());
+
+        // Back on the same port (bound again as soon as the old listener
+        // is gone) with another model: the next state is that one.
+        drop(first);
+        let second = loop {
+            match vllm_sim::Sim::scripted()
+                .model("new")
+                .port(port)
+                .try_run()
+                .await
+            {
+                Ok(sim) => break sim,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "rebinding: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        tokio::time::timeout(wait, rx.changed())
+            .await
+            .expect("the new model is noticed")
+            .unwrap();
+        assert_eq!(
+            *rx.borrow(),
+            ModelState::Ready(vec![Arc::from("new")].into())
+        );
+        assert!(second.model_calls() >= 1);
+        stop.cancel();
+        task.await.unwrap();
     }
 }
