@@ -347,6 +347,39 @@ check "overload at a queue of 1: $N_OVER at once -> $n_ok ok, $n_over overloaded
 stop_pid "$TIGHT_PID" 20; forget_pid "$TIGHT_PID"
 check "SIGTERM: the tight vllm-mqttd stops with exit 0" "exit $STOP_STATUS" '[ "$STOP_STATUS" -eq 0 ]'
 
+# --- phase 2b: llama-server's fixed slots and the adaptive limit -----------------
+# llama-server serves --parallel 4 slots and queues the rest (vLLM would
+# batch them, or answer 503 when saturated). The daemon's limit starts at 8;
+# it must read llamacpp:requests_deferred on /metrics and cut itself to the
+# 4 the server processes, so the excess waits in the daemon's queue.
+if [ "$LOCAL_MODEL" -eq 1 ]; then
+  section "llama-server's 4 slots: the adaptive limit (12 clients, num_workers auto)"
+  P="$(free_port 2)"
+  SLOTS_LOG="$RUN_DIR/vllm-mqttd-slots.log"
+  start_daemon e2e-slots "$P" "$URL" "$SLOTS_LOG" --stats-interval 1s -v
+  SLOTS_PID="$DAEMON_PID"
+  "$STRESS_BIN" --mqtt-port "$((P + 1))" -p general --clients 12 --messages 10 --interval 0s \
+    --json "$RUN_DIR/slots.json" -q >"$RUN_DIR/slots.out" 2>"$RUN_DIR/slots.err"
+  slots_rc=$?
+  sed 's/^/    /' "$RUN_DIR/slots.out" | grep -E '^ *(requests|throughput|ok|errors) '
+  S="$(cat "$RUN_DIR/slots.json" 2>/dev/null)"
+  sl_sent="$(jget "$S" sent)"; sl_ok="$(jget "$S" outcomes.ok)"
+  # The limit's changes (debug lines), and the last stats line's backend:
+  # "URL closed IN_FLIGHT/LIMIT calls=.. failures=.. retries=..".
+  plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$SLOTS_LOG"; }
+  changes="$(plain_log | grep 'concurrency limit changed' | sed -nE 's/.*from=([0-9]+) to=([0-9]+) signal=([A-Za-z]+).*/\1->\2 (\3)/p' | tr '\n' ' ')"
+  plain_log | grep -m1 'concurrency limit changed' | sed 's/^/    /'
+  # The lowest limit its metrics set (it probes one above the slots now
+  # and then, and comes back when requests wait in llama-server again).
+  cut_to="$(plain_log | grep 'concurrency limit changed' | grep 'signal=Metrics' | sed -nE 's/.*to=([0-9]+).*/\1/p' | sort -n | head -n 1)"
+  last_limit="$(plain_log | grep -E ' stats ' | tail -n 1 | sed -nE 's/.*backends=[^ ]+ [a-z_]+ [0-9]+\/([0-9]+) .*/\1/p')"
+  printf '    limit changes: %s\n    last stats line: limit %s\n' "${changes:-none}" "${last_limit:-?}"
+  check "adaptive limit: cut from 8 to llama-server's 4 slots by its metrics (lowest ${cut_to:-none}, last ${last_limit:-?}; 12 clients: sent $sl_sent, ok $sl_ok)" \
+    "exit $slots_rc, sent $sl_sent, ok ${sl_ok:-0}, changes ${changes:-none}, last limit ${last_limit:-?}" \
+    '[ "$slots_rc" -eq 0 ] && [ "${sl_ok:-0}" = "$sl_sent" ] && [ "${cut_to:-0}" -ge 3 ] && [ "${cut_to:-0}" -le 4 ] && [ "${last_limit:-99}" -le 5 ]'
+  stop_pid "$SLOTS_PID" 20; forget_pid "$SLOTS_PID"
+fi
+
 # --- phase 3: a conversation that outgrows the model's context ------------------
 # vLLM refuses an over-long prompt with a 400 that names the "maximum context
 # length"; llama-server says "exceeds the available context size"

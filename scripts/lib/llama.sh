@@ -121,7 +121,10 @@ print(os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instr
   printf '%s\n%s\n' "$LLAMA_SERVER_BIN" "$LLAMA_MODEL" >"$LLAMA_STAMP"
 }
 
-# Starts llama-server on a free loopback port and waits until it serves.
+# Starts llama-server on a free loopback port and waits until it serves:
+# 4 slots (requests beyond them wait in its queue, where vLLM would batch
+# them) and /metrics on, whose llamacpp:requests_processing and
+# llamacpp:requests_deferred steer the daemon's adaptive limit.
 # $1 = log file; extra arguments go to llama-server. Sets LLAMA_URL (the
 # OpenAI base URL, .../v1) and LLAMA_PID.
 llama_start() {
@@ -131,7 +134,7 @@ llama_start() {
   t0="$(now)"
   say "starting llama-server on 127.0.0.1:$port (SmolLM2-135M-Instruct, log: ${log#"$ROOT"/})"
   spawn llama-server "$log" "$LLAMA_SERVER_BIN" --host 127.0.0.1 --port "$port" \
-    -m "$LLAMA_MODEL" --alias "$LLAMA_MODEL_ALIAS" --ctx-size 8192 --parallel 4 "$@"
+    -m "$LLAMA_MODEL" --alias "$LLAMA_MODEL_ALIAS" --ctx-size 8192 --parallel 4 --metrics "$@"
   LLAMA_PID="$LAST_PID"
   LLAMA_URL="http://127.0.0.1:$port/v1"
   for ((i = 0; i < 600; i++)); do
