@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{json, Value};
-use support::broker::{free_port, Mosquitto};
+use support::broker::{free_port, Mosquitto, MosquittoOptions};
 use support::daemon::{device, unique, WAIT};
 use support::fake_vllm::{FakeVllm, Scripted};
-use support::mqtt_client::{Received, TestClient, TestClientV4};
-use support::raw_http::{read_request, RawBackend, ResetMode};
+use support::mqtt_client::{ConnectOptions, Received, TestClient, TestClientV4};
+use support::raw_http::{read_request, RawBackend, ResetMode, ENDLESS_BOUND};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -50,7 +50,22 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[String], envs: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(BIN);
+        Proc::spawn_cmd(Command::new(BIN), args, envs)
+    }
+
+    /// The daemon with its soft limit of open files set to `nofile` (by a
+    /// shell that then becomes the daemon: the pid is the daemon's).
+    fn spawn_with_nofile(nofile: u32, args: &[String]) -> Proc {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -S -n {nofile} && exec \"$0\" \"$@\""),
+            BIN,
+        ]);
+        Proc::spawn_cmd(cmd, args, &[])
+    }
+
+    fn spawn_cmd(mut cmd: Command, args: &[String], envs: &[(&str, &str)]) -> Proc {
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -264,6 +279,9 @@ async fn poll_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 enum ChatMode {
     /// A short, well-formed streamed answer: "fresh".
     Answer,
+    /// As [`ChatMode::Answer`], and every response (models and health
+    /// too) closes its connection: each call takes a new socket.
+    AnswerAndClose,
     /// Content events as fast as the client reads them, forever.
     Endless,
     /// A 200 head and the first byte of an event at once, then one more
@@ -358,13 +376,16 @@ async fn serve_raw(
         let line = head.lines().next().unwrap_or_default().to_owned();
         if line.starts_with("POST") && line.contains("/chat/completions") {
             match mode {
-                ChatMode::Answer => {
+                ChatMode::Answer | ChatMode::AnswerAndClose => {
                     let body = content_event("fresh", Some("stop")) + "data: [DONE]\n\n";
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n{}\r\n{body}",
+                        body.len(),
+                        close_header(mode),
                     );
-                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                    if sock.write_all(resp.as_bytes()).await.is_err()
+                        || matches!(mode, ChatMode::AnswerAndClose)
+                    {
                         return;
                     }
                     continue;
@@ -424,12 +445,23 @@ async fn serve_raw(
             ("text/plain", "")
         };
         let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{}\r\n{body}",
+            body.len(),
+            close_header(mode),
         );
-        if sock.write_all(resp.as_bytes()).await.is_err() {
+        if sock.write_all(resp.as_bytes()).await.is_err()
+            || matches!(mode, ChatMode::AnswerAndClose)
+        {
             return;
         }
+    }
+}
+
+/// The `connection: close` header line for [`ChatMode::AnswerAndClose`].
+fn close_header(mode: ChatMode) -> &'static str {
+    match mode {
+        ChatMode::AnswerAndClose => "connection: close\r\n",
+        _ => "",
     }
 }
 
@@ -1110,25 +1142,32 @@ async fn closed_within(mut s: TcpStream, within: Duration) -> Duration {
 /// A daemon on its embedded broker (MQTT 3.1.1 on the first port, MQTT 5
 /// on the next), returned once its status says `online`.
 async fn embedded_daemon(backend: &str) -> (u16, u16, Proc) {
+    embedded_daemon_with(backend, None).await
+}
+
+/// [`embedded_daemon`], with a soft limit of `nofile` open files if given.
+async fn embedded_daemon_with(backend: &str, nofile: Option<u32>) -> (u16, u16, Proc) {
     let instance = unique("embedded");
     let mut tries = 0;
     let (v4, v5, d) = loop {
         let p = free_port_pair();
-        let mut d = Proc::spawn(
-            &[
-                "--embedded-broker".to_string(),
-                format!("127.0.0.1:{p}"),
-                "--backend-url".into(),
-                backend.into(),
-                "--model".into(),
-                "test-model".into(),
-                "--projects".into(),
-                "general".into(),
-                "--instance-id".into(),
-                instance.clone(),
-            ],
-            &[],
-        );
+        let a: Vec<String> = [
+            "--embedded-broker".to_string(),
+            format!("127.0.0.1:{p}"),
+            "--backend-url".into(),
+            backend.into(),
+            "--model".into(),
+            "test-model".into(),
+            "--projects".into(),
+            "general".into(),
+            "--instance-id".into(),
+            instance.clone(),
+        ]
+        .into();
+        let mut d = match nofile {
+            Some(n) => Proc::spawn_with_nofile(n, &a),
+            None => Proc::spawn(&a, &[]),
+        };
         // Another test may take a port between our probe and the bind:
         // the daemon then exits at once, and we try other ports.
         if d.listening_or_exit("embedded broker listening").await {
@@ -1516,5 +1555,707 @@ async fn a_trickling_backend_is_cut_off_by_the_stream_gap_timeout_long_before_th
     })
     .await;
     assert_eq!(backend.chat_heads().len(), 1, "not retried");
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// 3. The daemon's client id on the shipped Mosquitto configuration.
+// ---------------------------------------------------------------------
+
+/// The shipped ACL and the shipped client-id rule (config/mosquitto/), as
+/// lines for [`MosquittoOptions::extra_conf`] (tests/acl.rs does the same:
+/// the shipped file's listeners, TLS and paths are for a real host).
+fn shipped_acl_and_client_id_rule() -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mosquitto");
+    let conf = std::fs::read_to_string(format!("{dir}/mosquitto.conf")).unwrap();
+    let rule = conf
+        .lines()
+        .find(|l| l.starts_with("use_username_as_clientid"))
+        .expect("the shipped mosquitto.conf binds client ids to users");
+    assert_eq!(rule.trim(), "use_username_as_clientid true");
+    format!("acl_file {dir}/acl\n{rule}\n")
+}
+
+/// A device user's login: password `{user}-pw`, a client id of its own.
+async fn login_as(broker: &Mosquitto, user: &str, client_id: &str) -> Result<TestClient, String> {
+    TestClient::connect_with(
+        broker.host(),
+        broker.port(),
+        ConnectOptions::new(client_id).credentials(user, &format!("{user}-pw")),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Trigger 3 against the binary: Mosquitto with the shipped ACL and
+/// `use_username_as_clientid true`, the daemon logged in as its user
+/// `vllm-mqttd`. A device user reads the instance name from the retained
+/// status (the ACL lets anyone) and others connect under the daemon's
+/// configured client id `vllm-mqttd-{instance}` and under `vllm-mqttd`,
+/// the id the broker really gives it; an anonymous login and a wrong
+/// password under that id are refused. Before the fix (no client-id rule)
+/// the first takeover closed the daemon's connection ("already
+/// connected, closing old connection"), its `offline` will went out, and
+/// it reconnected, to be kicked again. Now: no kick in the broker's log,
+/// one connection in the daemon's, no status change, and a device's
+/// request after the attempts is answered.
+#[tokio::test]
+async fn devices_cannot_take_over_the_daemons_client_id_on_the_shipped_mosquitto_config() {
+    let mut broker = Mosquitto::start_with(MosquittoOptions {
+        persistence: false,
+        password: Some(("vllm-mqttd".into(), "daemon-pw".into())),
+        extra_conf: shipped_acl_and_client_id_rule(),
+    })
+    .await;
+    // One connection per user: with client ids bound to users, a second
+    // login of one user replaces the first.
+    for user in ["robot-8", "mallory", "eve", "trudy", "watcher"] {
+        let ok = std::process::Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(broker.dir().join("passwd"))
+            .args([user, &format!("{user}-pw")])
+            .status()
+            .expect("mosquitto_passwd (from the mosquitto package)")
+            .success();
+        assert!(ok, "mosquitto_passwd {user}");
+    }
+    broker.restart().await; // reload the password file
+
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("mqtt-password");
+    std::fs::write(&pw, "daemon-pw\n").unwrap();
+    let fake = FakeVllm::builder().run().await;
+    let instance = unique("takeover");
+    let d = Proc::spawn(
+        &args(
+            broker.port(),
+            &fake.base_url(),
+            &instance,
+            &[
+                "--mqtt-username",
+                "vllm-mqttd",
+                "--mqtt-password-file",
+                &pw.display().to_string(),
+            ],
+        ),
+        &[],
+    );
+    let mut watcher = login_as(&broker, "watcher", &unique("watcher"))
+        .await
+        .unwrap();
+    watcher.subscribe(&status_topic(&instance)).await;
+    watcher
+        .subscribe("general/assistant_response/watcher")
+        .await;
+    loop {
+        let m = watcher.expect_on(&status_topic(&instance), WAIT).await;
+        if m.json()["state"] == "online" {
+            break;
+        }
+    }
+
+    // mallory learns the instance name from the retained status.
+    let mut mallory = login_as(&broker, "mallory", &unique("mallory"))
+        .await
+        .unwrap();
+    mallory.subscribe("vllm-mqttd/+/status").await;
+    let status = mallory.expect(WAIT).await;
+    let learnt = status
+        .topic
+        .strip_prefix("vllm-mqttd/")
+        .and_then(|t| t.strip_suffix("/status"))
+        .expect("a status topic")
+        .to_owned();
+    assert_eq!(learnt, instance);
+    assert_eq!(status.json()["state"], "online");
+    let daemon_id = format!("vllm-mqttd-{learnt}");
+
+    // The takeovers: connected, each under its own user's id instead.
+    let eve = login_as(&broker, "eve", &daemon_id)
+        .await
+        .expect("eve logs in (under her own id)");
+    let trudy = login_as(&broker, "trudy", "vllm-mqttd")
+        .await
+        .expect("trudy logs in (under her own id)");
+    // Mosquitto logs a replaced connection before it acknowledges the
+    // newcomer (before the fix: "Client vllm-mqttd-... already connected,
+    // closing old connection").
+    let blog = broker.log();
+    assert!(
+        !blog.contains("already connected"),
+        "a takeover replaced a connection:\n{blog}"
+    );
+    // Refused outright: no password, and the daemon's user with a guess.
+    for (what, opts) in [
+        ("anonymous", ConnectOptions::new(&daemon_id)),
+        (
+            "a wrong password",
+            ConnectOptions::new("vllm-mqttd").credentials("vllm-mqttd", "guess"),
+        ),
+    ] {
+        let r = TestClient::connect_with(broker.host(), broker.port(), opts).await;
+        assert!(r.is_err(), "{what} under the daemon's id was let in");
+    }
+
+    // A device is answered after the attempts.
+    let mut robot = login_as(&broker, "robot-8", &unique("robot-8"))
+        .await
+        .unwrap();
+    robot
+        .subscribe("general/assistant_response/robot-8/#")
+        .await;
+    robot
+        .publish(
+            "general/user_input",
+            json!({"sessionId": "robot-8", "message": "still you?"}).to_string(),
+            1,
+        )
+        .await;
+    let m = robot
+        .expect_on("general/assistant_response/robot-8", WAIT)
+        .await;
+    assert_eq!(m.text(), "echo: still you?");
+
+    // The watcher's own round trip through the daemon is the barrier: an
+    // `offline` will (published by the broker when it closes the kicked
+    // connection, before it acknowledges the newcomer) or a reconnect's
+    // `online` would come before the reply.
+    watcher
+        .publish(
+            "general/user_input",
+            json!({"sessionId": "watcher", "message": "barrier"}).to_string(),
+            1,
+        )
+        .await;
+    let mut flaps = Vec::new();
+    loop {
+        let m = watcher.expect(WAIT).await;
+        if m.topic == "general/assistant_response/watcher" {
+            assert_eq!(m.text(), "echo: barrier");
+            break;
+        }
+        flaps.push((m.topic.clone(), m.text()));
+    }
+    assert!(flaps.is_empty(), "the status changed: {flaps:?}");
+
+    let blog = broker.log();
+    assert!(
+        !blog.contains("already connected"),
+        "a connection was replaced:\n{blog}"
+    );
+    assert_eq!(
+        blog.matches(" as vllm-mqttd ").count(),
+        1,
+        "the daemon's connection, once:\n{blog}"
+    );
+    for (user, c) in [("eve", &eve), ("trudy", &trudy)] {
+        assert!(
+            blog.contains(&format!(" as {user} ")),
+            "{user} got her user name as client id:\n{blog}"
+        );
+        c.disconnect().await;
+    }
+    let log = d.stop().await;
+    assert_eq!(
+        log.matches("connected to the MQTT broker").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("MQTT connection lost"), "{log}");
+}
+
+// ---------------------------------------------------------------------
+// Warnings at start: a derived client id, credentials in clear text.
+// ---------------------------------------------------------------------
+
+/// Removes `--instance-id NAME` from `args` (the id is then derived from
+/// the host name).
+fn without_instance(mut a: Vec<String>) -> Vec<String> {
+    if let Some(i) = a.iter().position(|x| x == "--instance-id") {
+        a.drain(i..i + 2);
+    }
+    a
+}
+
+/// The instance name the daemon derives from this host's name (the
+/// characters it keeps of it).
+fn derived_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let clean: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    if clean.is_empty() {
+        "localhost".into()
+    } else {
+        clean
+    }
+}
+
+const DERIVED_WARNING: &str = "the MQTT client id is derived from the host name";
+
+/// From the reading list: with no `--instance-id` and no client id, the
+/// client id comes from the host name, which changes with each container
+/// restart (the old persistent session then queues requests for a day).
+/// The daemon now warns at start, at WARN level, naming the id; with
+/// either set it does not.
+#[tokio::test]
+async fn a_client_id_derived_from_the_host_name_is_warned_about_at_start() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeVllm::builder().run().await;
+    let host_instance = derived_instance();
+
+    let mut d = Proc::spawn(
+        &without_instance(args(broker.port(), &fake.base_url(), "unused", &[])),
+        &[],
+    );
+    assert!(
+        d.listening_or_exit(DERIVED_WARNING).await,
+        "exited:\n{}",
+        d.log()
+    );
+    let log = d.stop().await;
+    let line = log.lines().find(|l| l.contains(DERIVED_WARNING)).unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(&format!("vllm-mqttd-{host_instance}")),
+        "names the id: {line}"
+    );
+    assert!(line.contains("--instance-id"), "says how to fix it: {line}");
+
+    // Either name set: no warning (checked once the daemon is online,
+    // which is after the check, and its output read to the end).
+    let explicit = unique("explicit");
+    for (extra, instance) in [
+        (
+            vec!["--mqtt-client-id".to_string(), unique("client")],
+            host_instance.clone(),
+        ),
+        (
+            vec!["--instance-id".to_string(), explicit.clone()],
+            explicit.clone(),
+        ),
+    ] {
+        let mut a = without_instance(args(broker.port(), &fake.base_url(), "unused", &[]));
+        a.extend(extra.iter().cloned());
+        let d = Proc::spawn(&a, &[]);
+        let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+        let log = d.stop().await;
+        assert!(!log.contains(DERIVED_WARNING), "{extra:?}:\n{log}");
+    }
+}
+
+const CLEAR_TEXT_WARNING: &str = "credentials go to the backend in clear text";
+const API_KEY: &str = "sk-Api-K3y-zz8";
+
+/// Trigger 8, the warning: credentials (user info, a query, an API key)
+/// over plain http to a host that is not loopback cross the network in
+/// clear text. The daemon warns at start, with the URL redacted; the
+/// secrets appear nowhere in its output, even at `-vv`. Over https, or to
+/// loopback, it does not warn. (The backend, 10.1.2.3:9, is never
+/// reached: the warning comes before any call.)
+#[tokio::test]
+async fn credentials_over_plain_http_beyond_loopback_are_warned_about_without_the_secret() {
+    let broker = Mosquitto::start().await;
+    let creds = format!("{URL_USER}:{URL_PASSWORD}@");
+    let query = format!("?token={URL_TOKEN}");
+    // (backend URL, API key, warned)
+    let cases = [
+        (format!("http://{creds}10.1.2.3:9/v1{query}"), None, true),
+        ("http://10.1.2.3:9/v1".to_string(), Some(API_KEY), true),
+        (
+            format!("https://{creds}10.1.2.3:9/v1{query}"),
+            Some(API_KEY),
+            false,
+        ),
+        (
+            format!("http://{creds}127.0.0.1:9/v1{query}"),
+            Some(API_KEY),
+            false,
+        ),
+    ];
+    let mut running = Vec::new();
+    for (url, key, warned) in &cases {
+        let instance = unique("clear");
+        let envs: Vec<(&str, &str)> = key
+            .map(|k| ("VLLM_MQTTD_BACKEND_API_KEY", k))
+            .into_iter()
+            .collect();
+        let d = Proc::spawn(&args(broker.port(), url, &instance, &["-vv"]), &envs);
+        running.push((d, instance, url, *warned));
+    }
+    for (mut d, instance, url, warned) in running {
+        let shown = crate_redacted(url);
+        if warned {
+            assert!(
+                d.listening_or_exit(CLEAR_TEXT_WARNING).await,
+                "{shown}: exited:\n{}",
+                d.log()
+            );
+        } else {
+            let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+        }
+        let log = d.stop().await;
+        assert_no_secret(&shown, &log);
+        assert!(!log.contains(API_KEY), "{shown}: the API key shows:\n{log}");
+        let line = log.lines().find(|l| l.contains(CLEAR_TEXT_WARNING));
+        match (warned, line) {
+            (true, Some(line)) => {
+                assert!(line.contains("WARN"), "{line}");
+                assert!(line.contains(&shown), "names the backend: {line}");
+            }
+            (false, None) => {}
+            (_, line) => panic!("{shown}: warned {line:?}, expected {warned}:\n{log}"),
+        }
+    }
+}
+
+/// `url` as the daemon shows it: user info and query as `***`.
+fn crate_redacted(url: &str) -> String {
+    url.replace(&format!("{URL_USER}:{URL_PASSWORD}@"), "***:***@")
+        .replace(&format!("?token={URL_TOKEN}"), "?***")
+}
+
+// ---------------------------------------------------------------------
+// From the reading list: endless bodies from a backend.
+// ---------------------------------------------------------------------
+
+/// The most an endless body may have taken from the backend before the
+/// daemon hung up: its cap (16 KiB for an error, 1 MiB for the model
+/// list) plus what the socket buffers hold (a few MiB on loopback), far
+/// below the fake's 256 MiB.
+const ENDLESS_SENT_BOUND: usize = 64 * 1024 * 1024;
+
+/// The RSS a daemon may reach here. It runs at about 46 MiB (debug build);
+/// reading one of these bodies whole takes the fake's 256 MiB and more.
+const ENDLESS_RSS_BOUND_KIB: u64 = 96 * 1024;
+
+/// Waits until `backend` has seen the end of every endless body it began
+/// (`expected` bodies at least), and asserts the daemon cut each short.
+async fn assert_endless_bodies_cut(what: &str, backend: &RawBackend, expected: usize) {
+    poll_until(&format!("{what}: the endless bodies end"), WAIT, || {
+        backend.endless_bodies().len() >= expected
+    })
+    .await;
+    let bodies = backend.endless_bodies();
+    eprintln!("{what}: {bodies:?}");
+    for b in &bodies {
+        assert!(
+            b.cut && b.sent < ENDLESS_SENT_BOUND,
+            "{what}: an endless body was read for {} bytes (the fake stops at {ENDLESS_BOUND}): {bodies:?}",
+            b.sent
+        );
+    }
+}
+
+/// From the reading list: error bodies were read whole before the 16 KiB
+/// cap applied. A backend answers every chat with 400 (not retried) or 500
+/// (retried) and a body that never ends: the device gets an error at once
+/// (asserted within 5 s; the deadline is 60 s), with the body's start as
+/// message (one line, clipped); the daemon hung up on each body after a
+/// few MiB at most, its RSS stays small, and it stays connected. Before
+/// the fix the daemon read each body to the fake's 256 MiB bound, and
+/// kept it.
+#[tokio::test]
+async fn endless_error_bodies_are_cut_and_answered_at_once_with_rss_small() {
+    let broker = Mosquitto::start().await;
+    for status in [400u16, 500] {
+        let backend = RawBackend::start(ResetMode::EndlessError(status)).await;
+        let instance = unique("errbody");
+        let d = Proc::spawn(
+            &args(
+                broker.port(),
+                &backend.base_url(),
+                &instance,
+                &[
+                    "--request-timeout",
+                    "60s",
+                    "--retry-base",
+                    "50ms",
+                    "--retry-max-delay",
+                    "200ms",
+                ],
+            ),
+            &[],
+        );
+        let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+        let mut dev = device(broker.host(), broker.port(), "general").await;
+        for session in ["b1", "b2"] {
+            let start = Instant::now();
+            dev.publish(
+                "general/user_input",
+                json!({"sessionId": session, "message": "hi", "format": "json"}).to_string(),
+                1,
+            )
+            .await;
+            let v = dev
+                .expect_on(
+                    &format!("general/assistant_response/{session}"),
+                    Duration::from_secs(5),
+                )
+                .await
+                .json();
+            let took = start.elapsed();
+            eprintln!("{status}: answered in {took:?}: {v}");
+            assert_eq!(v["ok"], false, "{v}");
+            let code = v["error"]["code"].as_str().unwrap_or_default();
+            let msg = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                ["backend_error", "backend_unavailable"].contains(&code),
+                "{status}: {v}"
+            );
+            assert!(msg.len() < 1024, "{status}: a clipped message: {v}");
+        }
+        let calls = backend.chat_calls();
+        assert!(calls >= 2, "{calls} chat calls");
+        assert_endless_bodies_cut(&format!("status {status}"), &backend, calls).await;
+        let rss = d.rss_kib();
+        eprintln!("{status}: RSS {rss} KiB after {calls} endless error bodies");
+        assert!(rss < ENDLESS_RSS_BOUND_KIB, "RSS {rss} KiB");
+        let log = d.stop().await;
+        assert_eq!(
+            log.matches("connected to the MQTT broker").count(),
+            1,
+            "{log}"
+        );
+        assert!(!log.contains("MQTT connection lost"), "{log}");
+    }
+}
+
+/// From the reading list: `GET /v1/models` was read unbounded. A backend
+/// whose model list never ends (and the daemon with no `--model`, so it
+/// discovers one): discovery gives up at the 1 MiB cap ("answered more
+/// than") rather than reading on, a request is answered
+/// `backend_unavailable` promptly (asserted within 4 s, under the 5 s a
+/// discovery attempt may take), the daemon hung up on every list after a
+/// few MiB at most, its RSS stays small, and it stays connected and keeps
+/// answering. Before the fix each attempt read the fake's 256 MiB.
+#[tokio::test]
+async fn an_endless_model_list_is_cut_at_its_cap_and_requests_are_answered_promptly() {
+    let broker = Mosquitto::start().await;
+    let backend = RawBackend::start(ResetMode::EndlessModels).await;
+    let instance = unique("models");
+    let mut d = Proc::spawn(
+        &without_model(args(
+            broker.port(),
+            &backend.base_url(),
+            &instance,
+            &["--request-timeout", "60s"],
+        )),
+        &[],
+    );
+    let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
+    assert!(
+        d.listening_or_exit("cannot discover the models yet").await,
+        "exited:\n{}",
+        d.log()
+    );
+    let mut dev = device(broker.host(), broker.port(), "general").await;
+    for session in ["m1", "m2"] {
+        let start = Instant::now();
+        dev.publish(
+            "general/user_input",
+            json!({"sessionId": session, "message": "hi", "format": "json"}).to_string(),
+            1,
+        )
+        .await;
+        let v = dev
+            .expect_on(
+                &format!("general/assistant_response/{session}"),
+                Duration::from_secs(4),
+            )
+            .await
+            .json();
+        eprintln!("answered in {:?}: {v}", start.elapsed());
+        assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
+    }
+    assert_eq!(backend.chat_calls(), 0, "no model, no chat call");
+    assert_endless_bodies_cut("GET /models", &backend, 1).await;
+    let rss = d.rss_kib();
+    eprintln!(
+        "RSS {rss} KiB after {} endless model lists",
+        backend.endless_bodies().len()
+    );
+    assert!(rss < ENDLESS_RSS_BOUND_KIB, "RSS {rss} KiB");
+    let log = d.stop().await;
+    assert!(
+        log.contains("answered more than 1048576 bytes"),
+        "discovery names the cap:\n{log}"
+    );
+    assert_eq!(
+        log.matches("connected to the MQTT broker").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("MQTT connection lost"), "{log}");
+    // Every list begun was cut (discovery retries meanwhile).
+    for b in backend.endless_bodies() {
+        assert!(b.cut && b.sent < ENDLESS_SENT_BOUND, "{b:?}");
+    }
+}
+
+/// An MQTT 3.1.1 CONNECT packet (clean session, keep-alive 60 s).
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    assert!(id.len() < 100);
+    let mut p = vec![0x10, (12 + id.len()) as u8, 0, 4];
+    p.extend_from_slice(b"MQTT");
+    p.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
+    p.extend_from_slice(id);
+    p
+}
+
+/// How many file descriptors process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count()
+}
+
+/// What the broker did with an idle client's CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// A CONNACK (accepted): the connection is kept.
+    Admitted,
+    /// Closed without one (no room).
+    Closed,
+}
+
+/// Waits for the broker's answer to the CONNECT sent on `s`, keeping an
+/// admitted connection open (idle) for as long as the caller holds it.
+async fn admission(mut s: TcpStream) -> (Admission, TcpStream) {
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => (Admission::Closed, s),
+        Ok(Ok(_)) => {
+            assert_eq!(buf[0], 0x20, "a CONNACK");
+            (Admission::Admitted, s)
+        }
+        Err(_) => panic!("the broker neither answered a CONNECT nor closed within {WAIT:?}"),
+    }
+}
+
+/// Trigger 7, the file descriptors: under `ulimit -n 300` the embedded
+/// broker caps its connections at 300 - 256 = 44, keeping 256 descriptors
+/// for the daemon. 400 idle clients connect (each sends CONNECT, then
+/// nothing): 42 are admitted (the cap less the daemon and a device), the
+/// rest closed at once, the daemon's open descriptors stay within the cap
+/// of where they were, and the device already connected is answered,
+/// through a backend that closes every connection (so the call needs a new
+/// socket). Before the fix (1000 connections allowed, whatever the limit)
+/// the broker took every descriptor and the backend call failed with "Too
+/// many open files", which counted against the backend.
+#[tokio::test]
+async fn embedded_broker_keeps_file_descriptors_for_the_daemon_under_a_low_ulimit() {
+    const NOFILE: u32 = 300;
+    const IDLE: usize = 400;
+    let backend = RawChat::start(ChatMode::AnswerAndClose).await;
+    let (v4, _v5, d) = embedded_daemon_with(&backend.base_url(), Some(NOFILE)).await;
+    let cap = (NOFILE - 256) as usize;
+    let listening = d.log();
+    assert!(
+        listening.contains(&format!("max_connections={cap}")),
+        "the cap keeps 256 descriptors:\n{listening}"
+    );
+    let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("device")).await;
+    dev.subscribe("general/assistant_response/#").await;
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "fd", "message": "before"}).to_string(),
+        1,
+    )
+    .await;
+    assert_eq!(dev.expect(WAIT).await.text(), "fresh");
+    let before = open_fds(d.pid());
+
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..IDLE {
+        let mut s = TcpStream::connect(("127.0.0.1", v4)).await.unwrap();
+        s.write_all(&connect_packet(&format!("idle-{i}")))
+            .await
+            .unwrap();
+        pending.spawn(admission(s));
+    }
+    let mut idle = Vec::new();
+    let mut admitted = 0;
+    while let Some(r) = pending.join_next().await {
+        let (a, s) = r.expect("admission task");
+        if a == Admission::Admitted {
+            admitted += 1;
+            idle.push(s);
+        }
+    }
+    let during = open_fds(d.pid());
+    eprintln!(
+        "{admitted} of {IDLE} idle clients admitted; descriptors {before} -> {during} (limit {NOFILE})"
+    );
+    // The cap less the daemon and the device, and perhaps less the
+    // watcher of `embedded_daemon_with`, dropped without DISCONNECT, if
+    // the broker has not yet noticed its close.
+    assert!(
+        (cap - 3..=cap - 2).contains(&admitted),
+        "{admitted} admitted, the cap is {cap}"
+    );
+    assert!(
+        during <= before + cap,
+        "{during} descriptors open (from {before})"
+    );
+
+    // The device is served: the backend call gets its socket.
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": "fd", "message": "after", "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev.expect(WAIT).await.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["text"], "fresh");
+    let log = d.stop().await;
+    assert!(!log.contains("Too many open files"), "{log}");
+    drop(idle);
+}
+
+/// Trigger 7, the file descriptors, with sockets that never send CONNECT:
+/// NOT FIXED YET, hence ignored. The connection cap counts only clients
+/// that have connected; rumqttd accepts every socket (each a descriptor)
+/// and gives it 5 s to send CONNECT, so 400 silent sockets under
+/// `ulimit -n 300` take every descriptor within that window (its accept
+/// loops then retry at once on EMFILE, spinning), and the daemon's
+/// backend calls fail with "Too many open files" (the first of five
+/// requests, 3 runs in 3 on the 2-core machine). The fix: accept
+/// only while accepted-but-not-connected plus connected sockets are below
+/// the room, leaving the rest in the kernel's backlog. Then this passes
+/// every time.
+#[tokio::test]
+#[ignore = "issue 10 item 7: sockets that never send CONNECT are not counted against the fd room"]
+async fn embedded_broker_keeps_file_descriptors_for_the_daemon_against_silent_sockets() {
+    const NOFILE: u32 = 300;
+    let backend = RawChat::start(ChatMode::AnswerAndClose).await;
+    let (v4, v5, d) = embedded_daemon_with(&backend.base_url(), Some(NOFILE)).await;
+    let mut dev = TestClientV4::connect("127.0.0.1", v4, &unique("device")).await;
+    dev.subscribe("general/assistant_response/#").await;
+    let mut silent = Vec::new();
+    for i in 0..400 {
+        let port = if i % 2 == 0 { v4 } else { v5 };
+        silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    for i in 0..5 {
+        dev.publish(
+            "general/user_input",
+            json!({"sessionId": format!("fd{i}"), "message": "hi", "format": "json"}).to_string(),
+            1,
+        )
+        .await;
+        let v = dev.expect(WAIT).await.json();
+        assert_eq!(
+            v["ok"],
+            true,
+            "{v} ({} descriptors open)",
+            open_fds(d.pid())
+        );
+    }
+    drop(silent);
     d.stop().await;
 }

@@ -12,10 +12,18 @@
 //! - [`ResetMode::StallAfterHead`]: chat requests get a 200 head and an
 //!   event stream that never sends anything (health and models answer);
 //! - [`ResetMode::Silent`]: every connection is accepted and its request
-//!   read, and nothing is ever answered.
+//!   read, and nothing is ever answered;
+//! - [`ResetMode::EndlessError`]: chat requests get an error status and a
+//!   body that never ends (health and models answer);
+//! - [`ResetMode::EndlessModels`]: `GET /models` gets a 200 and a JSON
+//!   list that never ends (health and chat answer).
+//!
+//! An endless body is written as fast as the client reads it until the
+//! client hangs up, or [`ENDLESS_BOUND`] bytes (a bound for the fake only:
+//! a client that reads that much has already failed its test).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +36,23 @@ pub enum ResetMode {
     Reused,
     StallAfterHead,
     Silent,
+    /// Chat requests are answered with this status and an endless
+    /// `text/plain` body (no length, `connection: close`).
+    EndlessError(u16),
+    /// `GET /models` is answered 200 with an endless JSON model list.
+    EndlessModels,
+}
+
+/// The most an endless body writes before the fake gives up: 256 MiB.
+pub const ENDLESS_BOUND: usize = 256 * 1024 * 1024;
+
+/// One endless body as it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndlessBody {
+    /// Body bytes written (accepted by the socket) before it ended.
+    pub sent: usize,
+    /// The client hung up (else the fake reached [`ENDLESS_BOUND`]).
+    pub cut: bool,
 }
 
 /// The running server; stops when dropped.
@@ -37,6 +62,8 @@ pub struct RawBackend {
     chat: Arc<AtomicUsize>,
     /// Chat requests closed without an answer.
     resets: Arc<AtomicUsize>,
+    /// Endless bodies that have ended, in the order they did.
+    bodies: Arc<Mutex<Vec<EndlessBody>>>,
     task: JoinHandle<()>,
 }
 
@@ -46,19 +73,21 @@ impl RawBackend {
         let port = listener.local_addr().unwrap().port();
         let chat = Arc::new(AtomicUsize::new(0));
         let resets = Arc::new(AtomicUsize::new(0));
-        let (c, r) = (chat.clone(), resets.clone());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let (c, r, b) = (chat.clone(), resets.clone(), bodies.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve(sock, mode, c.clone(), r.clone()));
+                tokio::spawn(serve(sock, mode, c.clone(), r.clone(), b.clone()));
             }
         });
         RawBackend {
             port,
             chat,
             resets,
+            bodies,
             task,
         }
     }
@@ -73,6 +102,12 @@ impl RawBackend {
 
     pub fn resets(&self) -> usize {
         self.resets.load(Ordering::SeqCst)
+    }
+
+    /// The endless bodies that have ended so far (the client hung up or
+    /// the fake's bound was reached); one still being written is not in.
+    pub fn endless_bodies(&self) -> Vec<EndlessBody> {
+        self.bodies.lock().unwrap().clone()
     }
 }
 
@@ -115,6 +150,7 @@ async fn serve(
     mode: ResetMode,
     chat: Arc<AtomicUsize>,
     resets: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<EndlessBody>>>,
 ) {
     let mut buf = Vec::new();
     let mut served = 0;
@@ -122,6 +158,27 @@ async fn serve(
         let is_chat = head.starts_with("POST") && head.contains("/chat/completions");
         if is_chat {
             chat.fetch_add(1, Ordering::SeqCst);
+        }
+        let endless = match mode {
+            ResetMode::EndlessError(status) if is_chat => Some((
+                format!(
+                    "HTTP/1.1 {status} Oops\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n"
+                ),
+                String::new(),
+                "x".repeat(1000),
+            )),
+            ResetMode::EndlessModels if head.starts_with("GET") && head.contains("/models") => Some((
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+                    .to_owned(),
+                "{\"object\":\"list\",\"data\":[".to_owned(),
+                "{\"id\":\"test-model\",\"object\":\"model\"},".repeat(25),
+            )),
+            _ => None,
+        };
+        if let Some((head, prefix, unit)) = endless {
+            let body = endless_body(&mut sock, &head, &prefix, &unit).await;
+            bodies.lock().unwrap().push(body);
+            return;
         }
         if mode == ResetMode::Silent {
             let mut rest = [0u8; 1024];
@@ -172,4 +229,26 @@ async fn serve(
             return;
         }
     }
+}
+
+/// Writes `head`, then `prefix` and `unit` over and over as fast as the
+/// client reads, until it hangs up or [`ENDLESS_BOUND`] is reached.
+async fn endless_body(sock: &mut TcpStream, head: &str, prefix: &str, unit: &str) -> EndlessBody {
+    let mut sent = 0;
+    if sock.write_all(head.as_bytes()).await.is_err() {
+        return EndlessBody { sent, cut: true };
+    }
+    if sock.write_all(prefix.as_bytes()).await.is_err() {
+        return EndlessBody { sent, cut: true };
+    }
+    sent += prefix.len();
+    // Units batched to about 64 KiB a write.
+    let chunk = unit.repeat((64 * 1024 / unit.len()).max(1));
+    while sent < ENDLESS_BOUND {
+        if sock.write_all(chunk.as_bytes()).await.is_err() {
+            return EndlessBody { sent, cut: true };
+        }
+        sent += chunk.len();
+    }
+    EndlessBody { sent, cut: false }
 }
