@@ -201,11 +201,21 @@ impl Broker {
             })?;
         }
 
+        // vllm-mqttd patch: one budget of open sockets for every listener,
+        // connected or still waiting for CONNECT (see `Server::sockets`).
+        let sockets = Arc::new(tokio::sync::Semaphore::new(
+            self.config
+                .router
+                .max_connections
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
+
         // Spawn servers in a separate thread.
         if let Some(v4_config) = &self.config.v4 {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.sockets = Some(sockets.clone());
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -224,6 +234,7 @@ impl Broker {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let mut server = Server::new(config, self.router_tx.clone(), V5);
+                server.sockets = Some(sockets.clone());
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -349,6 +360,14 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    /// vllm-mqttd patch: a permit per open socket, taken before `accept`
+    /// and held by the link task until the socket closes. The router's
+    /// `max_connections` counts only clients that sent CONNECT; a socket
+    /// that never does still holds a file descriptor for the connection
+    /// timeout, so silent sockets could take every descriptor the
+    /// process has. With the budget spent, new sockets wait in the
+    /// kernel's backlog instead of in our descriptor table.
+    pub sockets: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,6 +381,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            sockets: None,
         }
     }
 
@@ -391,11 +411,22 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             "Listening for remote connections",
         );
         loop {
+            // vllm-mqttd patch: a socket permit first (see `sockets`).
+            let permit = match &self.sockets {
+                Some(s) => match s.clone().acquire_owned().await {
+                    Ok(p) => Some(p),
+                    Err(_) => return Ok(()),
+                },
+                None => None,
+            };
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
                 Ok((s, r)) => (s, r),
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    // vllm-mqttd patch: out of descriptors (EMFILE), retrying
+                    // at once spins a core; the socket stays in the backlog.
+                    time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
@@ -450,14 +481,21 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     )
                 }
                 LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
+                    {
+                        let link = remote(
+                            config,
+                            tenant_id.clone(),
+                            router_tx,
+                            network,
+                            protocol,
+                            self.awaiting_will_handler.clone(),
+                        );
+                        // The permit is given back when the link ends.
+                        async move {
+                            link.await;
+                            drop(permit);
+                        }
+                    }
                     .instrument(tracing::error_span!(
                         "remote_link",
                         ?tenant_id,
