@@ -256,6 +256,40 @@ st_rc=$?
 st="$(stream_check "$RUN_DIR/stream-s.out" sentence 2>&1)"
 check "sentence mode: $st, no delta ends mid-sentence" "exit $st_rc: $st" '[ "$st_rc" -eq 0 ] && [[ "$st" == deltas* ]]'
 
+# Timing on this machine, one streamed request at a time: the time to the
+# first delta through the daemon and the broker (vllm-stress), against the
+# server's own prompt time and generation speed (llama-server's timing
+# lines for the same requests; a vLLM server prints none).
+TIMING_N=8
+srv_log="$RUN_DIR/llama-server.log"
+srv_from=$(( $(wc -l <"$srv_log" 2>/dev/null || echo 0) + 1 ))
+"$STRESS_BIN" --mqtt-port "$((P + 1))" -p general --clients 1 --messages "$TIMING_N" --interval 0s --stream \
+  --message "Tell me about the Moon in two sentences." --json "$RUN_DIR/timing.json" -q \
+  >"$RUN_DIR/timing.out" 2>"$RUN_DIR/timing.err"
+tm_rc=$?
+T="$(cat "$RUN_DIR/timing.json" 2>/dev/null)"
+tm_ok="$(jget "$T" outcomes.ok)"; tm_ttfd="$(jget "$T" stream.ttfdMs.p50)"; tm_lat="$(jget "$T" latencyMs.p50)"
+# "prompt eval time = X ms / N tokens" and "eval time = X ms / N tokens
+# (..., R tokens per second)": medians over the run's requests.
+srv_timing="$(tail -n +"$srv_from" "$srv_log" 2>/dev/null | python3 -c '
+import re, statistics, sys
+prompt, speed = [], []
+for line in sys.stdin:
+    m = re.search(r"prompt eval time =\s*([\d.]+) ms", line)
+    if m:
+        prompt.append(float(m.group(1)))
+        continue
+    m = re.search(r"\beval time =.*?([\d.]+) tokens per second", line)
+    if m:
+        speed.append(float(m.group(1)))
+if prompt and speed:
+    print(f"server prompt time p50 {statistics.median(prompt):.0f} ms, generation {statistics.median(speed):.0f} tokens/s (median of {len(speed)})")
+')"
+printf '    %s requests one at a time: time to first delta p50 %s ms, whole answer p50 %s ms%s\n' \
+  "$TIMING_N" "${tm_ttfd:-?}" "${tm_lat:-?}" "${srv_timing:+; $srv_timing}"
+check "timing: $TIMING_N streamed answers one at a time, time to first delta p50 ${tm_ttfd:-?} ms${srv_timing:+ ($srv_timing)}" \
+  "exit $tm_rc, ok ${tm_ok:-0} of $TIMING_N" '[ "$tm_rc" -eq 0 ] && [ "${tm_ok:-0}" = "$TIMING_N" ] && [ -n "$tm_ttfd" ]'
+
 # Cancel: Ctrl-C during a long generation ends vllm-chat with 130 at once,
 # the daemon drops the backend call, and the session's next message is
 # answered without waiting for the long one to finish.
