@@ -217,7 +217,7 @@ where
                 host = %opts.host,
                 port = opts.port,
                 %error,
-                "the broker dropped the MQTT 5 CONNECT; connecting with MQTT 3.1.1"
+                "the broker dropped or refused the MQTT 5 CONNECT; connecting with MQTT 3.1.1"
             );
             attempt(opts, Protocol::V311, client_id, make_handler)
                 .await
@@ -436,15 +436,18 @@ mod v5 {
         }
     }
 
-    /// Did the broker take the connection but not MQTT 5? A 3.1.1-only
-    /// listener either refuses the version (Mosquitto) or closes the
-    /// socket on the CONNECT (rumqttd's v4 listener).
+    /// Did the broker take the connection but not MQTT 5? A broker set to
+    /// 3.1.1 only refuses the version (MQTT 5 reason 0x84), an older one
+    /// answers in 3.1.1's CONNACK format, which does not parse as MQTT 5
+    /// (return code 1, no properties), and rumqttd's v4 listener closes
+    /// the socket on the CONNECT. Only asked about the first connection,
+    /// whose 3.1.1 retry reports its own failure if the broker is broken.
     fn v5_unsupported(e: &E) -> bool {
         use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
         use rumqttc::v5::StateError;
         match e {
             E::ConnectionRefused(C::UnsupportedProtocolVersion) => true,
-            E::MqttState(StateError::ConnectionAborted) => true,
+            E::MqttState(StateError::ConnectionAborted | StateError::Deserialization(_)) => true,
             E::MqttState(StateError::Io(io)) | E::Io(io) => matches!(
                 io.kind(),
                 std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset

@@ -898,3 +898,66 @@ async fn a_stream_cut_by_a_broker_restart_ends_with_an_error_and_stops_its_gener
     assert_eq!(env.fake.chat_calls(), 1);
     env.stop().await;
 }
+
+/// A broker that refuses MQTT 5 in its CONNACK (MQTT 3.1.1 only): a v5
+/// CONNECT is answered `refusal` and closed; a 3.1.1 one is relayed to
+/// Mosquitto. Returns the port.
+async fn v311_only_front(mosquitto_port: u16, refusal: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut device, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                // Fixed header (1 byte, remaining length < 128 here), then
+                // the protocol name "MQTT" (6 bytes) and the level.
+                let mut head = [0u8; 9];
+                if device.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                if head[8] == 5 {
+                    let _ = device.write_all(refusal).await;
+                    return;
+                }
+                let Ok(mut broker) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", mosquitto_port)).await
+                else {
+                    return;
+                };
+                if broker.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut device, &mut broker).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn the_default_mqtt5_falls_back_to_3_1_1_on_a_broker_that_refuses_it() {
+    // An MQTT 5 broker configured for 3.1.1 only answers CONNACK reason
+    // 0x84 (unsupported protocol version); a 3.1.1-only broker (Mosquitto
+    // 1.x) answers the 3.1.1 CONNACK return code 1, in 3.1.1's format.
+    let env = Env::start(FakeVllm::builder().run().await, |_| {}).await;
+    for (name, refusal) in [
+        ("MQTT 5 reason 0x84", &[0x20u8, 0x03, 0x00, 0x84, 0x00][..]),
+        ("MQTT 3.1.1 return code 1", &[0x20u8, 0x02, 0x00, 0x01][..]),
+    ] {
+        let port = v311_only_front(env.broker.port(), refusal).await;
+        let options = ClientOptions::new("127.0.0.1", port)
+            .min_interval(Duration::ZERO)
+            .timeout(WAIT)
+            .reply_timeout(WAIT);
+        assert_eq!(options.protocol, Protocol::V5, "the default");
+        let client = Client::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: connects over 3.1.1: {e}"));
+        let reply = client.chat("maze", "refused-v5", "hello").await.unwrap();
+        assert_eq!(reply.text.as_deref(), Some("echo: hello"), "{name}");
+        client.disconnect().await;
+    }
+    env.stop().await;
+}
