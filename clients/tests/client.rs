@@ -25,12 +25,17 @@ trait ClientEnv {
     async fn client(&self) -> Client;
 }
 
+/// Client options for host:port, without pacing, waiting up to [`WAIT`].
+fn unpaced(host: &str, port: u16) -> ClientOptions {
+    ClientOptions::new(host, port)
+        .min_interval(Duration::ZERO)
+        .timeout(WAIT)
+        .reply_timeout(WAIT)
+}
+
 impl<B> ClientEnv for Env<B> {
     fn options(&self) -> ClientOptions {
-        ClientOptions::new(self.broker.host(), self.broker.port())
-            .min_interval(Duration::ZERO)
-            .timeout(WAIT)
-            .reply_timeout(WAIT)
+        unpaced(self.broker.host(), self.broker.port())
     }
 
     async fn client(&self) -> Client {
@@ -407,13 +412,7 @@ async fn chats_over_tls_with_a_private_ca_and_refuses_a_foreign_one() {
     .await;
     let fake = FakeVllm::builder().run().await;
     let daemon = Daemon::start(config(broker.host(), broker.port(), &fake.base_url())).await;
-    let tls = |ca: &str| {
-        ClientOptions::new("127.0.0.1", tls_port)
-            .tls(Some(pki.path(ca).into()))
-            .min_interval(Duration::ZERO)
-            .timeout(WAIT)
-            .reply_timeout(WAIT)
-    };
+    let tls = |ca: &str| unpaced("127.0.0.1", tls_port).tls(Some(pki.path(ca).into()));
     for protocol in [Protocol::V5, Protocol::V311] {
         let client = Client::connect(tls("ca.pem").protocol(protocol))
             .await
@@ -572,10 +571,7 @@ async fn the_default_mqtt5_falls_back_to_3_1_1_on_a_listener_that_drops_it() {
     c.embedded_broker.listen = format!("127.0.0.1:{v4}").parse().unwrap();
     c.embedded_broker.listen_v5 = format!("127.0.0.1:{v5}").parse().unwrap();
     let daemon = Daemon::start(c).await;
-    let options = ClientOptions::new("127.0.0.1", v4)
-        .min_interval(Duration::ZERO)
-        .timeout(WAIT)
-        .reply_timeout(WAIT);
+    let options = unpaced("127.0.0.1", v4);
     assert_eq!(options.protocol, Protocol::V5, "the default");
     let client = Client::connect(options)
         .await
@@ -585,14 +581,7 @@ async fn the_default_mqtt5_falls_back_to_3_1_1_on_a_listener_that_drops_it() {
     client.disconnect().await;
 
     // On a broker that speaks MQTT 5 (the v5 port), MQTT 5 is used.
-    let client = Client::connect(
-        ClientOptions::new("127.0.0.1", v5)
-            .min_interval(Duration::ZERO)
-            .timeout(WAIT)
-            .reply_timeout(WAIT),
-    )
-    .await
-    .unwrap();
+    let client = Client::connect(unpaced("127.0.0.1", v5)).await.unwrap();
     let reply = client.chat("general", "v5", "hi").await.unwrap();
     assert_eq!(reply.text.as_deref(), Some("echo: hi"));
     client.disconnect().await;
@@ -947,10 +936,7 @@ async fn the_default_mqtt5_falls_back_to_3_1_1_on_a_broker_that_refuses_it() {
         ("MQTT 3.1.1 return code 1", &[0x20u8, 0x02, 0x00, 0x01][..]),
     ] {
         let port = v311_only_front(env.broker.port(), refusal).await;
-        let options = ClientOptions::new("127.0.0.1", port)
-            .min_interval(Duration::ZERO)
-            .timeout(WAIT)
-            .reply_timeout(WAIT);
+        let options = unpaced("127.0.0.1", port);
         assert_eq!(options.protocol, Protocol::V5, "the default");
         let client = Client::connect(options)
             .await
