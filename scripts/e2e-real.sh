@@ -14,9 +14,10 @@
 # by turn), reset, finishReason length, the original-protocol client, rate
 # limiting, overload at a tiny queue, a minute of vllm-stress, a clean
 # stop, and a conversation that outgrows a small context (llama-server's
-# own 400), streamed answers (time and sentence mode) and Ctrl-C cancelling
-# a long generation. Prints a transcript and a summary; exits 1 if any
-# check failed.
+# own 400), streamed answers (time and sentence mode), the time to the
+# first token and tokens/s, Ctrl-C cancelling a long generation, and the
+# adaptive limit settling at llama-server's 4 slots from its /metrics.
+# Prints a transcript and a summary; exits 1 if any check failed.
 # Opt-in in scripts/test.sh: VLLM_MQTTD_E2E_REAL=1 bash scripts/test.sh
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
