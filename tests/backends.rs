@@ -16,10 +16,7 @@ use support::raw_http::{RawBackend, ResetMode};
 
 /// A fake that answers with its own name, so a reply says who served it.
 async fn named(name: &'static str) -> FakeVllm {
-    FakeVllm::builder()
-        .reply_with(move |_| name.to_owned())
-        .run()
-        .await
+    FakeVllm::answering(name).await
 }
 
 async fn ask(dev: &mut TestClient, session: &str, message: &str) -> Value {
@@ -380,11 +377,7 @@ async fn a_retry_waits_its_backoff_when_no_other_backend_serves_the_model() {
 /// A fake that answers with its own name, and only when let through
 /// (`release`): a call stays in flight there until the test says.
 async fn held(name: &'static str) -> FakeVllm {
-    FakeVllm::builder()
-        .gated()
-        .reply_with(move |_| name.to_owned())
-        .run()
-        .await
+    FakeVllm::builder().gated().reply(name).run().await
 }
 
 /// Calls received and calls in flight, over all `fakes`.

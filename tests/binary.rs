@@ -8,29 +8,18 @@ use support::broker::{Mosquitto, MosquittoOptions};
 use support::daemon::{device, unique, WAIT};
 use support::fake_vllm::FakeVllm;
 use support::mqtt_client::TestClient;
-use support::process::{run_to_end, DaemonProcess};
+use support::process::{daemon_args, run_to_end, DaemonProcess};
 use support::raw_http::{RawBackend, ResetMode};
 
 fn args(broker: &Mosquitto, backend: &str, instance: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--mqtt-host",
+    daemon_args(
         broker.host(),
-        "--mqtt-port",
-        &broker.port().to_string(),
-        "--backend-url",
+        broker.port(),
         backend,
-        "--model",
-        "test-model",
-        "--projects",
         "maze",
-        "--instance-id",
         instance,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+        extra,
+    )
 }
 
 async fn status_watcher(broker: &Mosquitto, instance: &str) -> (TestClient, String) {

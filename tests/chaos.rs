@@ -35,19 +35,7 @@ async fn rig() -> Rig {
         .run()
         .await;
     let instance = unique("chaos");
-    let args: Vec<String> = [
-        "--mqtt-host",
-        broker.host(),
-        "--mqtt-port",
-        &broker.port().to_string(),
-        "--backend-url",
-        &fake.base_url(),
-        "--model",
-        "test-model",
-        "--projects",
-        "maze",
-        "--instance-id",
-        &instance,
+    let extra = [
         // Replies at QoS 1 to persistent device sessions: a broker restart
         // must not lose them either.
         "--reply-qos",
@@ -64,10 +52,15 @@ async fn rig() -> Rig {
         "500ms",
         "--shutdown-grace",
         "10s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ];
+    let args = support::process::daemon_args(
+        broker.host(),
+        broker.port(),
+        &fake.base_url(),
+        "maze",
+        &instance,
+        &extra,
+    );
     Rig { broker, fake, args }
 }
 

@@ -522,25 +522,14 @@ fn tls_instance(
     state_url: &str,
     ca: &str,
 ) -> DaemonProcess {
-    let args: Vec<String> = [
-        "--mqtt-host",
+    let args = support::process::daemon_args(
         broker.host(),
-        "--mqtt-port",
-        &broker.port().to_string(),
-        "--backend-url",
+        broker.port(),
         &backend.base_url(),
-        "--model",
-        "test-model",
-        "--projects",
         "maze",
-        "--instance-id",
         &support::daemon::unique("gw-tls"),
-        "--state-url",
-        state_url,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &["--state-url", state_url],
+    );
     DaemonProcess::spawn(&args, &[("SSL_CERT_FILE", ca)])
 }
 

@@ -14,40 +14,19 @@ async fn original_paho_client_is_served_unchanged() {
     let broker = Mosquitto::start().await;
     let fake = FakeVllm::builder().run().await;
     let daemon = Daemon::start(config(broker.host(), broker.port(), &fake.base_url())).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/compat/original_client.py"
-    );
-    let out = tokio::process::Command::new("python3")
-        .args([
-            script,
-            "--host",
-            broker.host(),
-            "--port",
-            &broker.port().to_string(),
-            "--project",
-            "maze",
+    let stdout = paho_device(
+        "original_client.py",
+        &broker,
+        &[
             "--session",
             "robot-7",
             "--turns",
             "2",
             "--expect-prefix",
             "echo: turn",
-        ])
-        .output()
-        .await
-        .expect("python3 must be installed (scripts/test.sh installs paho-mqtt)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'paho'"),
-        "paho-mqtt is missing: run scripts/test.sh, which installs it"
-    );
-    assert!(
-        out.status.success(),
-        "original client failed: {stderr}\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        ],
+    )
+    .await;
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
         vec![
@@ -61,14 +40,14 @@ async fn original_paho_client_is_served_unchanged() {
     daemon.stop().await.unwrap();
 }
 
-/// Runs tests/compat/stream_client.py against `broker`; its stdout, or a
-/// panic with its stderr.
-async fn stream_client(broker: &Mosquitto, args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/stream_client.py");
+/// Runs the paho-mqtt device `tests/compat/{script}` against `broker`
+/// (project `maze`) with `args`; its stdout, or a panic with its stderr.
+async fn paho_device(script: &str, broker: &Mosquitto, args: &[&str]) -> String {
+    let path = format!("{}/tests/compat/{script}", env!("CARGO_MANIFEST_DIR"));
     let port = broker.port().to_string();
     let out = tokio::process::Command::new("python3")
         .args([
-            script,
+            path.as_str(),
             "--host",
             broker.host(),
             "--port",
@@ -81,12 +60,18 @@ async fn stream_client(broker: &Mosquitto, args: &[&str]) -> String {
         .await
         .expect("python3 must be installed (scripts/test.sh installs paho-mqtt)");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "the streaming paho device failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+        !stderr.contains("No module named 'paho'"),
+        "paho-mqtt is missing: run scripts/test.sh, which installs it"
     );
+    assert!(out.status.success(), "{script} failed: {stderr}\n{stdout}");
     stdout
+}
+
+/// Runs tests/compat/stream_client.py against `broker`.
+async fn stream_client(broker: &Mosquitto, args: &[&str]) -> String {
+    paho_device("stream_client.py", broker, args).await
 }
 
 /// The final reply the script printed.
@@ -102,10 +87,7 @@ fn final_reply(stdout: &str) -> serde_json::Value {
 async fn the_protocols_paho_streaming_example_works_over_mqtt_3_1_1() {
     let broker = Mosquitto::start().await;
     let text = "The maze has two exits. One is guarded by a dragon! The other? Nobody knows.";
-    let fake = FakeVllm::builder()
-        .reply_with(move |_| text.to_owned())
-        .run()
-        .await;
+    let fake = FakeVllm::answering(text).await;
     let daemon = Daemon::start(config(broker.host(), broker.port(), &fake.base_url())).await;
     let out = stream_client(&broker, &["--session", "paho-s"]).await;
     assert!(out.starts_with(text), "{out}");

@@ -186,25 +186,14 @@ async fn copy_lines(
 
 /// Flags for a daemon on `broker_port` serving project `general`.
 fn args(broker_port: u16, backend: &str, instance: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--mqtt-host",
+    support::process::daemon_args(
         "127.0.0.1",
-        "--mqtt-port",
-        &broker_port.to_string(),
-        "--backend-url",
+        broker_port,
         backend,
-        "--model",
-        "test-model",
-        "--projects",
         "general",
-        "--instance-id",
         instance,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+        extra,
+    )
 }
 
 /// Removes `--model NAME` from `args` (the model is then discovered).
@@ -608,6 +597,23 @@ async fn unprintable_reply_topics_get_bad_request_on_the_default_topic_and_never
     );
     let log = d.stop().await;
     assert_connected_once(&log);
+}
+
+/// Sends "hi" on `session` (project `general`, JSON format, QoS 1) and
+/// returns its reply and how long it took; panics if none comes `within`.
+async fn ask_hi(dev: &mut TestClient, session: &str, within: Duration) -> (Value, Duration) {
+    let start = Instant::now();
+    dev.publish(
+        "general/user_input",
+        json!({"sessionId": session, "message": "hi", "format": "json"}).to_string(),
+        1,
+    )
+    .await;
+    let v = dev
+        .expect_on(&format!("general/assistant_response/{session}"), within)
+        .await
+        .json();
+    (v, start.elapsed())
 }
 
 /// The daemon's log shows one connection to the broker and no loss of it:
@@ -2022,21 +2028,7 @@ async fn endless_error_bodies_are_cut_and_answered_at_once_with_rss_small() {
         let _watch = watch_online(broker.host(), broker.port(), &instance, &[]).await;
         let mut dev = device(broker.host(), broker.port(), "general").await;
         for session in ["b1", "b2"] {
-            let start = Instant::now();
-            dev.publish(
-                "general/user_input",
-                json!({"sessionId": session, "message": "hi", "format": "json"}).to_string(),
-                1,
-            )
-            .await;
-            let v = dev
-                .expect_on(
-                    &format!("general/assistant_response/{session}"),
-                    Duration::from_secs(5),
-                )
-                .await
-                .json();
-            let took = start.elapsed();
+            let (v, took) = ask_hi(&mut dev, session, Duration::from_secs(5)).await;
             eprintln!("{status}: answered in {took:?}: {v}");
             assert_eq!(v["ok"], false, "{v}");
             let code = v["error"]["code"].as_str().unwrap_or_default();
@@ -2088,21 +2080,8 @@ async fn an_endless_model_list_is_cut_at_its_cap_and_requests_are_answered_promp
     );
     let mut dev = device(broker.host(), broker.port(), "general").await;
     for session in ["m1", "m2"] {
-        let start = Instant::now();
-        dev.publish(
-            "general/user_input",
-            json!({"sessionId": session, "message": "hi", "format": "json"}).to_string(),
-            1,
-        )
-        .await;
-        let v = dev
-            .expect_on(
-                &format!("general/assistant_response/{session}"),
-                Duration::from_secs(4),
-            )
-            .await
-            .json();
-        eprintln!("answered in {:?}: {v}", start.elapsed());
+        let (v, took) = ask_hi(&mut dev, session, Duration::from_secs(4)).await;
+        eprintln!("answered in {took:?}: {v}");
         assert_eq!(v["error"]["code"], "backend_unavailable", "{v}");
     }
     assert_eq!(backend.chat_calls(), 0, "no model, no chat call");
@@ -2120,9 +2099,8 @@ async fn an_endless_model_list_is_cut_at_its_cap_and_requests_are_answered_promp
     );
     assert_connected_once(&log);
     // Every list begun was cut (discovery retries meanwhile).
-    for b in backend.endless_bodies() {
-        assert!(b.cut && b.sent < ENDLESS_SENT_BOUND, "{b:?}");
-    }
+    let begun = backend.endless_bodies().len();
+    assert_endless_bodies_cut("GET /models, to the stop", &backend, begun).await;
 }
 
 /// An MQTT 3.1.1 CONNECT packet (clean session, keep-alive 60 s).

@@ -229,39 +229,31 @@ fn instance_args(
     instance_id: &str,
     request_timeout: &str,
 ) -> Vec<String> {
-    [
-        "--mqtt-host",
+    support::process::daemon_args(
         broker.host(),
-        "--mqtt-port",
-        &broker.port().to_string(),
-        "--backend-url",
+        broker.port(),
         &backend.base_url(),
-        "--model",
-        "test-model",
-        "--projects",
         "maze",
-        "--instance-id",
         instance_id,
-        "--share-group",
-        "llm",
-        "--state-url",
-        &redis.url(),
-        "--reply-qos",
-        "1",
-        "--rate-limit",
-        "100000",
-        "--request-timeout",
-        request_timeout,
-        "--retry-base",
-        "20ms",
-        "--retry-max-delay",
-        "200ms",
-        "--shutdown-grace",
-        "5s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+        &[
+            "--share-group",
+            "llm",
+            "--state-url",
+            &redis.url(),
+            "--reply-qos",
+            "1",
+            "--rate-limit",
+            "100000",
+            "--request-timeout",
+            request_timeout,
+            "--retry-base",
+            "20ms",
+            "--retry-max-delay",
+            "200ms",
+            "--shutdown-grace",
+            "5s",
+        ],
+    )
 }
 
 /// Starts an instance binary and waits until it has subscribed.

@@ -48,14 +48,7 @@ fn check_sequence(deltas: &[Value], last: &Value) -> String {
 #[tokio::test]
 async fn deltas_then_one_final_reply_with_the_whole_text_and_correlation() {
     let text = "The maze has two exits and one of them is guarded by a very sleepy dragon";
-    let env = Env::start(
-        FakeVllm::builder()
-            .reply_with(move |_| text.to_owned())
-            .run()
-            .await,
-        |_| {},
-    )
-    .await;
+    let env = Env::start(FakeVllm::answering(text).await, |_| {}).await;
     let mut dev = env.device("maze").await;
     // The project's default format is text: a streamed answer is JSON all
     // the same, and every message carries the v5 correlation data.
@@ -97,14 +90,7 @@ async fn deltas_then_one_final_reply_with_the_whole_text_and_correlation() {
 #[tokio::test]
 async fn sentence_mode_never_splits_a_sentence() {
     let text = "One fish. Two fish! Red fish? Blue fish and the last words";
-    let env = Env::start(
-        FakeVllm::builder()
-            .reply_with(move |_| text.to_owned())
-            .run()
-            .await,
-        |_| {},
-    )
-    .await;
+    let env = Env::start(FakeVllm::answering(text).await, |_| {}).await;
     let mut dev = env.device("maze").await;
     dev.publish(
         "maze/user_input",

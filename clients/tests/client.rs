@@ -660,14 +660,7 @@ fn joined(deltas: &[vllm_chat::protocol::Delta]) -> String {
 #[tokio::test]
 async fn a_stream_yields_its_deltas_then_the_whole_reply_over_both_mqtt_versions() {
     let text = "The maze has two exits. One of them is guarded by a very sleepy dragon, the other by nobody at all.";
-    let env = Env::start(
-        FakeVllm::builder()
-            .reply_with(move |_| text.to_owned())
-            .run()
-            .await,
-        |_| {},
-    )
-    .await;
+    let env = Env::start(FakeVllm::answering(text).await, |_| {}).await;
     for protocol in [Protocol::V5, Protocol::V311] {
         let client = Client::connect(env.options().protocol(protocol))
             .await

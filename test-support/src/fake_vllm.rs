@@ -44,6 +44,12 @@ impl FakeVllm {
             sim: Sim::scripted(),
         }
     }
+
+    /// A fake whose every reply is `text` (a name, to tell backends
+    /// apart; a long text, to stream).
+    pub async fn answering(text: &'static str) -> FakeVllm {
+        Self::builder().reply(text).run().await
+    }
 }
 
 impl Deref for FakeVllm {
@@ -89,6 +95,11 @@ impl FakeVllmBuilder {
     /// Function producing the default reply text from the request body.
     pub fn reply_with(self, f: impl Fn(&Value) -> String + Send + Sync + 'static) -> Self {
         self.map(|b| b.reply_with(f))
+    }
+
+    /// The same reply text, whatever the request.
+    pub fn reply(self, text: &'static str) -> Self {
+        self.reply_with(move |_| text.to_owned())
     }
 
     /// Listen on this port instead of an ephemeral one (to bring a backend

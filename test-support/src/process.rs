@@ -155,6 +155,38 @@ impl DaemonProcess {
     }
 }
 
+/// The daemon's command line for the broker at `host:port`, `backend`,
+/// one `project` and `instance` (model `test-model`: no discovery), then
+/// `extra`.
+pub fn daemon_args(
+    host: &str,
+    port: u16,
+    backend: &str,
+    project: &str,
+    instance: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let port = port.to_string();
+    [
+        "--mqtt-host",
+        host,
+        "--mqtt-port",
+        &port,
+        "--backend-url",
+        backend,
+        "--model",
+        "test-model",
+        "--projects",
+        project,
+        "--instance-id",
+        instance,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Runs the binary to completion (for config subcommands).
 pub fn run_to_end(args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin())
