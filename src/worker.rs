@@ -348,7 +348,7 @@ async fn call_backend(
     // Backends that failed this request: tried last.
     let mut failed: Vec<usize> = Vec::new();
     loop {
-        let order = match shared.pool.route(model, session) {
+        let mut order = match shared.pool.route(model, session) {
             Route::Ready(order) => order,
             Route::Wait | Route::None(_) => {
                 return Err(Failure::new(
@@ -357,16 +357,17 @@ async fn call_backend(
                 ))
             }
         };
-        let (fresh, tried): (Vec<_>, Vec<_>) =
-            order.into_iter().partition(|(i, _)| !failed.contains(i));
-        let fresh_len = fresh.len();
+        // Backends this request has not tried first, each group in the
+        // route's order (the sort is stable).
+        order.sort_by_key(|(i, _)| failed.contains(i));
+        let fresh_len = order.iter().filter(|(i, _)| !failed.contains(i)).count();
         let mut soonest: Option<Duration> = None;
         let mut chosen = None;
         // Backends serving the model, not yet tried by this request, and
         // not yet asked for a permit (those before the chosen one were
         // refused by their breaker): where a failure goes next, at once.
         let mut untried = false;
-        for (position, (index, name)) in fresh.into_iter().chain(tried).enumerate() {
+        for (position, (index, name)) in order.into_iter().enumerate() {
             match shared.pool.member(index).breaker.acquire() {
                 Ok(permit) => {
                     chosen = Some((index, name, permit));

@@ -363,15 +363,14 @@ impl Pool {
             return Route::Ready(Vec::new());
         };
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let order = routing::order(self.routing, &candidates, session, turn);
+        let mut order = routing::order(self.routing, &candidates, session, turn);
         // A backend at its limit goes after those with room, in the same
-        // order: with `auto`, the pool's room was reserved, so one has it.
-        let (room, full): (Vec<usize>, Vec<usize>) = order
-            .into_iter()
-            .partition(|&i| self.members[i].in_flight() < self.members[i].limit());
+        // order (the sort is stable): with `auto`, the pool's room was
+        // reserved, so one has it.
+        order.sort_by_key(|&i| self.members[i].in_flight() >= self.members[i].limit());
         Route::Ready(
-            room.into_iter()
-                .chain(full)
+            order
+                .into_iter()
                 .filter_map(|i| models.iter().find(|(j, _)| *j == i).cloned())
                 .collect(),
         )

@@ -91,11 +91,10 @@ fn affinity(candidates: &[Candidate], session: u64) -> Vec<usize> {
     // ceil(factor x mean), the mean counting this request too.
     let total: usize = candidates.iter().map(|c| c.in_flight).sum::<usize>() + 1;
     let cap = (BALANCE_FACTOR * total as f64 / candidates.len().max(1) as f64).ceil() as usize;
-    let (fit, over): (Vec<_>, Vec<_>) = ranked
-        .into_iter()
-        .map(|(_, c)| c)
-        .partition(|c| c.in_flight < cap);
-    fit.iter().chain(over.iter()).map(|c| c.index).collect()
+    // Those over the cap go last, each group in rendezvous order (the
+    // sort is stable).
+    ranked.sort_by_key(|(_, c)| c.in_flight >= cap);
+    ranked.into_iter().map(|(_, c)| c.index).collect()
 }
 
 /// Two random choices, the lighter first; then the rest, lightest first.
